@@ -1,0 +1,417 @@
+"""Wire events of evostream: what arrives on the turns topic, what leaves on the embeddings
+topic, the query API bodies, and the dead-letter record.
+
+Conventions, and why:
+
+* JSON on the wire, one event per Kafka record, keyed by `conversation_id` so that all events
+  of a conversation share a partition and therefore an order.
+* Every event carries `schema_version: Literal[1] = 1`. A producer on a future version gets a
+  clear `schema_violation` instead of being half-understood; absent means 1, so version-1
+  producers may omit it.
+* `extra="forbid"` everywhere: an unknown field is a defined error, not silently dropped data
+  (a typo in `metdata` must not vanish without a trace).
+* Every event that can be on a topic has a `type` tag; the inbound ones form a discriminated
+  union (`InboundEvent`) so a single parse decides the shape.
+* Inbound wire bytes are validated in *strict JSON* mode (`stream.decode`): `"5"` is not a seq
+  and `1.0` is not an int. Building models in Python stays lax for convenience.
+* Timestamps are timezone-aware; a naive timestamp is ambiguous across producers, so it is an
+  error rather than a guess.
+* Sizes are bounded (ids, metadata, reasons) so that one record cannot make a worker, Redis key
+  or log line arbitrarily large.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from schemas.turns import ChatMessage, TurnInput
+from schemas.vectors import EncodedVector
+
+SCHEMA_VERSION = 1
+MAX_SEQ = 2**53
+"""Largest seq: the largest integer every JSON consumer (including JavaScript) reads exactly."""
+MAX_CONVERSATION_ID_CHARS = 256
+MAX_TENANT_CHARS = 128
+MAX_METADATA_KEYS = 32
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_STR_CHARS = 256
+MAX_QUERY_CHARS = 8192
+MAX_NAME_CHARS = 256
+MAX_TOPIC_CHARS = 249
+"""Kafka's own limit on topic names."""
+MAX_REASON_BYTES = 2048
+"""Dead-letter `reason` is cut to this many UTF-8 bytes; the original bytes carry the rest."""
+
+# C0 + DEL + C1 controls (Unicode category Cc) and lone surrogates (Cs). Surrogates matter
+# because a str holding one cannot be encoded to UTF-8, so it could not become a Kafka key
+# or a Redis key later on.
+_CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _no_control_chars(value: str) -> str:
+    match = _CONTROL_OR_SURROGATE.search(value)
+    if match:
+        raise PydanticCustomError(
+            "control_character",
+            "must not contain control characters or lone surrogates (found {char} at {pos})",
+            {"char": f"U+{ord(match.group()):04X}", "pos": match.start()},
+        )
+    return value
+
+
+def _truncate_reason(value: object) -> object:
+    """Cut a reason to MAX_REASON_BYTES of valid UTF-8 instead of rejecting it: a dead letter
+    must always be buildable, whatever an exception message happened to contain."""
+    if not isinstance(value, str):
+        return value
+    raw = value.encode("utf-8", "backslashreplace")  # also neutralises lone surrogates
+    if len(raw) <= MAX_REASON_BYTES:
+        return raw.decode("utf-8")
+    marker = " ...[truncated]"
+    head = raw[: MAX_REASON_BYTES - len(marker)].decode("utf-8", "ignore")  # drop a cut char
+    return head + marker
+
+
+ConversationId = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_CONVERSATION_ID_CHARS),
+    AfterValidator(_no_control_chars),
+]
+Seq = Annotated[int, Field(ge=0, le=MAX_SEQ)]
+"""Per-conversation turn number, starting at 0."""
+Tenant = Annotated[
+    str, Field(min_length=1, max_length=MAX_TENANT_CHARS), AfterValidator(_no_control_chars)
+]
+MetadataKey = Annotated[
+    str, Field(min_length=1, max_length=MAX_METADATA_KEY_CHARS), AfterValidator(_no_control_chars)
+]
+
+
+def _not_an_int(value: object) -> object:
+    """Keep JSON integers out of the float branch: otherwise an out-of-range int (rejected by
+    the int branch) would be silently accepted as a rounded float."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise PydanticCustomError("int_as_float", "integers must be within +-2**53")
+    return value
+
+
+MetadataValue = (
+    Annotated[str, Field(max_length=MAX_METADATA_STR_CHARS)]
+    | Annotated[int, Field(ge=-MAX_SEQ, le=MAX_SEQ)]
+    | Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_not_an_int)]
+    | bool
+    | None
+)
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+Millis = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+ReasonText = Annotated[str, BeforeValidator(_truncate_reason)]
+"""Human-readable detail, silently cut to MAX_REASON_BYTES."""
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- inbound
+
+
+class TurnEvent(_Wire):
+    """One conversation turn as published by a chat platform.
+
+    `messages` is the user message and/or the assistant reply to it, in that order. Either
+    side may be empty (whitespace only) but not both: an empty turn would spend a model step
+    and a seq on nothing, so it is rejected (`empty_turn`) rather than embedded.
+    """
+
+    type: Literal["turn"] = "turn"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    conversation_id: ConversationId
+    seq: Seq
+    messages: list[ChatMessage] = Field(min_length=1, max_length=2)
+    timestamp: AwareDatetime
+    tenant: Tenant | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _roles_and_content(self) -> "TurnEvent":
+        # Same rule as TurnInput, but raised with our own error types so the decoder can tell
+        # `empty_turn` apart from a malformed turn without parsing message strings.
+        roles = [m.role for m in self.messages]
+        if roles not in (["user"], ["assistant"], ["user", "assistant"]):
+            raise PydanticCustomError(
+                "turn_roles",
+                "a turn is one user message and/or the assistant reply to it, in that order; "
+                "got roles {roles}",
+                {"roles": roles},
+            )
+        if not any(m.content.strip() for m in self.messages):
+            raise PydanticCustomError("empty_turn", "empty turn: every message of the turn is empty")
+        return self
+
+    def to_turn_input(self) -> TurnInput:
+        """The engine's view of this turn (transport fields dropped)."""
+        return TurnInput(conversation_id=self.conversation_id, seq=self.seq, messages=self.messages)
+
+
+class ConversationDelete(_Wire):
+    """Request to forget a conversation (memory, checkpoints, index entries).
+
+    Travels on the turns topic with the same key as the conversation's turns, so it lands on
+    the same partition and is ordered after every turn published before it: no turn can
+    resurrect the memory after the delete has been processed. `seq`, when given, is the last
+    turn seq the producer published before deleting (an audit hint; None when unknown).
+    """
+
+    type: Literal["delete"] = "delete"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    conversation_id: ConversationId
+    seq: Seq | None = None
+    timestamp: AwareDatetime
+    tenant: Tenant | None = None
+
+
+InboundEvent = Annotated[TurnEvent | ConversationDelete, Field(discriminator="type")]
+INBOUND_EVENT_ADAPTER: TypeAdapter[TurnEvent | ConversationDelete] = TypeAdapter(InboundEvent)
+INBOUND_TYPES: frozenset[str] = frozenset({"turn", "delete"})
+
+
+# --------------------------------------------------------------------------- outbound
+
+
+class SourceRef(_Wire):
+    """Where the input record was read: lets a consumer trace an embedding back to its turn."""
+
+    topic: Annotated[str, Field(min_length=1, max_length=MAX_TOPIC_CHARS)]
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+
+
+class StageTimings(_Wire):
+    """Milliseconds spent per stage for this turn (for latency debugging downstream)."""
+
+    queue_ms: Millis
+    step_ms: Millis
+    checkpoint_ms: Millis
+
+
+class EmbeddingEvent(_Wire):
+    """The embedding of one conversation after one turn, keyed by conversation id.
+
+    Delivery is at-least-once; consumers deduplicate on `idempotency_key` =
+    (conversation_id, seq). A redelivered event for the same key carries the same vector
+    (the checkpoint store commits the turn before the event is emitted).
+    """
+
+    type: Literal["embedding"] = "embedding"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    conversation_id: ConversationId
+    seq: Seq
+    vector: EncodedVector
+    dim: int = Field(ge=1)
+    model: Name
+    checkpoint: Name
+    """Fingerprint of the model checkpoint that produced the vector: vectors from different
+    checkpoints are not comparable."""
+    memory_len: int = Field(ge=0)
+    """Number of memory latents the embedding was computed against."""
+    tenant: Tenant | None = None
+    source: SourceRef
+    timings: StageTimings
+    produced_at: AwareDatetime
+
+    @model_validator(mode="after")
+    def _dim_matches_vector(self) -> "EmbeddingEvent":
+        if self.dim != self.vector.dim:
+            raise ValueError(f"dim {self.dim} does not match vector.dim {self.vector.dim}")
+        return self
+
+    @property
+    def idempotency_key(self) -> tuple[str, int]:
+        return (self.conversation_id, self.seq)
+
+
+class ConversationDeleted(_Wire):
+    """Downstream tombstone: the conversation's memory is gone; consumers drop what they hold.
+
+    `deleted_through_seq` is the last turn that had been applied when the memory was
+    deleted (None if no turn had been): embeddings with a seq <= it are superseded by this.
+    """
+
+    type: Literal["conversation_deleted"] = "conversation_deleted"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    conversation_id: ConversationId
+    deleted_through_seq: Seq | None
+    at: AwareDatetime
+    tenant: Tenant | None = None
+
+
+OutboundEvent = Annotated[EmbeddingEvent | ConversationDeleted, Field(discriminator="type")]
+OUTBOUND_EVENT_ADAPTER: TypeAdapter[EmbeddingEvent | ConversationDeleted] = TypeAdapter(
+    OutboundEvent
+)
+
+
+# --------------------------------------------------------------------------- query API
+
+
+class QueryRequest(_Wire):
+    """Embed `query` against a conversation's current memory (and optionally search it)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    conversation_id: ConversationId
+    query: Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
+    k: int = Field(default=5, ge=1, le=100)
+
+
+class SearchHit(_Wire):
+    seq: Seq
+    score: Annotated[float, Field(allow_inf_nan=False)]
+    text: str | None = None
+
+
+class QueryResponse(_Wire):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    conversation_id: ConversationId
+    vector: EncodedVector
+    dim: int = Field(ge=1)
+    memory_len: int = Field(ge=0)
+    applied_seq: int = Field(ge=-1, le=MAX_SEQ)
+    """Last turn contained in the memory the query was embedded against; -1 if none."""
+    checkpoint: Name
+    model: Name
+    hits: list[SearchHit] | None = None
+    """None when no index is configured (as opposed to [] = searched, nothing found)."""
+
+    @model_validator(mode="after")
+    def _dim_matches_vector(self) -> "QueryResponse":
+        if self.dim != self.vector.dim:
+            raise ValueError(f"dim {self.dim} does not match vector.dim {self.vector.dim}")
+        return self
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+class DeadLetterReason(StrEnum):
+    """Why a record was dead-lettered. Stable strings: dashboards and replay tools key on them."""
+
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    """Not a JSON object: null/empty value, syntax error, NaN/Infinity, duplicate names,
+    unpaired surrogate escapes, or a non-object top level."""
+    TOO_DEEP = "too_deep"
+    TOO_LARGE = "too_large"
+    SCHEMA_VIOLATION = "schema_violation"
+    UNKNOWN_ROLE = "unknown_role"
+    EMPTY_TURN = "empty_turn"
+    KEY_MISMATCH = "key_mismatch"
+    MISSING_KEY = "missing_key"
+    SEQ_OUT_OF_RANGE = "seq_out_of_range"
+    UNKNOWN_TYPE = "unknown_type"
+    TURN_TOO_LONG = "turn_too_long"
+    """Set by the pipeline (token limit), never by the decoder."""
+    SEQ_GAP = "seq_gap"
+    """Set by the pipeline, only when the gap policy says dead-letter."""
+    PROCESSING_ERROR = "processing_error"
+
+
+def _valid_b64(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"not valid base64: {exc}") from None
+    return value
+
+
+B64Bytes = Annotated[str | None, AfterValidator(_valid_b64)]
+
+DEAD_LETTER_OVERHEAD_BYTES = 16 * 1024
+"""Upper bound on a dead letter's JSON besides the two base64 fields (reason <= 2 KiB even
+when every char is JSON-escaped, topic, worker, numbers, field names)."""
+
+
+def dead_letter_size_bound(max_record_bytes: int) -> int:
+    """Largest serialised DeadLetterEvent for an input record of at most `max_record_bytes`
+    (key + value). Configure the dead-letter producer (`max.request.size`) and topic
+    (`max.message.bytes`) to at least this, with `max_record_bytes` = the turns topic's
+    `max.message.bytes`, or an oversized record cannot be dead-lettered."""
+    return 4 * ((max_record_bytes + 2) // 3) + 8 + DEAD_LETTER_OVERHEAD_BYTES
+
+
+class DeadLetterEvent(_Wire):
+    """A record the service could not process, with its exact original bytes.
+
+    The key and value are carried verbatim (base64) rather than summarised so a record can be
+    inspected and replayed after a fix, and so that nothing is lost. The decoder caps nothing
+    here: a `too_large` record is dead-lettered whole, so the dead-letter producer and topic
+    must accept `dead_letter_size_bound(turns topic max.message.bytes)` bytes.
+    `original_*_b64` is None when the Kafka key/value was null, "" when it was empty.
+    """
+
+    type: Literal["dead_letter"] = "dead_letter"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    reason_code: DeadLetterReason
+    reason: ReasonText
+    original_key_b64: B64Bytes
+    original_value_b64: B64Bytes
+    topic: Annotated[str, Field(min_length=1, max_length=MAX_TOPIC_CHARS)]
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+    timestamp_ms: int | None
+    """Kafka record timestamp; None when the record had none."""
+    failed_at: AwareDatetime
+    worker: Name
+
+    def original_key(self) -> bytes | None:
+        return None if self.original_key_b64 is None else base64.b64decode(self.original_key_b64)
+
+    def original_value(self) -> bytes | None:
+        if self.original_value_b64 is None:
+            return None
+        return base64.b64decode(self.original_value_b64)
+
+
+__all__ = [
+    "B64Bytes",
+    "ConversationDelete",
+    "ConversationDeleted",
+    "ConversationId",
+    "DEAD_LETTER_OVERHEAD_BYTES",
+    "DeadLetterEvent",
+    "DeadLetterReason",
+    "EmbeddingEvent",
+    "INBOUND_EVENT_ADAPTER",
+    "INBOUND_TYPES",
+    "InboundEvent",
+    "MAX_SEQ",
+    "OUTBOUND_EVENT_ADAPTER",
+    "OutboundEvent",
+    "QueryRequest",
+    "QueryResponse",
+    "ReasonText",
+    "SCHEMA_VERSION",
+    "SearchHit",
+    "Seq",
+    "SourceRef",
+    "StageTimings",
+    "TurnEvent",
+    "dead_letter_size_bound",
+]

@@ -1,0 +1,1 @@
+"""The streaming application: Kafka in, Redis checkpoints, Kafka out."""

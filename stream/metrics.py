@@ -1,0 +1,39 @@
+"""Prometheus metrics of one worker (own registry, so tests and several apps in one process
+do not collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.turns = Counter("evostream_turns_applied_total", "turns applied to memory and embedded", registry=r)
+        self.records = Counter("evostream_records_consumed_total", "records read from the turns topic", registry=r)
+        self.duplicates = Counter("evostream_turns_duplicate_total", "turns skipped as already applied (replays)", registry=r)
+        self.reemitted = Counter("evostream_embeddings_reemitted_total", "embeddings re-emitted from the checkpoint outbox", registry=r)
+        self.gaps = Counter("evostream_seq_gaps_total", "turns applied after a seq gap (gap policy 'apply')", registry=r)
+        self.dead_letters = Counter("evostream_dead_letters_total", "records sent to the dead-letter topic", ["reason"], registry=r)
+        self.deletes = Counter("evostream_conversations_deleted_total", "conversation deletes applied", registry=r)
+        self.conflicts = Counter("evostream_checkpoint_conflicts_total", "commits refused by compare-and-set (another writer advanced the state)", registry=r)
+        self.store_unavailable = Counter("evostream_store_unavailable_total", "times Redis was unavailable and consumption paused", registry=r)
+        self.batch_size = Histogram("evostream_batch_turns", "turns per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.step_s = Histogram("evostream_step_seconds", "model step latency per batch", buckets=_LAT, registry=r)
+        self.load_s = Histogram("evostream_state_load_seconds", "checkpoint load latency per batch", buckets=_LAT, registry=r)
+        self.checkpoint_s = Histogram("evostream_checkpoint_seconds", "checkpoint commit latency per batch", buckets=_LAT, registry=r)
+        self.emit_s = Histogram("evostream_emit_seconds", "produce+delivery latency per batch", buckets=_LAT, registry=r)
+        self.batch_s = Histogram("evostream_batch_seconds", "whole batch latency", buckets=_LAT, registry=r)
+        self.turn_latency_s = Histogram("evostream_turn_to_embedding_seconds", "record timestamp to embedding delivered", buckets=_LAT, registry=r)
+        self.cache_hits = Counter("evostream_state_cache_hits_total", "state cache hits", registry=r)
+        self.cache_misses = Counter("evostream_state_cache_misses_total", "state cache misses", registry=r)
+        self.cache_bytes = Gauge("evostream_state_cache_bytes", "bytes of states held in memory", registry=r)
+        self.cache_entries = Gauge("evostream_state_cache_entries", "states held in memory", registry=r)
+        self.lag = Gauge("evostream_consumer_lag", "records behind the partition end", ["partition"], registry=r)
+        self.paused = Gauge("evostream_paused", "1 while consumption is paused (store or broker unavailable)", registry=r)
+        self.queries = Counter("evostream_queries_total", "query embeddings answered", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Model workers: EvoEmbedding wrapper, per-conversation state, scheduler, runner, engine."""

@@ -1,0 +1,171 @@
+"""The engine: many conversations' turns in, embeddings and advanced memories out.
+
+It owns the model and the device (the "worker" of vLLM's split), asks the scheduler what runs
+together and the runner how. Per turn it does what MODEL_SPEC calls memory evolution and
+representation generation, incrementally:
+
+- the turn's *embedding* is computed against the queue as it stood before the turn;
+- the turn's *memory latents* are computed over the open segment (snapshot + the segment's
+  earlier turns, each followed by the query slots, + this turn + query slots). By causality
+  that equals the reference's one-pass-per-segment numbers, at a cost bounded by the segment
+  size instead of the conversation length.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from schemas.turns import TurnInput
+from workers.evo_model import EvoEmbeddingModel, LoadedModel, load_checkpoint
+from workers.rendering import MemoryRendering, Renderer
+from workers.runner import ModelRunner, Row
+from workers.scheduler import Budget, SegmentRule, pack, plan_waves
+from workers.state import ConversationState, StateDelta
+from workers.tokenizer import QwenTokenizer
+
+
+@dataclass
+class TurnOutput:
+    conversation_id: str
+    seq: int
+    embedding: np.ndarray | None     # float32 [E], L2-normalised (None when embed=False)
+    delta: StateDelta
+    memory_len: int                  # latents in the queue the embedding saw
+    new_segment: bool
+
+
+@dataclass
+class StepStats:
+    """What the last step did, for metrics and benchmarks."""
+
+    turns: int = 0
+    waves: int = 0
+    passes: int = 0
+    padded_tokens: int = 0
+    real_tokens: int = 0
+    seconds: float = 0.0
+    per_pass: list[tuple[str, int, int]] = field(default_factory=list)  # (adapter, rows, padded len)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    budget: Budget = Budget()
+    segment: SegmentRule = SegmentRule()
+    memory_rendering: MemoryRendering = MemoryRendering.CHATML
+
+
+class EvoEngine:
+    def __init__(self, model: EvoEmbeddingModel, tokenizer: QwenTokenizer, *, fingerprint: str = "unknown",
+                 model_name: str = "", config: EngineConfig = EngineConfig()):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        self.model_name = model_name or model.config.base_model_name_or_path
+        self.config = config
+        self.renderer = Renderer(tokenizer, config.memory_rendering)
+        self.runner = ModelRunner(model)
+        self.L = model.config.num_latents
+        self.capacity = model.config.buffer_capacity
+        self.hidden_size = model.config.hidden_size
+        self.embedding_dim = model.config.embedding_dim
+        self.last_stats = StepStats()
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def new_state(self) -> ConversationState:
+        return ConversationState(hidden_size=self.hidden_size, capacity=self.capacity, dtype=self.state_dtype)
+
+    def turn_tokens(self, turn: TurnInput) -> int:
+        """Length of the turn's longest rendering (what an oversized-turn limit should see)."""
+        return max(len(self.renderer.memory_ids(turn)), len(self.renderer.embedding_ids(turn)))
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self, states: dict[str, ConversationState], turns: Sequence[TurnInput], *,
+             embed: bool = True) -> list[TurnOutput]:
+        """Apply `turns` to `states` in place (see module docstring); outputs in input order.
+        The caller decides which turns are due (seq checks happen upstream)."""
+        t0 = time.perf_counter()
+        stats = StepStats(turns=len(turns))
+        mem_ids = [self.renderer.memory_ids(t) for t in turns]
+        emb_ids = [self.renderer.embedding_ids(t) for t in turns] if embed else []
+        outputs: list[TurnOutput | None] = [None] * len(turns)
+        for cid in {t.conversation_id for t in turns}:
+            if cid not in states:
+                states[cid] = self.new_state()
+        waves = plan_waves([t.conversation_id for t in turns])
+        stats.waves = len(waves)
+        for wave in waves:
+            mem_rows: list[Row] = []
+            emb_rows: list[Row] = []
+            opens: list[bool] = []
+            for i in wave:
+                st = states[turns[i].conversation_id]
+                new_seg = self.config.segment.opens_new_segment(
+                    len(st.segment_token_ids), st.segment_tokens, len(mem_ids[i]))
+                opens.append(new_seg)
+                prefix = st.queue if new_seg else st.snapshot
+                pieces = ([] if new_seg else list(st.segment_token_ids)) + [mem_ids[i]]
+                mem_rows.append(Row(prefix, pieces, [True] * len(pieces)))
+                if embed:
+                    emb_rows.append(Row(st.queue, [emb_ids[i]], [False]))
+            latents = self._run("memory_generator", mem_rows, stats)
+            vectors = self._run("retriever", emb_rows, stats) if embed else None
+            for j, i in enumerate(wave):
+                turn = turns[i]
+                st = states[turn.conversation_id]
+                delta = StateDelta(seq=turn.seq, new_segment=opens[j], token_ids=mem_ids[i],
+                                   latents=latents[j].to("cpu", st.dtype).clone())
+                mem_len = st.memory_len
+                st.apply(delta)
+                vec = vectors[j].cpu().numpy() if vectors is not None else None
+                outputs[i] = TurnOutput(turn.conversation_id, turn.seq, vec, delta, mem_len, opens[j])
+        stats.seconds = time.perf_counter() - t0
+        self.last_stats = stats
+        return [o for o in outputs if o is not None]
+
+    def embed_queries(self, items: Sequence[tuple[ConversationState | None, str]], *,
+                      instruction: bool = True) -> np.ndarray:
+        """Query embeddings against each conversation's *current* queue."""
+        rows = [Row(st.queue if st is not None else None, [self.renderer.query_ids(q, instruction)], [False])
+                for st, q in items]
+        return self._run("retriever", rows, StepStats()).cpu().numpy()
+
+    def embed_texts(self, items: Sequence[tuple[ConversationState | None, str]]) -> np.ndarray:
+        """Plain texts (tokens + end-of-text) against given queues: the client's encode path."""
+        rows = [Row(st.queue if st is not None else None, [self.renderer.text_ids(t)], [False]) for st, t in items]
+        return self._run("retriever", rows, StepStats()).cpu().numpy()
+
+    # -- passes --------------------------------------------------------------------------------
+    def _run(self, adapter: str, rows: list[Row], stats: StepStats) -> torch.Tensor:
+        if not rows:
+            return torch.empty(0)
+        lengths = [r.length(self.L) for r in rows]
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        for group in pack(lengths, self.config.budget):
+            sub = [rows[i] for i in group]
+            res = self.runner.memory_latents(sub) if adapter == "memory_generator" else self.runner.embeddings(sub)
+            longest = max(lengths[i] for i in group)
+            stats.passes += 1
+            stats.padded_tokens += longest * len(group)
+            stats.real_tokens += sum(lengths[i] for i in group)
+            stats.per_pass.append((adapter, len(group), longest))
+            for k, i in enumerate(group):
+                out[i] = res[k]
+        return torch.stack(out)  # type: ignore[arg-type]
+
+
+def load_engine(checkpoint: str | Path | LoadedModel, *, device: str = "cpu", dtype: str = "float32",
+                backbone_config: str | None = None, config: EngineConfig = EngineConfig()) -> EvoEngine:
+    lm = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(
+        checkpoint, device=device, dtype=dtype, backbone_config=backbone_config)
+    return EvoEngine(lm.model, lm.tokenizer, fingerprint=lm.fingerprint,
+                     model_name=lm.model.config.base_model_name_or_path, config=config)

@@ -1,0 +1,79 @@
+"""How a pass runs (the "model runner" half): rows -> padded tensors on the device -> outputs.
+
+A row is a memory prefix (latents, fed through `mem_to_latent`) followed by pieces of token
+ids, each optionally followed by the `num_latents` learned memory-query slots. Rows are left
+padded so that the positions we read (the last query block, or the end-of-text token) sit at
+the same column for every row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.evo_model import EvoEmbeddingModel
+
+
+@dataclass
+class Row:
+    prefix: torch.Tensor | None              # (n, H) memory latents, any device
+    pieces: list[list[int]]                  # token id runs
+    queries_after: list[bool] = field(default_factory=list)  # memory queries after piece i
+
+    def length(self, num_latents: int) -> int:
+        n = 0 if self.prefix is None else int(self.prefix.shape[0])
+        return n + sum(len(p) for p in self.pieces) + num_latents * sum(self.queries_after)
+
+
+class ModelRunner:
+    def __init__(self, model: EvoEmbeddingModel):
+        self.model = model
+        self.L = model.config.num_latents
+
+    def _build(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        dev, dt = m.device, m.dtype
+        H = m.config.hidden_size
+        # one embedding lookup and one mem_to_latent for the whole pass
+        all_ids = [t for r in rows for p in r.pieces for t in p]
+        tok_emb = m.embed_ids(torch.tensor(all_ids, device=dev, dtype=torch.long)) if all_ids else None
+        prefixes = [r.prefix for r in rows if r.prefix is not None and r.prefix.shape[0]]
+        lat_in = m.mem_to_latent(torch.cat([p.to(dev, dt) for p in prefixes], 0)) if prefixes else None
+        queries = m.memory_queries[0]
+        seqs: list[torch.Tensor] = []
+        t_off = l_off = 0
+        for r in rows:
+            parts: list[torch.Tensor] = []
+            if r.prefix is not None and r.prefix.shape[0]:
+                n = r.prefix.shape[0]
+                parts.append(lat_in[l_off : l_off + n])  # type: ignore[index]
+                l_off += n
+            for i, piece in enumerate(r.pieces):
+                parts.append(tok_emb[t_off : t_off + len(piece)])  # type: ignore[index]
+                t_off += len(piece)
+                if i < len(r.queries_after) and r.queries_after[i]:
+                    parts.append(queries)
+            seqs.append(torch.cat(parts, 0) if parts else torch.empty(0, H, device=dev, dtype=dt))
+        T = max(s.shape[0] for s in seqs)
+        embeds = torch.zeros(len(rows), T, H, device=dev, dtype=dt)
+        mask = torch.zeros(len(rows), T, device=dev, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            embeds[i, T - s.shape[0]:] = s
+            mask[i, T - s.shape[0]:] = 1
+        return embeds, mask
+
+    @torch.no_grad()
+    def memory_latents(self, rows: list[Row]) -> torch.Tensor:
+        """(B, L, H) new memory latents: `latent_to_mem` of the hidden states at each row's
+        last query block (which ends every memory row)."""
+        embeds, mask = self._build(rows)
+        hidden = self.model.run(embeds, mask, "memory_generator")
+        return self.model.latent_to_mem(hidden[:, -self.L:, :])
+
+    @torch.no_grad()
+    def embeddings(self, rows: list[Row]) -> torch.Tensor:
+        """(B, E) normalised float32 embeddings pooled at each row's last token."""
+        embeds, mask = self._build(rows)
+        hidden = self.model.run(embeds, mask, "retriever")
+        return self.model.pool_embedding(hidden[:, -1, :])
