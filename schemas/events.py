@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -88,6 +89,37 @@ def _truncate_reason(value: object) -> object:
     return head + marker
 
 
+_ISO_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _iso_only(value: object) -> object:
+    """Accept datetimes and ISO 8601 / RFC 3339 strings only.
+
+    Pydantic would also read numbers and numeric strings as Unix time, guessing seconds vs
+    milliseconds from the magnitude: a guess we do not want to make about a producer's
+    clock. Parsing here (rather than leaving strings to pydantic) also keeps the rule the
+    same in strict-JSON decoding and in lax Python construction.
+    """
+    if isinstance(value, (int, float)):
+        raise PydanticCustomError("iso_datetime", "timestamps must be ISO 8601 strings, not numbers")
+    if isinstance(value, str):
+        if len(value) > 64 or not _ISO_DATETIME.match(value):
+            raise PydanticCustomError(
+                "iso_datetime",
+                "timestamps must be ISO 8601 date-times with an offset, e.g. 2024-05-01T12:00:00Z",
+            )
+        try:
+            return datetime.fromisoformat(value.upper())  # RFC 3339 allows "t" and "z"
+        except ValueError as exc:
+            raise PydanticCustomError(
+                "iso_datetime", "invalid ISO 8601 timestamp: {error}", {"error": str(exc)}
+            ) from None
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_iso_only)]
+"""Timezone-aware; ISO 8601 on the wire (UTC is serialised with a trailing Z)."""
+
 ConversationId = Annotated[
     str,
     Field(min_length=1, max_length=MAX_CONVERSATION_ID_CHARS),
@@ -145,7 +177,7 @@ class TurnEvent(_Wire):
     conversation_id: ConversationId
     seq: Seq
     messages: list[ChatMessage] = Field(min_length=1, max_length=2)
-    timestamp: AwareDatetime
+    timestamp: Timestamp
     tenant: Tenant | None = None
     metadata: Metadata = Field(default_factory=dict)
 
@@ -183,7 +215,7 @@ class ConversationDelete(_Wire):
     schema_version: Literal[1] = SCHEMA_VERSION
     conversation_id: ConversationId
     seq: Seq | None = None
-    timestamp: AwareDatetime
+    timestamp: Timestamp
     tenant: Tenant | None = None
 
 
@@ -204,7 +236,12 @@ class SourceRef(_Wire):
 
 
 class StageTimings(_Wire):
-    """Milliseconds spent per stage for this turn (for latency debugging downstream)."""
+    """Milliseconds spent per stage of this turn's batch (for latency debugging downstream).
+
+    `queue_ms`: from the turn record's timestamp to the event's creation; `step_ms`: the model
+    step of the batch; `checkpoint_ms`: reading the batch's checkpoints from Redis (0 when all
+    states were cached). The checkpoint *write* cannot be included: the event is written into
+    the checkpoint's outbox by that very write, so its bytes are fixed before it."""
 
     queue_ms: Millis
     step_ms: Millis
@@ -234,7 +271,7 @@ class EmbeddingEvent(_Wire):
     tenant: Tenant | None = None
     source: SourceRef
     timings: StageTimings
-    produced_at: AwareDatetime
+    produced_at: Timestamp
 
     @model_validator(mode="after")
     def _dim_matches_vector(self) -> "EmbeddingEvent":
@@ -258,7 +295,7 @@ class ConversationDeleted(_Wire):
     schema_version: Literal[1] = SCHEMA_VERSION
     conversation_id: ConversationId
     deleted_through_seq: Seq | None
-    at: AwareDatetime
+    at: Timestamp
     tenant: Tenant | None = None
 
 
@@ -377,7 +414,7 @@ class DeadLetterEvent(_Wire):
     offset: int = Field(ge=0)
     timestamp_ms: int | None
     """Kafka record timestamp; None when the record had none."""
-    failed_at: AwareDatetime
+    failed_at: Timestamp
     worker: Name
 
     def original_key(self) -> bytes | None:

@@ -49,9 +49,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     s = _settings(args, web_port=args.web_port)
     setup_logging(s.log_level, s.log_json)
+    _ensure_topics(s)
     engine = _load_engine(s)
     run_worker(s, engine)
     return 0
+
+
+def _ensure_topics(s) -> dict[str, int]:
+    """Create the topics before anything asks the broker for their metadata: some brokers
+    (tansu, Kafka with auto-create on) would otherwise create them with a default partition
+    count. An existing topic is left as it is; a partition-count mismatch is logged."""
+    from stream.topics import ensure_topics_sync
+
+    return ensure_topics_sync(s.kafka_bootstrap, {s.turns_topic: s.turns_partitions,
+                                                  s.embeddings_topic: s.turns_partitions, s.dead_letter_topic: 1})
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -120,11 +131,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from stream.topics import ensure_topics_sync
-
     s = _settings(args)
-    got = ensure_topics_sync(s.kafka_bootstrap, {s.turns_topic: s.turns_partitions,
-                                                 s.embeddings_topic: s.turns_partitions, s.dead_letter_topic: 1})
+    got = _ensure_topics(s)
     for name, n in got.items():
         print(f"{name}: {n} partitions")
     return 0

@@ -177,8 +177,21 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
 
 
-def _proc_state(pid: int) -> tuple[str, str] | None:
-    """(state letter, cmdline) of a process from /proc, or None if it does not exist."""
+def _proc_state(pid: int) -> tuple[str, str | None] | None:
+    """(state letter, cmdline) of a process, or None if it does not exist.
+
+    /proc gives the zombie state (an unreaped child still answers ``kill(pid, 0)``; in
+    containers whose PID 1 does not reap, orphans stay zombies) and the cmdline (to reject
+    a recycled PID). Without /proc (macOS) only existence is known.
+    """
+    if not os.path.isdir("/proc"):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "?", None
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             state = fh.read().rsplit(b")", 1)[1].split()[0].decode()
@@ -267,8 +280,10 @@ class ManagedService(ABC):
         except (OSError, ValueError):
             return None
         info = _proc_state(pid)
-        if info is None or info[0] in ("Z", "X") or self.cmd_marker not in info[1]:
+        if info is None or info[0] in ("Z", "X"):
             return None
+        if info[1] is not None and self.cmd_marker not in info[1]:
+            return None  # a recycled PID that belongs to something else
         return pid
 
     def is_running(self) -> bool:
@@ -284,7 +299,11 @@ class ManagedService(ABC):
         argv = self.command()
         # Only the main thread: PDEATHSIG fires when the *thread* that forked exits, so a
         # server started from a worker thread would die with that thread.
-        pdeathsig = self.die_with_parent and threading.current_thread() is threading.main_thread()
+        pdeathsig = (
+            self.die_with_parent
+            and sys.platform == "linux"
+            and threading.current_thread() is threading.main_thread()
+        )
         with open(self.log_file, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
             log.flush()

@@ -262,18 +262,18 @@ class TurnPipeline:
     async def _step(self, states: dict[str, ConversationState], todo: list[_Due], out: list[OutMessage],
                     rep: BatchReport) -> list[tuple[_Due, TurnOutput]]:
         """Run the engine off the event loop. If the batch fails as a whole, isolate the turn
-        that fails alone (dead-lettered as processing_error) instead of stalling the partition."""
+        that fails alone (dead-lettered as processing_error) instead of stalling the partition.
+        States touched by a failed step are re-read from Redis, the source of truth, rather
+        than copied before every step (that copy would cost megabytes per batch)."""
         turns = [d.event.to_turn_input() for d in todo]
         loop = asyncio.get_running_loop()
-        backup = {cid: st.copy() for cid, st in states.items()}
         try:
             outs = await loop.run_in_executor(self.executor, self.engine.step, states, turns)
             return list(zip(todo, outs))
         except Exception:
             log.exception("model step failed for a batch of %d turns; retrying them one by one", len(todo))
-        states.update({cid: st.copy() for cid, st in backup.items()})
-        for cid in backup:
-            self.cache.discard(cid)
+        partitions = {d.event.conversation_id: d.record.partition for d in todo}
+        await self._reload(states, partitions)
         result: list[tuple[_Due, TurnOutput]] = []
         broken: set[str] = set()
         for d, turn in zip(todo, turns):
@@ -287,11 +287,22 @@ class TurnPipeline:
                 o = await loop.run_in_executor(self.executor, self.engine.step, {cid: states[cid]}, [turn])
                 result.append((d, o[0]))
             except Exception as exc:  # noqa: BLE001 - reported with the record
-                states[cid] = backup[cid].copy()
+                log.exception("model step failed for %s seq %d", cid, turn.seq)
                 broken.add(cid)
                 out.append(self._dead_letter(d.record, Rejection(
                     reason_code=DeadLetterReason.PROCESSING_ERROR, reason=f"model step failed: {type(exc).__name__}: {exc}"), rep))
+                # its earlier turns of this batch still commit; drop what the failed step half-did
+                done = [o for dd, o in result if o.conversation_id == cid]
+                await self._reload(states, {cid: partitions[cid]})
+                for o in done:
+                    states[cid].apply(o.delta)
         return result
+
+    async def _reload(self, states: dict[str, ConversationState], partitions: dict[str, int]) -> None:
+        for cid in partitions:
+            self.cache.discard(cid)
+        fresh, _, _ = await self._load_states(list(partitions), partitions)
+        states.update(fresh)
 
     # ------------------------------------------------------------------------------------------
     async def _load_states(self, cids: list[str], partitions: dict[str, int]

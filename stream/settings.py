@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(32768, ge=256)
     max_batch_rows: int = Field(64, ge=1)
     max_turn_tokens: int = Field(8192, ge=16, description="longer turns are dead-lettered (turn_too_long)")
-    max_json_depth: int = Field(32, ge=4)
+    max_json_depth: int = Field(32, ge=4, le=128)
     gap_policy: GapPolicy = GapPolicy.APPLY
 
     # --- state cache ---

@@ -203,7 +203,7 @@ def _too_large(draw: st.DrawFn, limits: Limits) -> Record:
 def _too_deep(draw: st.DrawFn, limits: Limits) -> Record:
     max_bytes, max_depth = limits
     key, document = _base(draw)
-    room = max_bytes - len(_dumps(draw, document)) - 16
+    room = max_bytes - len(json.dumps(document).encode()) - 64  # ASCII-escaped: the longest form
     depth = draw(
         st.one_of(
             st.integers(max_depth + 1, max_depth + 64),
@@ -232,28 +232,32 @@ def _invalid_json(draw: st.DrawFn, limits: Limits) -> Record:
              "surrogate", "bom", "python_repr"]
         )
     )
+    value: bytes | None
     if kind == "truncated":  # every strict prefix of an object is unclosed
-        return key, text[: draw(st.integers(0, len(text) - 1))].encode(), R.INVALID_JSON
-    if kind == "trailing":
-        return key, (text + draw(st.sampled_from([" x", "}", ",", "{}", " 1"]))).encode(), R.INVALID_JSON
-    if kind == "nonfinite":
+        value = text[: draw(st.integers(0, len(text) - 1))].encode()
+    elif kind == "trailing":
+        value = (text + draw(st.sampled_from([" x", "}", ",", "{}", " 1"]))).encode()
+    elif kind == "nonfinite":
         document["x"] = _PLACEHOLDER
-        return key, _with_raw(draw, document, draw(st.sampled_from(["NaN", "Infinity", "-Infinity"]))), R.INVALID_JSON
-    if kind == "duplicate":
+        value = _with_raw(draw, document, draw(st.sampled_from(["NaN", "Infinity", "-Infinity"])))
+    elif kind == "duplicate":
         name = draw(st.sampled_from(["conversation_id", "type", "timestamp"]))
-        return key, (text[:-1] + f", {json.dumps(name)}: {json.dumps(document[name])}}}").encode(), R.INVALID_JSON
-    if kind == "top_level":
-        return key, draw(st.sampled_from([b"[]", b"null", b"1", b'"turn"', b"true", b'[{"type": "turn"}]'])), R.INVALID_JSON
-    if kind == "null":
-        return key, None, R.INVALID_JSON
-    if kind == "empty":
-        return key, draw(st.sampled_from([b"", b" ", b"\n"])), R.INVALID_JSON
-    if kind == "surrogate":  # valid JSON grammar, but not Unicode text
+        value = (text[:-1] + f", {json.dumps(name)}: {json.dumps(document[name])}}}").encode()
+    elif kind == "top_level":
+        value = draw(st.sampled_from([b"[]", b"null", b"1", b'"turn"', b"true", b'[{"type": "turn"}]']))
+    elif kind == "null":
+        value = None
+    elif kind == "empty":
+        value = draw(st.sampled_from([b"", b" ", b"\n"]))
+    elif kind == "surrogate":  # valid JSON grammar, but not Unicode text
         document["tenant"] = _PLACEHOLDER
-        return key, _with_raw(draw, document, draw(st.sampled_from(['"\\ud800"', '"a\\udfff"', '"\\ud83d"']))), R.INVALID_JSON
-    if kind == "bom":
-        return key, b"\xef\xbb\xbf" + text.encode(), R.INVALID_JSON
-    return key, repr(document).encode(), R.INVALID_JSON
+        lone = draw(st.sampled_from(['"\\ud800"', '"a\\udfff"', '"\\ud83d"']))
+        value = _with_raw(draw, document, lone)
+    elif kind == "bom":
+        value = b"\xef\xbb\xbf" + text.encode()
+    else:
+        value = repr(document).encode()
+    return key, value, R.INVALID_JSON
 
 
 def _unknown_type(draw: st.DrawFn, limits: Limits) -> Record:
@@ -264,8 +268,8 @@ def _unknown_type(draw: st.DrawFn, limits: Limits) -> Record:
         document["type"] = draw(
             st.one_of(
                 st.sampled_from(
-                    ["embedding", "conversation_deleted", "dead_letter", "Turn", "DELETE", "", " turn",
-                     5, None, True, ["turn"], {"type": "turn"}]
+                    ["embedding", "conversation_deleted", "dead_letter", "Turn", "DELETE", "",
+                     " turn", 5, None, True, ["turn"], {"type": "turn"}]
                 ),
                 st.text(max_size=12).filter(lambda t: t not in ("turn", "delete")),
             )
@@ -279,9 +283,10 @@ def _schema_violation(draw: st.DrawFn, limits: Limits) -> Record:
     field, bad = draw(
         st.sampled_from(
             [
-                ("seq", "5"), ("seq", 1.5), ("seq", 2.0), ("seq", True), ("seq", None), ("seq", [1]),
-                ("conversation_id", 5), ("conversation_id", None), ("conversation_id", ""),
-                ("conversation_id", "a" * 257), ("conversation_id", "a\x01b"), ("conversation_id", "\x7f"),
+                ("seq", "5"), ("seq", 1.5), ("seq", 2.0), ("seq", True), ("seq", None),
+                ("seq", [1]), ("conversation_id", 5), ("conversation_id", None),
+                ("conversation_id", ""), ("conversation_id", "a" * 257),
+                ("conversation_id", "a\x01b"), ("conversation_id", "\x7f"),
                 ("messages", []), ("messages", {"role": "user", "content": "x"}), ("messages", "hi"),
                 ("messages", None), ("messages", ["hi"]),
                 ("messages", [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
@@ -289,14 +294,18 @@ def _schema_violation(draw: st.DrawFn, limits: Limits) -> Record:
                 ("messages", [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]),
                 ("messages", [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]),
                 ("messages", [{"role": "user"}]), ("messages", [{"content": "x"}]),
-                ("messages", [{"role": "user", "content": 5}]), ("messages", [{"role": "user", "content": None}]),
+                ("messages", [{"role": "user", "content": 5}]),
+                ("messages", [{"role": "user", "content": None}]),
                 ("messages", [{"role": "user", "content": "x", "name": "bob"}]),
-                ("timestamp", "2024-01-01T00:00:00"), ("timestamp", 1_700_000_000), ("timestamp", "yesterday"),
+                ("timestamp", "2024-01-01T00:00:00"), ("timestamp", 1_700_000_000),
+                ("timestamp", "yesterday"),
+                ("timestamp", "1714564800"), ("timestamp", "2024-05-01"),
                 ("timestamp", None), ("timestamp", ""),
-                ("schema_version", 0), ("schema_version", 2), ("schema_version", "1"), ("schema_version", None),
-                ("tenant", 5), ("tenant", ""), ("tenant", "t" * 200),
-                ("metadata", []), ("metadata", {str(i): i for i in range(33)}), ("metadata", {"a": {"b": 1}}),
-                ("metadata", {"a": "v" * 300}), ("metadata", {"a": 2**60}), ("metadata", {"": 1}),
+                ("schema_version", 0), ("schema_version", 2), ("schema_version", "1"),
+                ("schema_version", None), ("tenant", 5), ("tenant", ""), ("tenant", "t" * 200),
+                ("metadata", []), ("metadata", {str(i): i for i in range(33)}),
+                ("metadata", {"a": {"b": 1}}), ("metadata", {"a": "v" * 300}),
+                ("metadata", {"a": 2**60}), ("metadata", {"": 1}),
                 ("@missing", "conversation_id"), ("@missing", "seq"), ("@missing", "messages"),
                 ("@missing", "timestamp"), ("@extra", None), ("@extra_in_message", None),
             ]
@@ -413,11 +422,16 @@ def hostile_records(
 
 
 _JSON_SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20)
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),
 )
 _JSON_VALUES = st.recursive(
     _JSON_SCALARS,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=12,
 )
 

@@ -27,7 +27,9 @@ from stream.decode import (
     nesting_depth,
 )
 
-try:  # `tests` is a namespace package under `python -m pytest`; plain `pytest` puts tests/ on the path
+# `tests` is a namespace package under `python -m pytest` (cwd on sys.path); plain `pytest`
+# puts tests/ itself on the path instead.
+try:
     from tests.strategies import (
         DECODER_REASONS,
         DEFAULT_MAX_BYTES,
@@ -57,9 +59,9 @@ PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[Heal
 
 
 def decode(key: bytes | None, value: bytes | None, **limits: int):
-    return decode_inbound(
-        key, value, max_bytes=limits.get("max_bytes", MAX_BYTES), max_depth=limits.get("max_depth", MAX_DEPTH)
-    )
+    max_bytes = limits.get("max_bytes", MAX_BYTES)
+    max_depth = limits.get("max_depth", MAX_DEPTH)
+    return decode_inbound(key, value, max_bytes=max_bytes, max_depth=max_depth)
 
 
 def turn(**overrides: object) -> dict:
@@ -78,6 +80,14 @@ def raw(document: object) -> bytes:
     return json.dumps(document).encode()
 
 
+def msgs(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"role": role, "content": content} for role, content in pairs]
+
+
+DELETE = {"type": "delete", "conversation_id": "conv-1", "timestamp": "2024-05-01T12:00:00Z"}
+LONE_SURROGATE = raw(turn(tenant="__S__")).replace(b'"__S__"', b'"\\ud800"')
+
+
 # --------------------------------------------------------------------------- examples
 
 DECODER_EXAMPLES: list[tuple[str, bytes | None, bytes | None, DeadLetterReason]] = [
@@ -87,7 +97,7 @@ DECODER_EXAMPLES: list[tuple[str, bytes | None, bytes | None, DeadLetterReason]]
     ("NaN constant", b"conv-1", raw(turn())[:-1] + b', "metadata": {"x": NaN}}', R.INVALID_JSON),
     ("duplicate names", b"conv-1", raw(turn())[:-1] + b', "seq": 1}', R.INVALID_JSON),
     ("top-level array", b"conv-1", b"[1, 2]", R.INVALID_JSON),
-    ("unpaired surrogate", b"conv-1", raw(turn(tenant="__S__")).replace(b'"__S__"', b'"\\ud800"'), R.INVALID_JSON),
+    ("unpaired surrogate", b"conv-1", LONE_SURROGATE, R.INVALID_JSON),
     ("bad UTF-8", b"conv-1", b'{"type": "turn", "x": "\xff"}', R.INVALID_UTF8),
     ("overlong UTF-8", b"conv-1", b'{"a": "\xc0\xaf"}', R.INVALID_UTF8),
     ("too deep", b"conv-1", b"[" * 100_000, R.TOO_DEEP),
@@ -95,26 +105,32 @@ DECODER_EXAMPLES: list[tuple[str, bytes | None, bytes | None, DeadLetterReason]]
     ("wrong type for seq", b"conv-1", raw(turn(seq="0")), R.SCHEMA_VIOLATION),
     ("unknown field", b"conv-1", raw(turn(priority=1)), R.SCHEMA_VIOLATION),
     ("naive timestamp", b"conv-1", raw(turn(timestamp="2024-05-01T12:00:00")), R.SCHEMA_VIOLATION),
-    ("roles out of order", b"conv-1", raw(turn(messages=[{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}])), R.SCHEMA_VIOLATION),
-    ("unknown role", b"conv-1", raw(turn(messages=[{"role": "system", "content": "be nice"}])), R.UNKNOWN_ROLE),
-    ("empty turn", b"conv-1", raw(turn(messages=[{"role": "user", "content": "  "}, {"role": "assistant", "content": ""}])), R.EMPTY_TURN),
+    ("roles out of order", b"conv-1", raw(turn(messages=msgs(("assistant", "a"), ("user", "b")))),
+     R.SCHEMA_VIOLATION),
+    ("unknown role", b"conv-1", raw(turn(messages=msgs(("system", "be nice")))), R.UNKNOWN_ROLE),
+    ("empty turn", b"conv-1", raw(turn(messages=msgs(("user", "  "), ("assistant", "")))), R.EMPTY_TURN),
     ("key mismatch", b"conv-2", raw(turn()), R.KEY_MISMATCH),
     ("key not UTF-8", b"\xffconv-1", raw(turn()), R.KEY_MISMATCH),
     ("null key", None, raw(turn()), R.MISSING_KEY),
     ("empty key", b"", raw(turn()), R.MISSING_KEY),
     ("negative seq", b"conv-1", raw(turn(seq=-1)), R.SEQ_OUT_OF_RANGE),
     ("enormous seq", b"conv-1", raw(turn(seq=MAX_SEQ + 1)), R.SEQ_OUT_OF_RANGE),
-    ("delete with negative seq", b"conv-1", raw({"type": "delete", "conversation_id": "conv-1", "seq": -5, "timestamp": "2024-05-01T12:00:00Z"}), R.SEQ_OUT_OF_RANGE),
-    ("missing type", b"conv-1", raw({k: v for k, v in turn().items() if k != "type"}), R.UNKNOWN_TYPE),
+    ("delete with negative seq", b"conv-1", raw({**DELETE, "seq": -5}), R.SEQ_OUT_OF_RANGE),
+    ("missing type", b"conv-1", raw({k: v for k, v in turn().items() if k != "type"}),
+     R.UNKNOWN_TYPE),
     ("outbound type on the inbound topic", b"conv-1", raw(turn(type="embedding")), R.UNKNOWN_TYPE),
     ("non-string type", b"conv-1", raw(turn(type=["turn"])), R.UNKNOWN_TYPE),
 ]
 
 
 @pytest.mark.parametrize(
-    "key, value, expected", [case[1:] for case in DECODER_EXAMPLES], ids=[case[0] for case in DECODER_EXAMPLES]
+    "key, value, expected",
+    [case[1:] for case in DECODER_EXAMPLES],
+    ids=[case[0] for case in DECODER_EXAMPLES],
 )
-def test_decoder_example(key: bytes | None, value: bytes | None, expected: DeadLetterReason) -> None:
+def test_decoder_example(
+    key: bytes | None, value: bytes | None, expected: DeadLetterReason
+) -> None:
     result = decode(key, value)
     assert isinstance(result, Rejection), result
     assert result.reason_code is expected, result.reason
@@ -144,18 +160,19 @@ def test_pipeline_reasons_become_dead_letters(code: DeadLetterReason) -> None:
 
 
 def test_every_reason_code_has_an_example() -> None:
-    covered = {case[3] for case in DECODER_EXAMPLES} | {R.TURN_TOO_LONG, R.SEQ_GAP, R.PROCESSING_ERROR}
-    assert covered == set(R)
-    assert {case[3] for case in DECODER_EXAMPLES} == DECODER_REASONS
+    from_decoder = {case[3] for case in DECODER_EXAMPLES}
+    assert from_decoder == DECODER_REASONS
+    assert from_decoder | {R.TURN_TOO_LONG, R.SEQ_GAP, R.PROCESSING_ERROR} == set(R)
     assert set(MUTATIONS) == DECODER_REASONS | {None}
 
 
 def test_valid_turn_and_delete_decode() -> None:
-    result = decode(b"conv-1", raw(turn(tenant="acme", metadata={"n": 1, "f": 0.5, "b": True, "z": None})))
+    metadata = {"n": 1, "f": 0.5, "b": True, "z": None}
+    result = decode(b"conv-1", raw(turn(tenant="acme", metadata=metadata)))
     assert isinstance(result, TurnEvent)
     assert result.timestamp == datetime(2024, 5, 1, 12, tzinfo=timezone.utc)
-    assert result.metadata == {"n": 1, "f": 0.5, "b": True, "z": None}
-    delete = decode(b"conv-1", raw({"type": "delete", "conversation_id": "conv-1", "timestamp": "2024-05-01T12:00:00+02:00"}))
+    assert result.metadata == metadata
+    delete = decode(b"conv-1", raw({**DELETE, "timestamp": "2024-05-01T12:00:00+02:00"}))
     assert isinstance(delete, ConversationDelete) and delete.seq is None
     # Kafka clients may hand out bytearray / memoryview.
     assert isinstance(decode(bytearray(b"conv-1"), memoryview(raw(turn()))), TurnEvent)
@@ -195,7 +212,7 @@ def test_hostile_depth_is_cheap() -> None:
     start = time.perf_counter()
     for value in (b"[" * 1_000_000, b'{"a":' * 200_000, b'"\\"' * 300_000 + b"[" * 1000):
         assert decode(b"k", value, max_bytes=2_000_000).reason_code in (R.TOO_DEEP, R.INVALID_JSON)
-    assert time.perf_counter() - start < 2.0
+    assert time.perf_counter() - start < 5.0  # ~0.1 s normally; generous for a shared box
 
 
 def test_invalid_settings_fail_fast() -> None:
@@ -254,7 +271,9 @@ def test_valid_events_round_trip(event: TurnEvent | ConversationDelete) -> None:
 
 @PROPERTY
 @given(hostile_records())
-def test_hostile_records_get_the_expected_reason(record: tuple[bytes | None, bytes | None, DeadLetterReason | None]) -> None:
+def test_hostile_records_get_the_expected_reason(
+    record: tuple[bytes | None, bytes | None, DeadLetterReason | None],
+) -> None:
     key, value, expected = record
     result = decode(key, value)
     if expected is None:
@@ -275,7 +294,8 @@ def test_hostile_records_honour_custom_limits(data: st.DataObject) -> None:
 
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ a', max_size=6),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='[]{}"\\a', max_size=4), inner, max_size=3),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(alphabet='[]{}"\\a', max_size=4), inner, max_size=3),
     max_leaves=20,
 )
 
@@ -291,4 +311,5 @@ def _reference_depth(value: object) -> int:
 @PROPERTY
 @given(_JSON, st.booleans())
 def test_nesting_depth_matches_a_parser(value: object, ascii_only: bool) -> None:
-    assert nesting_depth(json.dumps(value, ensure_ascii=ascii_only).encode()) == _reference_depth(value)
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    assert nesting_depth(text.encode()) == _reference_depth(value)

@@ -6,13 +6,19 @@ padded batches against the raw latent buffer). The engine instead streams turn b
 conversations together, and can be stopped / serialised / rebuilt from deltas at any turn; all
 of that must give the same numbers.
 
-Tolerances (float32). Embeddings: 1e-5 absolute. Latents: 1e-5 absolute for Qwen3. For
-Qwen3.5 the latents are compared at 1e-5 *relative to their largest magnitude* (tiny
-checkpoint: |latent| up to ~7): its linear-attention layers (gated delta rule) run a chunked
-algorithm whose float rounding depends on the total sequence length, and a streaming memory
-step ends at the current turn while the reference's ends at the segment's last turn. The
-segment's last turn, where both sequences are the same, matches bit for bit
-(`test_qwen35_segment_last_turn_is_bitwise`), which shows the residue is rounding, not logic.
+Tolerances (float32). Qwen3: 1e-5 absolute for embeddings and latents. Qwen3.5: its
+linear-attention layers (gated delta rule) run a chunked kernel that computes in float32 with
+cumulative sums of the decay gates, so its rounding depends on where the chunks fall, i.e. on
+the total row length and on left padding; the tiny checkpoint's fast-decaying gates amplify
+that. A streaming memory step ends at the current turn while the reference's ends at the
+segment's last turn, and a batched row is padded to the longest row of its pass, so the same
+numbers are rounded differently: measured up to 1.5e-5 in embeddings and 6.4e-5 of the
+largest |latent| (~7) in latents. Qwen3.5 is therefore checked at 5e-5 absolute for
+embeddings and 2e-4 relative to the largest |latent| for latents (a logic error moves numbers
+by O(0.1-1)). Evidence that the residue is rounding, not logic: with the kernel's float32
+casts switched to float64, padded and unpadded rows agree to 0.0; and where streaming and
+the reference run the same sequence (a segment's last turn) the latents are bit-identical
+(`test_qwen35_segment_last_turn_is_bitwise`).
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ from workers.scheduler import Budget
 from workers.state import ConversationState, StateDelta, rebuild
 from workers.tiny_checkpoint import cached_tiny_checkpoint
 
-EMB_ATOL = 1e-5
-LAT_REL = 1e-5
+# family -> (embedding absolute tolerance, latent tolerance relative to max(1, max |latent|))
+TOL = {"qwen3": (1e-5, 1e-5), "qwen3_5": (5e-5, 2e-4)}
 
 _WORDS = (
     "memory queue latent turn river stone cloud apple train window music garden paper light "
@@ -76,10 +82,13 @@ def run_reference(engine: EvoEngine, turns: list[TurnInput]) -> reference.Refere
     return reference.run_conversation(engine.model, mem, emb, [t.seq for t in turns])
 
 
+def emb_tol(family: str) -> float:
+    return TOL[family][0]
+
+
 def latent_tol(family: str, ref: torch.Tensor) -> float:
-    if family == "qwen3" or ref.numel() == 0:
-        return 1e-5
-    return LAT_REL * max(1.0, float(ref.abs().max()))
+    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+    return TOL[family][1] * (1.0 if family == "qwen3" else scale)
 
 
 def max_diff(a, b) -> float:
@@ -101,7 +110,7 @@ def assert_matches_reference(family: str, engine: EvoEngine, turns, state, outs,
     assert [o.memory_len for o in outs] == [min(e, engine.capacity) for e in ref.buffer_end[:-1]]
     # same numbers
     emb = np.stack([o.embedding for o in outs])
-    assert max_diff(emb, ref.embeddings) <= EMB_ATOL
+    assert max_diff(emb, ref.embeddings) <= emb_tol(family)
     assert max_diff(state.latents, fin.latents) <= latent_tol(family, fin.latents)
     # every delta's latents are the reference's latents for that turn
     L = engine.L
@@ -133,7 +142,7 @@ CASES = {
     # 20 small turns: the 16-turn rule opens the second segment
     "segment16": {"qwen3": [(6, 8)] * 20, "qwen3_5": [(4, 4)] * 18},
     # ~310 / ~610 token turns: the 2048-token rule opens new segments
-    "tokens2048": {"qwen3": [(150, 150)] * 9, "qwen3_5": [(300, 300)] * 4},
+    "tokens2048": {"qwen3": [(150, 150)] * 9, "qwen3_5": [(300, 300)] * 5},
     # one turn over 2048 tokens, alone in its segment, between short ones
     "long_turn": {"qwen3": [(10, 10), (1300, 1300), (10, 10)], "qwen3_5": [(5, 5), (1050, 1050), (5, 5)]},
     # more than 32 turns: the queue (512 latents = 32 turns) is past capacity
@@ -170,7 +179,7 @@ def test_streaming_equals_reference(family_engine, case):
         ids = [engine.renderer.query_ids(q) for q in queries]
         window = ref.raw_buffer[-engine.capacity:]
         want = reference.embed_against(engine.model, ids, [window] * len(ids))
-        assert max_diff(got, want) <= EMB_ATOL
+        assert max_diff(got, want) <= emb_tol(fam)
         assert all(i[: len(engine.renderer.instruction)] == engine.renderer.instruction for i in ids)
         # the instruction prefix matters (the check above could not pass by accident)
         plain = engine.embed_queries([(state, queries[0])], instruction=False)
@@ -181,8 +190,8 @@ def test_query_without_memory(family_engine):
     fam, engine = family_engine
     got = engine.embed_queries([(None, "a question"), (engine.new_state(), "a question")])
     want = reference.embed_against(engine.model, [engine.renderer.query_ids("a question")], [None])
-    assert max_diff(got[0], want[0]) <= EMB_ATOL
-    assert max_diff(got[1], want[0]) <= EMB_ATOL
+    assert max_diff(got[0], want[0]) <= emb_tol(fam)
+    assert max_diff(got[1], want[0]) <= emb_tol(fam)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,7 +234,7 @@ def _check_batch_against_alone(fam, engine, convs, alone, states, outs, batch):
         mine = [o for o in outs if o.conversation_id == cid]
         assert [o.seq for o in mine] == [t.seq for t in ts]
         assert [o.new_segment for o in mine] == [o.new_segment for o in outs_alone]
-        assert max_diff(np.stack([o.embedding for o in mine]), np.stack([o.embedding for o in outs_alone])) <= EMB_ATOL
+        assert max_diff(np.stack([o.embedding for o in mine]), np.stack([o.embedding for o in outs_alone])) <= emb_tol(fam)
         st = states[cid]
         assert (st.seq, st.snapshot_len, st.segment_token_ids) == (
             st_alone.seq, st_alone.snapshot_len, st_alone.segment_token_ids)

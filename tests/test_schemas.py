@@ -40,7 +40,8 @@ TURN_JSON = (
     '{"type":"turn","schema_version":1,"conversation_id":"conv-42","seq":7,'
     '"messages":[{"role":"user","content":"What is the capital of France?"},'
     '{"role":"assistant","content":"Paris."}],'
-    '"timestamp":"2024-05-01T12:30:15.250000Z","tenant":"acme","metadata":{"channel":"web","lang":"en"}}'
+    '"timestamp":"2024-05-01T12:30:15.250000Z","tenant":"acme",'
+    '"metadata":{"channel":"web","lang":"en"}}'
 )
 
 
@@ -111,6 +112,9 @@ def test_turn_event_defaults_and_single_sided_turns() -> None:
     "change",
     [
         {"timestamp": datetime(2024, 1, 1)},  # naive
+        {"timestamp": "2024-01-01T00:00:00"},  # naive
+        {"timestamp": "1714564800"},  # Unix time: seconds or ms? not guessed
+        {"timestamp": 1714564800},
         {"conversation_id": ""},
         {"conversation_id": "x" * 257},
         {"conversation_id": "a\nb"},
@@ -145,7 +149,8 @@ def test_turn_event_rejects(change: dict) -> None:
 
 def test_seq_bounds_are_inclusive() -> None:
     for seq in (0, MAX_SEQ):
-        TurnEvent(conversation_id="c", seq=seq, messages=[{"role": "user", "content": "x"}], timestamp=T0)
+        messages = [{"role": "user", "content": "x"}]
+        TurnEvent(conversation_id="c", seq=seq, messages=messages, timestamp=T0)
 
 
 def test_inbound_union_discriminates() -> None:
@@ -178,7 +183,8 @@ def test_embedding_event_round_trip_and_idempotency_key() -> None:
     vector = decode_vector(back.vector)
     assert vector.dtype == np.float32
     assert vector.tobytes() == np.array([0.6, -0.8, 0.0, -0.0], dtype=np.float32).tobytes()
-    assert json.loads(wire)["vector"] == {"dtype": "f32", "dim": 4, "b64": "mpkZP83MTL8AAAAAAAAAgA=="}
+    expected_vector = {"dtype": "f32", "dim": 4, "b64": "mpkZP83MTL8AAAAAAAAAgA=="}
+    assert json.loads(wire)["vector"] == expected_vector
 
 
 def test_embedding_event_checks() -> None:
@@ -187,7 +193,7 @@ def test_embedding_event_checks() -> None:
     with pytest.raises(ValidationError):
         _embedding_event(memory_len=-1)
     with pytest.raises(ValidationError):
-        _embedding_event(timings=StageTimings(queue_ms=1, step_ms=1, checkpoint_ms=1), produced_at=datetime(2024, 1, 1))
+        _embedding_event(produced_at=datetime(2024, 1, 1))  # naive
     with pytest.raises(ValidationError):
         StageTimings(queue_ms=float("inf"), step_ms=1, checkpoint_ms=1)
     with pytest.raises(ValidationError):
@@ -210,24 +216,27 @@ def test_conversation_deleted_round_trip() -> None:
 
 
 def test_query_request_defaults_and_bounds() -> None:
-    request = QueryRequest.model_validate_json('{"conversation_id":"c","query":"where did we leave off?"}')
+    request = QueryRequest.model_validate_json('{"conversation_id":"c","query":"where were we?"}')
     assert request.k == 5
     assert QueryRequest.model_validate_json(request.model_dump_json()) == request
-    for bad in ({"query": ""}, {"query": "q", "k": 0}, {"query": "q", "k": 101}, {"query": "q" * 8193}):
+    bad_requests = ({"query": ""}, {"query": "q", "k": 0}, {"query": "q", "k": 101}, {"query": "q" * 8193})
+    for bad in bad_requests:
         with pytest.raises(ValidationError):
             QueryRequest(conversation_id="c", **bad)
 
 
 def test_query_response_round_trip() -> None:
     vector = encode_vector(np.array([1.0, 0.0], dtype=np.float32), dtype="f16")
-    for hits in (None, [], [SearchHit(seq=3, score=0.91, text="Paris."), SearchHit(seq=1, score=0.2)]):
-        response = QueryResponse(
-            conversation_id="c", vector=vector, dim=2, memory_len=0, applied_seq=-1,
-            checkpoint="sha256:00", model="m", hits=hits,
-        )
-        assert QueryResponse.model_validate_json(response.model_dump_json(), strict=True) == response
+    common = dict(conversation_id="c", vector=vector, dim=2, memory_len=0, checkpoint="sha256:00", model="m")
+    found = [SearchHit(seq=3, score=0.91, text="Paris."), SearchHit(seq=1, score=0.2)]
+    for hits in (None, [], found):
+        response = QueryResponse(**common, applied_seq=-1, hits=hits)
+        wire = response.model_dump_json()
+        assert QueryResponse.model_validate_json(wire, strict=True) == response
     with pytest.raises(ValidationError):
-        QueryResponse(conversation_id="c", vector=vector, dim=2, memory_len=0, applied_seq=-2, checkpoint="x", model="m")
+        QueryResponse(**common, applied_seq=-2)
+    with pytest.raises(ValidationError, match="does not match"):
+        QueryResponse(**{**common, "dim": 3}, applied_seq=0)
     with pytest.raises(ValidationError):
         SearchHit(seq=0, score=float("nan"))
 

@@ -1,0 +1,176 @@
+"""End-to-end benchmark: turns topic -> worker -> embeddings topic, on the local stack.
+
+Measures, in one run on this machine (CPU, tiny checkpoint):
+- throughput: a backlog of N turns produced up front, drained by one worker (turns/s);
+- latency at a stated load: turns produced at a fixed rate; p50/p99 of
+  (embedding record timestamp - turn record timestamp), both stamped by producers on this
+  machine's clock;
+- where the time goes: the worker's own histograms (/metrics): model step vs whole batch,
+  and the fraction of the batch time spent outside the model step.
+
+Run:  .venv/bin/python -m benchmarks.bench_e2e  [--conversations 32 --turns 20 --rate 40]
+Writes/updates the "End-to-end" section of BENCHMARKS.md with the command and the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from support.workers import PipelineEnv, WorkerProc, read_topic  # noqa: E402
+
+from benchmarks.report import update_section  # noqa: E402
+from stream.localstack import LocalStack  # noqa: E402
+from stream.producer import produce_records, turn_events  # noqa: E402
+from stream.topics import ensure_topics_sync  # noqa: E402
+
+
+def conversations(n: int, turns: int, seed: int = 7) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    words = ("order refund shipping invoice password account delivery parcel customs charge card "
+             "subscription plan upgrade error reset schedule flight booking seat bag").split()
+    out = []
+    for c in range(n):
+        ts = []
+        for _ in range(turns):
+            u = " ".join(rng.choice(words, size=int(rng.integers(6, 30))))
+            a = " ".join(rng.choice(words, size=int(rng.integers(4, 30))))
+            ts.append({"user": u, "assistant": a})
+        out.append({"conversation_id": f"bench-{c:04d}", "turns": ts})
+    return out
+
+
+def scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    vals: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^(evostream_[a-z_]+(?:_sum|_count|_total)?)(\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
+        if m and not m.group(2):
+            vals[m.group(1)] = float(m.group(3))
+    return vals
+
+
+async def wait_embeddings(bootstrap: str, topic: str, want: int, timeout: float) -> list:
+    deadline = time.monotonic() + timeout
+    got: list = []
+    while time.monotonic() < deadline:
+        got = await read_topic(bootstrap, topic, idle_ms=800)
+        n = len({(json.loads(r.value)["conversation_id"], json.loads(r.value)["seq"]) for r in got})
+        print(f"\r  embeddings {n}/{want}", end="", file=sys.stderr, flush=True)
+        if n >= want:
+            print(file=sys.stderr)
+            return got
+        await asyncio.sleep(1.0)
+    raise TimeoutError(f"only {len(got)} of {want} embeddings after {timeout}s")
+
+
+def phase(stack: LocalStack, ckpt: str, records: list[tuple[bytes, bytes]], rate: float, label: str,
+          log_dir: Path, partitions: int) -> dict:
+    tag = f"{label}-{int(time.time())}"
+    topics = {f"bench.{tag}.turns": partitions, f"bench.{tag}.emb": partitions, f"bench.{tag}.dlq": 1}
+    ensure_topics_sync(stack.kafka_bootstrap, topics)
+    t_turns, t_emb, t_dlq = list(topics)
+    penv = PipelineEnv(stack.kafka_bootstrap, stack.redis_url, t_turns, t_emb, t_dlq, partitions, checkpoint=ckpt)
+    w = WorkerProc(penv, log_dir, name=label).start()
+    try:
+        w.wait_ready(120)
+        before = scrape(w.url)
+        print(f"[{label}] producing {len(records)} turns" + (f" at {rate:g}/s" if rate else " as a backlog"), file=sys.stderr)
+        t0 = time.time()
+        asyncio.run(produce_records(records, bootstrap=stack.kafka_bootstrap, topic=t_turns, rate=rate, progress=False))
+        got = asyncio.run(wait_embeddings(stack.kafka_bootstrap, t_emb, len(records), timeout=900))
+        after = scrape(w.url)
+        turns_by_key = {}
+        for r in asyncio.run(read_topic(stack.kafka_bootstrap, t_turns)):
+            d = json.loads(r.value)
+            turns_by_key[(d["conversation_id"], d["seq"])] = r.timestamp
+        first = {}
+        for r in got:
+            d = json.loads(r.value)
+            k = (d["conversation_id"], d["seq"])
+            first[k] = min(first.get(k, r.timestamp), r.timestamp)
+        lat = np.array([first[k] - turns_by_key[k] for k in first if k in turns_by_key], dtype=float)
+        wall = max(first.values()) / 1000 - t0
+        d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        batch_s = d.get("evostream_batch_seconds_sum", 0.0)
+        step_s = d.get("evostream_step_seconds_sum", 0.0)
+        return dict(
+            label=label, turns=len(records), rate=rate, wall_s=wall, turns_per_s=len(records) / wall,
+            p50_ms=float(np.percentile(lat, 50)), p99_ms=float(np.percentile(lat, 99)),
+            batches=d.get("evostream_batch_turns_count", 0.0),
+            mean_batch=d.get("evostream_batch_turns_sum", 0.0) / max(1.0, d.get("evostream_batch_turns_count", 0.0)),
+            step_s=step_s, load_s=d.get("evostream_state_load_seconds_sum", 0.0),
+            checkpoint_s=d.get("evostream_checkpoint_seconds_sum", 0.0), emit_s=d.get("evostream_emit_seconds_sum", 0.0),
+            batch_s=batch_s, outside_step_frac_of_batch=(1 - step_s / batch_s) if batch_s else float("nan"),
+            outside_step_frac_of_wall=(1 - step_s / wall) if wall else float("nan"),
+        )
+    finally:
+        w.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--conversations", type=int, default=32)
+    ap.add_argument("--turns", type=int, default=20)
+    ap.add_argument("--rate", type=float, default=40.0, help="stated load for the latency phase (turns/s)")
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    a = ap.parse_args(argv)
+    from workers.tiny_checkpoint import cached_tiny_checkpoint
+
+    ckpt = str(cached_tiny_checkpoint("qwen3", "tiny"))
+    convs = conversations(a.conversations, a.turns)
+    records = [(e.conversation_id.encode(), e.model_dump_json().encode()) for e in turn_events(convs)]
+    run_dir = Path(tempfile.mkdtemp(prefix="evostream-bench-"))
+    stack = LocalStack(run_dir / "stack", appendfsync="everysec", die_with_parent=True).start()
+    try:
+        backlog = phase(stack, ckpt, records, 0.0, "backlog", run_dir, a.partitions)
+        steady = phase(stack, ckpt, records, a.rate, "steady", run_dir, a.partitions)
+    finally:
+        stack.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    cmd = "make bench-e2e   # = .venv/bin/python -m benchmarks.bench_e2e " + " ".join(argv or sys.argv[1:])
+    lines = [
+        f"Command: `{cmd.strip()}`  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {platform.platform()}, "
+        f"{torch.get_num_threads()} torch threads, {__import__('os').cpu_count()} CPUs; torch {torch.__version__}  ",
+        f"Model: tiny seeded qwen3 checkpoint (hidden 64, 4 layers, real Qwen3 tokenizer), CPU float32; "
+        f"one worker, {a.partitions} partitions, local tansu broker + valkey (appendfsync everysec)  ",
+        f"Traffic: {a.conversations} conversations x {a.turns} turns = {len(records)} turns, interleaved",
+        "",
+        "| phase | load | turns/s | p50 latency ms | p99 latency ms | batches | mean turns/batch | model step s | load s | checkpoint s | emit s | batch s | outside step (of batch time) | outside step (of wall) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (backlog, steady):
+        load = "backlog (all produced up front)" if not r["rate"] else f"{r['rate']:g} turns/s"
+        lines.append(
+            f"| {r['label']} | {load} | {r['turns_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['batches']:.0f} | "
+            f"{r['mean_batch']:.1f} | {r['step_s']:.2f} | {r['load_s']:.2f} | {r['checkpoint_s']:.2f} | {r['emit_s']:.2f} | "
+            f"{r['batch_s']:.2f} | {100 * r['outside_step_frac_of_batch']:.0f}% | {100 * r['outside_step_frac_of_wall']:.0f}% |")
+    lines += ["", "Latency is from the turn record's timestamp (producer) to the first embedding record's timestamp "
+              "(worker's producer); in the backlog phase it includes waiting behind the whole backlog."]
+    text = "\n".join(lines)
+    print(text)
+    if not a.no_write:
+        update_section(REPO / "BENCHMARKS.md", "End-to-end pipeline (issue 3)", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
