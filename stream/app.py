@@ -115,6 +115,7 @@ class Worker:
         async def startup() -> None:
             await worker.emitter.start()
             await worker.store.wait_until_available()
+            await worker.store.prepare()
             log.info("worker %s started: model %s (%s), checkpoint fingerprint %s", s.worker_id,
                      worker.engine.model_name, s.device, worker.engine.fingerprint)
 
@@ -191,4 +192,16 @@ def run_worker(settings: Settings, engine: EvoEngine) -> None:
     w = Worker(settings, engine)
     from faust.worker import Worker as FaustWorker
 
-    FaustWorker(w.app, loglevel=settings.log_level.lower(), quiet=True).execute_from_commandline()
+    handlers = ["json"] if settings.log_json else ["plain"]
+    logging_config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "stream.logs.JsonFormatter"},
+                       "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+        "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"},
+                     "plain": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+        "root": {"level": settings.log_level.upper(), "handlers": handlers},
+        "loggers": {name: {"level": "WARNING"} for name in ("aiokafka", "faust", "mode", "transformers")},
+    }
+    FaustWorker(w.app, loglevel=settings.log_level.lower(), quiet=True, logging_config=logging_config,
+                redirect_stdouts=False).execute_from_commandline()

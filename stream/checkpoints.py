@@ -630,6 +630,13 @@ class CheckpointStore:
         await wait_until(probe, what=f"checkpoint store ({self._where})",
                          max_wait_s=max_wait_s, backoff=self._backoff)
 
+    async def prepare(self) -> None:
+        """Load the scripts into the server's cache up front (so the first batch does not
+        pay, and log, a NOSCRIPT round trip)."""
+        with unavailable_as(f"SCRIPT LOAD on {self._where}"):
+            for script in (self._commit_script, self._load_script):
+                script.sha = await self._redis.script_load(script.script)
+
     async def close(self) -> None:
         await self._redis.aclose()
 

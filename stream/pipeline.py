@@ -38,6 +38,7 @@ from schemas.vectors import encode_vector
 from stream.checkpoints import CheckpointStore, CommitStatus, FingerprintMismatch, SourceOffset, TurnCommit
 from stream.decode import Rejection, decode_inbound, make_dead_letter
 from stream.emitter import OutMessage
+from stream.faults import fault_point
 from stream.metrics import Metrics
 from stream.recovery import StoreUnavailable
 from stream.settings import GapPolicy, Settings
@@ -133,11 +134,13 @@ class TurnPipeline:
             await self.emitter.send_all(out)
             rep.emit_s = time.perf_counter() - t
             self.metrics.emit_s.observe(rep.emit_s)
+            fault_point("after_emit")  # test-only (stream/faults.py); no-op in production
         if acks:
             try:
                 await self.store.ack_emitted(dict(acks))
             except StoreUnavailable as exc:  # harmless: the outbox entries expire with the state
                 log.warning("could not clear outbox after emit (%s); duplicates possible on replay", exc)
+            fault_point("after_ack")
         now_ms = time.time() * 1000
         for rec in records:
             self.last_offsets[(rec.topic, rec.partition)] = rec.offset
@@ -237,6 +240,7 @@ class TurnPipeline:
         results = await self._with_store(lambda: self.store.commit(commits), "commit")
         rep.checkpoint_s += time.perf_counter() - t
         self.metrics.checkpoint_s.observe(time.perf_counter() - t)
+        fault_point("after_checkpoint")  # test-only (stream/faults.py); no-op in production
 
         conflicted: set[str] = set()
         for res in results:
@@ -269,6 +273,7 @@ class TurnPipeline:
         loop = asyncio.get_running_loop()
         try:
             outs = await loop.run_in_executor(self.executor, self.engine.step, states, turns)
+            fault_point("in_step")  # test-only: states advanced in memory, nothing persisted
             return list(zip(todo, outs))
         except Exception:
             log.exception("model step failed for a batch of %d turns; retrying them one by one", len(todo))
