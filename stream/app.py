@@ -60,6 +60,7 @@ class Worker:
     # ------------------------------------------------------------------------------------------
     def _build_app(self) -> faust.App:
         s = self.settings
+        _set_fetch_max_wait(s.fetch_max_wait_ms)
         app = faust.App(
             s.group_id,
             broker=f"kafka://{s.kafka_bootstrap}",
@@ -185,6 +186,25 @@ class Worker:
             memory_len=state.memory_len if state is not None else 0,
             applied_seq=state.seq if state is not None else -1,
             checkpoint=self.engine.fingerprint, model=self.engine.model_name[:256] or "evoembedding")
+
+
+def _set_fetch_max_wait(ms: int) -> None:
+    """faust creates its consumer with fetch_max_wait_ms=1500 and offers no setting. Brokers
+    that hold a fetch until that wait expires (tansu does, measured: p50 ~500 ms per hop) then
+    add it to every turn's latency. We wrap faust's factory and set aiokafka's (private but
+    long-stable) attribute before the consumer starts its fetcher."""
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    cls = faust_aiokafka.AIOKafkaConsumerThread
+    original = getattr(cls, "_evostream_original_create", None) or cls._create_worker_consumer
+
+    def create(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = ms
+        return consumer
+
+    cls._evostream_original_create = original
+    cls._create_worker_consumer = create
 
 
 def run_worker(settings: Settings, engine: EvoEngine) -> None:

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     producer_idempotence: bool = Field(
         False, description="turn on against a real Kafka cluster; the local tansu broker rejects InitProducerId")
     producer_linger_ms: int = 5
+    fetch_max_wait_ms: int = Field(
+        100, ge=1, le=60_000,
+        description="longest a fetch waits for data; tansu answers only when it expires (faust hard-codes 1500)")
     max_record_bytes: int = Field(1_000_000, ge=1024)
 
     # --- Redis ---

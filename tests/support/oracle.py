@@ -83,15 +83,14 @@ def torch_threads(n: int) -> Iterator[None]:
 class Expected:
     embeddings: dict[Key, np.ndarray] = field(default_factory=dict)
     states: dict[str, ConversationState] = field(default_factory=dict)
+    memory_lens: dict[Key, int] = field(default_factory=dict)  # latents the embedding saw
 
     def keys(self) -> set[Key]:
         return set(self.embeddings)
 
     def merge(self, other: "Expected") -> "Expected":
-        out = Expected(dict(self.embeddings), dict(self.states))
-        out.embeddings.update(other.embeddings)
-        out.states.update(other.states)
-        return out
+        return Expected({**self.embeddings, **other.embeddings}, {**self.states, **other.states},
+                        {**self.memory_lens, **other.memory_lens})
 
 
 def compute_expected(turns_by_cid: Mapping[str, Sequence[TurnInput]], *, engine=None,
@@ -105,6 +104,7 @@ def compute_expected(turns_by_cid: Mapping[str, Sequence[TurnInput]], *, engine=
             for t in turns:
                 (out,) = engine.step(states, [t])
                 exp.embeddings[(cid, t.seq)] = np.asarray(out.embedding, dtype=np.float32).copy()
+                exp.memory_lens[(cid, t.seq)] = out.memory_len
             exp.states[cid] = states[cid]
     return exp
 
@@ -277,6 +277,8 @@ def compare(outputs: Outputs, expected: Expected, *, tol: float = TOL, keys: set
                 rep.non_identical.append(key)
         ref = expected.embeddings[key]
         for ev in evs:
+            if key in expected.memory_lens and ev.memory_len != expected.memory_lens[key]:
+                rep.bad_records.append(f"{key}: memory_len {ev.memory_len} != {expected.memory_lens[key]}")
             vec = decode_vector(ev.vector)
             if vec.shape != ref.shape:
                 rep.bad_records.append(f"{key}: dim {vec.shape} != {ref.shape}")

@@ -1,0 +1,261 @@
+"""Acceptance tests of the streaming pipeline, end to end and nothing mocked.
+
+A real broker (tansu) and a real Redis (valkey) from conftest, `evostream worker`
+subprocesses, generated conversations produced interleaved and keyed by conversation id. The
+oracle (tests/support/oracle.py) steps every conversation alone, offline; every embedding
+event and every Redis checkpoint must equal it within 1e-5, whatever the worker did in between
+(micro-batches mixing conversations, state cache, restarts, SIGKILL, a second worker).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from schemas.events import QueryResponse
+from schemas.vectors import decode_vector
+
+try:
+    from tests.support.oracle import (
+        TOL,
+        Expected,
+        OutputReport,
+        check_outputs,
+        expected_for,
+        load_states,
+        metric,
+        offline_engine,
+        read_dead_letters,
+        wait_for_embeddings,
+    )
+    from tests.support.traffic import (
+        TopicMaker,
+        Traffic,
+        Workers,
+        generate_traffic,
+        pipeline_env,
+        produce,
+    )
+    from tests.support.workers import PipelineEnv, WorkerProc, wait_for
+except ModuleNotFoundError:  # tests/ itself on sys.path (plain `pytest` from another cwd)
+    from support.oracle import (  # type: ignore[no-redef]
+        TOL,
+        Expected,
+        OutputReport,
+        check_outputs,
+        expected_for,
+        load_states,
+        metric,
+        offline_engine,
+        read_dead_letters,
+        wait_for_embeddings,
+    )
+    from support.traffic import (  # type: ignore[no-redef]
+        TopicMaker,
+        Traffic,
+        Workers,
+        generate_traffic,
+        pipeline_env,
+        produce,
+    )
+    from support.workers import PipelineEnv, WorkerProc, wait_for  # type: ignore[no-redef]
+
+APPLIED = "evostream_turns_applied_total"
+# Generous: a 2-core machine shared with other test runs may be several times slower than usual.
+ALL_DONE_TIMEOUT = 600.0
+
+
+# --------------------------------------------------------------------------- 20 x 40, one worker
+
+
+@dataclass
+class BigRun:
+    penv: PipelineEnv
+    worker: WorkerProc
+    traffic: Traffic
+    expected: Expected
+    report: OutputReport
+    applied: float
+
+
+@pytest.fixture(scope="module")
+def big_run(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory):
+    """20 conversations x 40 turns through one worker (one start, one produce); the worker
+    stays up for the query test."""
+    topics = TopicMaker(kafka_bootstrap, "e2e-20x40")
+    procs = Workers()
+    try:
+        penv = pipeline_env(topics, kafka_bootstrap, redis_url, partitions=4)
+        worker = procs.add(WorkerProc(penv, tmp_path_factory.mktemp("e2e-big"), "big").start())
+        traffic = generate_traffic(20, 40, seed=101, prefix="big")
+        produced = produce(kafka_bootstrap, penv.turns_topic, traffic.records())
+        assert len({p.partition for p in produced}) == 4, "traffic should cover every partition"
+        expected = expected_for(traffic)  # offline, while the worker starts and works
+        worker.wait_ready()
+        wait_for_embeddings(penv, traffic.keys(), timeout=ALL_DONE_TIMEOUT, workers=[worker])
+        report = check_outputs(penv, expected)
+        yield BigRun(penv, worker, traffic, expected, report, metric(worker, APPLIED, -1))
+    finally:
+        procs.stop_all()
+        topics.close()
+
+
+def test_every_turn_embedded_once_and_equal_to_offline(big_run: BigRun) -> None:
+    rep, traffic = big_run.report, big_run.traffic
+    assert len(traffic) == 800
+    assert not rep.problems(allow_duplicates=False), rep.summary() + "\n" + big_run.worker.tail()
+    assert rep.events == 800 and rep.duplicates == 0, rep.summary()
+    assert rep.max_abs_diff <= TOL, rep.summary()
+    assert rep.states_checked == 20, rep.summary()
+    assert big_run.applied == 800, f"{APPLIED} = {big_run.applied}"
+    engine = offline_engine()
+    for evs in rep.outputs.embeddings.values():
+        ev = evs[0]
+        assert ev.checkpoint == engine.fingerprint and ev.dim == engine.embedding_dim
+        assert ev.source.topic == big_run.penv.turns_topic
+    assert read_dead_letters(big_run.penv.kafka_bootstrap, big_run.penv.dead_letter_topic) == []
+
+
+def test_checkpoints_equal_offline_states(big_run: BigRun) -> None:
+    states = load_states(big_run.penv, big_run.traffic.conversation_ids)
+    for cid, want in big_run.expected.states.items():
+        got = states[cid]
+        assert got is not None, f"{cid}: no checkpoint"
+        assert got.seq == 39 == want.seq
+        assert got.snapshot_len == want.snapshot_len
+        assert got.segment_token_ids == want.segment_token_ids
+        assert got.latents.shape == want.latents.shape
+        assert float((got.latents - want.latents).abs().max()) <= TOL
+
+
+def _post_query(worker: WorkerProc, cid: str, query: str) -> QueryResponse:
+    req = urllib.request.Request(worker.url + "/v1/query", method="POST",
+                                 data=json.dumps({"conversation_id": cid, "query": query}).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 200
+        return QueryResponse.model_validate_json(r.read())
+
+
+def test_query_after_turns_matches_offline(big_run: BigRun) -> None:
+    engine = offline_engine()
+    cases = [(cid, q) for cid, q in zip(big_run.traffic.conversation_ids[::7],
+                                        ["what did we say about the river?", "kafka batch vector", "東京 café 🙂"])]
+    for cid, query in cases:
+        resp = _post_query(big_run.worker, cid, query)
+        state = big_run.expected.states[cid]
+        want = engine.embed_queries([(state, query)])[0]
+        got = decode_vector(resp.vector)
+        assert resp.conversation_id == cid
+        assert resp.applied_seq == big_run.traffic.by_id[cid].last_seq == 39
+        assert resp.memory_len == state.memory_len
+        assert resp.checkpoint == engine.fingerprint
+        assert float(np.abs(got - want).max()) <= TOL, (cid, float(np.abs(got - want).max()))
+    # A conversation the worker never saw: the query is embedded against no memory.
+    resp = _post_query(big_run.worker, "never-seen", "hello")
+    assert resp.applied_seq == -1 and resp.memory_len == 0
+    want = engine.embed_queries([(None, "hello")])[0]
+    assert float(np.abs(decode_vector(resp.vector) - want).max()) <= TOL
+
+
+# --------------------------------------------------------------------------- restarts
+
+
+def _progress(penv: PipelineEnv, traffic: Traffic) -> int:
+    """Turns applied according to the checkpoints."""
+    states = load_states(penv, traffic.conversation_ids)
+    return sum(st.seq + 1 for st in states.values() if st is not None)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_restart_mid_stream_continues_from_checkpoints(how: str, kafka_bootstrap: str, redis_url: str,
+                                                       topic_factory, tmp_path: Path) -> None:
+    """Stop the worker in the middle of the stream (SIGTERM: graceful; SIGKILL: no shutdown
+    code runs), publish the rest while it is down, start it again: every turn is embedded,
+    equal to offline; replays may duplicate an event, but only byte-identically."""
+    penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=2,
+                        extra={"EVOSTREAM_BATCH_MAX_TURNS": "4"})  # many small commits to land between
+    traffic = generate_traffic(8, 20, seed=202 if how == "sigterm" else 203, prefix=f"restart-{how}")
+    records = traffic.records()
+    cut = int(len(records) * 0.6)
+    procs = Workers()
+    try:
+        worker = procs.add(WorkerProc(penv, tmp_path, how))
+        worker.start()
+        produce(kafka_bootstrap, penv.turns_topic, records[:cut])
+        worker.wait_ready()
+        wait_for(lambda: metric(worker, APPLIED) >= len(records) // 4, timeout=ALL_DONE_TIMEOUT, interval=0.1,
+                 what=f"a quarter of the turns applied\n{worker.tail()}")
+        if how == "sigterm":
+            worker.stop(timeout=60)
+            assert worker.proc.returncode != -9, "SIGTERM did not stop the worker within 60 s (it was killed)"
+        else:
+            worker.kill()
+        done_before = _progress(penv, traffic)
+        assert done_before < len(records), "the stream had finished before the restart"
+        produce(kafka_bootstrap, penv.turns_topic, records[cut:])
+        worker.start()
+        expected = expected_for(traffic)  # offline, while the worker restarts
+        worker.wait_ready()
+        wait_for_embeddings(penv, traffic.keys(), timeout=ALL_DONE_TIMEOUT, workers=[worker])
+        rep = check_outputs(penv, expected)
+        print(f"{how}: {done_before}/{len(records)} turns checkpointed at the restart; {rep.summary()}")
+        assert not rep.problems(allow_duplicates=True), rep.summary() + "\n" + procs.logs()
+        assert rep.states_checked == 8
+        assert read_dead_letters(kafka_bootstrap, penv.dead_letter_topic) == []
+    finally:
+        procs.stop_all()
+
+
+# --------------------------------------------------------------------------- two workers
+
+_ASSIGNED = re.compile(r"partitions assigned \[([0-9, ]*)\]")
+
+
+def _last_assignment(worker: WorkerProc) -> set[int] | None:
+    found = _ASSIGNED.findall(worker.log_path.read_text(errors="replace")) if worker.log_path.exists() else []
+    if not found:
+        return None
+    return {int(x) for x in found[-1].split(",") if x.strip()}
+
+
+def test_two_workers_split_partitions_and_agree_with_offline(kafka_bootstrap: str, redis_url: str,
+                                                             topic_factory, tmp_path: Path) -> None:
+    penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=4)
+    traffic = generate_traffic(12, 8, seed=303, prefix="pair")
+    procs = Workers()
+    try:
+        w1 = procs.add(WorkerProc(penv, tmp_path, "a").start())
+        w2 = procs.add(WorkerProc(penv, tmp_path, "b").start())
+        w1.wait_ready()
+        w2.wait_ready()
+
+        def split() -> tuple[set[int], set[int]] | None:
+            a, b = _last_assignment(w1), _last_assignment(w2)
+            if a and b and not (a & b) and a | b == set(range(4)):
+                return a, b
+            return None
+
+        a, b = wait_for(split, timeout=120, interval=0.5, what=f"both workers own partitions\n{procs.logs(30)}")
+        produced = produce(kafka_bootstrap, penv.turns_topic, traffic.records())
+        hit = {p.partition for p in produced}
+        assert hit & a and hit & b, f"traffic partitions {hit} should reach both workers ({a}, {b})"
+        expected = expected_for(traffic)
+        wait_for_embeddings(penv, traffic.keys(), timeout=ALL_DONE_TIMEOUT, workers=[w1, w2])
+        rep = check_outputs(penv, expected)
+        applied = (metric(w1, APPLIED), metric(w2, APPLIED))
+        print(f"assignments {sorted(a)} / {sorted(b)}; applied {applied}; {rep.summary()}")
+        assert applied[0] > 0 and applied[1] > 0, f"both workers must process turns: {applied}\n{procs.logs()}"
+        assert not rep.problems(allow_duplicates=True), rep.summary() + "\n" + procs.logs()
+        assert rep.duplicates == 0 or not rep.non_identical
+        assert sum(applied) >= len(traffic)
+        assert rep.states_checked == 12
+    finally:
+        procs.stop_all()
