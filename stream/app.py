@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
+import os
+import tempfile
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -61,8 +63,12 @@ class Worker:
     def _build_app(self) -> faust.App:
         s = self.settings
         _set_fetch_max_wait(s.fetch_max_wait_ms)
+        # faust wants a data dir (for tables, which we do not use); keep it out of the cwd
+        datadir = Path(tempfile.gettempdir()) / "evostream-faust" / f"{s.group_id}-{os.getpid()}"
+        datadir.parent.mkdir(parents=True, exist_ok=True)
         app = faust.App(
             s.group_id,
+            datadir=str(datadir),
             broker=f"kafka://{s.kafka_bootstrap}",
             autodiscover=False,
             store="memory://",

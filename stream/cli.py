@@ -84,9 +84,13 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from stream.query_client import query_worker
+    from stream.query_client import QueryError, query_worker
 
-    resp = query_worker(args.url, args.conversation, args.text)
+    try:
+        resp = query_worker(args.url, args.conversation, args.text)
+    except QueryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     out = resp.model_dump(mode="json")
     if not args.full_vector:
         out["vector"] = {**out["vector"], "b64": out["vector"]["b64"][:32] + "..."}
@@ -95,11 +99,16 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from stream.indexer import search_end_to_end
+    from stream.indexer import TopicNotFound, search_end_to_end
+    from stream.query_client import QueryError
 
     s = _settings(args)
-    hits = asyncio.run(search_end_to_end(s.kafka_bootstrap, s.embeddings_topic, args.url, args.conversation,
-                                         args.text, args.k))
+    try:
+        hits = asyncio.run(search_end_to_end(s.kafka_bootstrap, s.embeddings_topic, args.url, args.conversation,
+                                             args.text, args.k))
+    except (QueryError, TopicNotFound) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps([h.model_dump(mode="json") for h in hits], indent=2))
     return 0
 

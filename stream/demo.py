@@ -97,6 +97,20 @@ def _load_conversations(path: Path, limit: int | None) -> list[dict]:
     return convs
 
 
+def _cli() -> str:
+    """How to invoke the CLI from the user's shell: `evostream` when that is on PATH, else
+    the script next to this interpreter (the venv's), else `python -m stream.cli`."""
+    import shutil
+
+    script = Path(sys.executable).parent / "evostream"
+    found = shutil.which("evostream")
+    if found and (not script.exists() or Path(found).resolve() == script.resolve()):
+        return "evostream"
+    if script.exists():
+        return _show(script)
+    return f"{_show(Path(sys.executable))} -m stream.cli"
+
+
 def _short(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -178,7 +192,11 @@ class _Run:
         except (OSError, ValueError, IndexError):
             self.worker_pid_file.unlink(missing_ok=True)
             return
-        if "stream.cli" in cmdline and "worker" in cmdline:
+        try:  # only a worker this demo started (its id is demo-<run id>), never a recycled pid
+            ours = b"EVOSTREAM_WORKER_ID=demo-" in Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            ours = False
+        if ours and "stream.cli" in cmdline and "worker" in cmdline:
             self.step(f"stopping the demo worker left running by an earlier run (pid {pid})")
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGTERM)
@@ -386,8 +404,8 @@ class _Run:
         questions = [(cid, q) for cid, q in SAMPLE_QUESTIONS if cid in ids][:2]
         if not questions:
             questions = [(ids[0], "what was the customer's problem?")]
-        self.say("\nSearch (`evostream search`: index the embeddings topic, embed the question against the "
-                 "conversation's live memory via POST /v1/query, rank its turns by cosine):")
+        self.say("\nSearch, as `evostream search` does it: index the embeddings topic, embed the question against\n"
+                 "the conversation's live memory (POST /v1/query on the worker), rank its turns by cosine:")
         for cid, q in questions:
             try:
                 hits = asyncio.run(search_end_to_end(self.stack.kafka_bootstrap, self.env["EVOSTREAM_EMBEDDINGS_TOPIC"],
@@ -416,22 +434,23 @@ class _Run:
             self.say(f"  {name:<7} {_show(self.run_dir / f'{name}.log')}")
         self.say(f"  settings of this run (topics, group, Redis namespace): {rd}/demo.env")
         body = json.dumps({"conversation_id": cid, "query": question})
+        cli = _cli()
         if self.keep_running:
             self.say(f"\nThe stack and the worker (pid {self.worker.pid if self.worker else '?'}) are still running. "
                      "Try it by hand:")
         else:
-            self.say("\nTo try it by hand, run `evostream demo --keep-running`: it leaves the stack and the worker up\n"
+            self.say(f"\nTo try it by hand, run `{cli} demo --keep-running`: it leaves the stack and the worker up\n"
                      "and prints these commands for them (the worker's port changes per run):")
         self.say(f"  curl -s -X POST {self.url}/v1/query -H 'Content-Type: application/json' \\\n"
                  f"       -d {shlex.quote(body)}")
-        self.say(f"  set -a; . {rd}/demo.env; set +a    # point the evostream commands at this run")
-        self.say(f"  evostream query  --url {self.url} --conversation {cid} --text {shlex.quote(question)}")
-        self.say(f"  evostream search --url {self.url} --conversation {cid} --text {shlex.quote(question)} -k 3")
-        self.say(f"  evostream inspect {cid}              # its checkpoint in Redis")
-        self.say("  evostream produce data/sample_conversations.jsonl   # more turns (already applied seqs are skipped)")
+        self.say(f"  set -a; . {rd}/demo.env; set +a    # point the {cli} commands below at this run")
+        self.say(f"  {cli} query  --url {self.url} --conversation {cid} --text {shlex.quote(question)}")
+        self.say(f"  {cli} search --url {self.url} --conversation {cid} --text {shlex.quote(question)} -k 3")
+        self.say(f"  {cli} inspect {cid}              # its checkpoint in Redis")
+        self.say(f"  {cli} produce data/sample_conversations.jsonl   # more turns (already applied seqs are skipped)")
         if self.keep_running:
             self.say(f"Stop everything: kill {self.worker.pid if self.worker else '<worker pid>'}; "
-                     f"evostream stack stop --run-dir {rd}")
+                     f"{cli} stack stop --run-dir {rd}")
 
     # -- cleanup -----------------------------------------------------------------------------
     def cleanup(self, failed: bool) -> None:
@@ -467,8 +486,9 @@ def run_demo(conversations: int | None = None, keep_running: bool = False, *, ru
     try:
         data = Path(data_file) if data_file is not None else DEFAULT_DATA
         convs = _load_conversations(data, conversations)
-        run.note(f"evostream demo: {len(convs)} conversations from {_show(data)} through a local broker + Redis, "
-                 f"one worker and the search path, end to end (run dir {_show(run.run_dir)})")
+        plural = "s" if len(convs) != 1 else ""
+        run.note(f"evostream demo: {len(convs)} conversation{plural} from {_show(data)} through a local broker + "
+                 f"Redis, one worker and the search path, end to end (run dir {_show(run.run_dir)})")
         run.start_stack()
         run.prepare()
         run.start_worker()

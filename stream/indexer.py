@@ -315,10 +315,20 @@ async def search_end_to_end(bootstrap: str, embeddings_topic: str, worker_url: s
     live memory on the worker, and return the conversation's `k` best turns."""
     from stream.query_client import query_worker_async
 
-    (index, stats), resp = await asyncio.gather(
-        build_index(bootstrap, embeddings_topic, idle_ms=idle_ms, max_wait_s=timeout),
-        query_worker_async(worker_url, conversation_id, text, k=k, timeout=timeout),
-    )
+    # Both at once; whichever fails first cancels the other.
+    index_task = asyncio.ensure_future(build_index(bootstrap, embeddings_topic, idle_ms=idle_ms, max_wait_s=timeout))
+    query_task = asyncio.ensure_future(query_worker_async(worker_url, conversation_id, text, k=k, timeout=timeout))
+    try:
+        done, _ = await asyncio.wait({index_task, query_task}, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            t.result()
+    finally:
+        for t in (index_task, query_task):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(index_task, query_task, return_exceptions=True)
+    index, stats = index_task.result()
+    resp = query_task.result()
     if stats.skipped:
         log.warning("search: %d records of %s could not be parsed and were skipped: %s", stats.skipped,
                     embeddings_topic, dict(stats.skipped_reasons))

@@ -1,0 +1,642 @@
+"""Reliability under faults: crashes, rebalances, zombies, Redis outages, hostile input, memory.
+
+The promise under test: whatever happens to a worker, each conversation's memory equals
+applying each of its turns exactly once, in order, and every turn's embedding reaches the
+embeddings topic at least once, identical each time.
+
+Every scenario drives the REAL tansu broker, the REAL Redis of the session's LocalStack and
+REAL `evostream worker` processes (SIGKILL, SIGSTOP/SIGCONT, joins and leaves, Redis stopped,
+killed and frozen), with a producer streaming deterministic conversations the whole time.
+Afterwards the embeddings topic and the Redis checkpoints are compared with an offline replay
+of the same turns (tests/support/oracle.py). Each scenario prints a one-line JSON summary and
+appends it to `EVOSTREAM_CHAOS_REPORT` (default .run/chaos-report.jsonl), which
+`scripts/chaos_report.py` turns into RELIABILITY.md.
+
+Size: `EVOSTREAM_CHAOS_SCALE=short` (default, part of `make test`, about 5 minutes) or `long`
+(`make chaos-long`, the soak documented in RELIABILITY.md). Crash windows are hit on purpose
+with the test-only fault hook stream/faults.py (EVOSTREAM_FAULT_POINT=...).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import random
+import time
+import traceback
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, seed, settings
+
+from schemas.events import MAX_CONVERSATION_ID_CHARS, ConversationDelete, DeadLetterReason, TurnEvent
+from stream.decode import Rejection, decode_inbound
+from stream.localstack import LocalStack
+from tests.strategies import hostile_records
+from tests.support.chaos import (
+    Fleet,
+    RedisProbe,
+    Scale,
+    ScenarioFailed,
+    StreamingProducer,
+    Summary,
+    append_report,
+    current_scale,
+    fault_env,
+    new_summary,
+    rss_bytes,
+    sleep_ticking,
+    wait_until,
+)
+from tests.support.oracle import (
+    Expected,
+    check_outputs,
+    compare,
+    expected_for,
+    load_states,
+    metrics,
+    read_dead_letters,
+    read_outputs,
+    wait_for_embeddings,
+)
+from tests.support.traffic import Traffic, encode, generate_traffic, pipeline_env
+
+SCALE = current_scale()
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900 if SCALE.name == "short" else 3600)]
+
+TOL = 1e-4
+"""Offline replay vs streamed: the worker batches turns of many conversations into one padded
+forward pass, the replay steps each conversation alone, so floats differ in the last bits
+(measured about 1e-5 on latents, 1e-7 on embeddings). A turn applied twice, skipped or applied
+to the wrong memory differs by orders of magnitude more (and in seq/shape/token bookkeeping,
+which is compared exactly)."""
+
+PARTITIONS = 4
+CONFLICTS = "evostream_checkpoint_conflicts_total"
+STORE_UNAVAILABLE = "evostream_store_unavailable_total"
+
+
+# --------------------------------------------------------------------------- shared plumbing
+
+
+@contextlib.contextmanager
+def scenario(name: str) -> Iterator[Summary]:
+    """Time the scenario and always write its summary line (also when it fails)."""
+    s = new_summary(name, SCALE)
+    t0 = time.monotonic()
+    try:
+        yield s
+    except BaseException as exc:
+        s.ok = False
+        s.problems.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        raise
+    finally:
+        s.seconds = round(time.monotonic() - t0, 1)
+        append_report(s)
+
+
+def last_seqs(traffic: Traffic) -> dict[str, int]:
+    return {c.conversation_id: c.last_seq for c in traffic.conversations}
+
+
+def tags(traffic: Traffic) -> list[tuple[str, int]]:
+    return [(ev.conversation_id, ev.seq) for ev in traffic.events()]
+
+
+def drain_and_check(s: Summary, fleet: Fleet, penv, traffic: Traffic, exp: Expected, probe: RedisProbe,
+                    producer: StreamingProducer, *, check_states: bool = True, timeout: float) -> None:
+    """Wait until every turn is checkpointed and emitted, then compare with the offline replay
+    and fill the summary. Fails (after writing the numbers) if anything was lost or differs."""
+    producer.join(timeout)
+    wait_until(lambda: probe.caught_up(last_seqs(traffic)), timeout=timeout, tick=fleet.poll,
+               what="every conversation checkpointed at its last turn")
+    wait_for_embeddings(penv, traffic.keys(), timeout=timeout, workers=fleet.alive_workers())
+    fleet.poll()
+    s.conflicts += fleet.metric_sum(CONFLICTS)
+    rep = check_outputs(penv, exp, tol=TOL, check_states=check_states)
+    record(s, rep)
+    s.turns = len(traffic)
+    s.conversations = len(traffic.conversations)
+    if not s.ok:
+        raise ScenarioFailed(rep.summary() + "\n" + fleet.logs(40))
+
+
+def record(s: Summary, rep) -> None:
+    s.lost = len(rep.missing)
+    s.states_checked = rep.states_checked
+    s.states_differing = len(rep.state_mismatches)
+    s.duplicates = rep.duplicates
+    s.duplicated_keys = rep.duplicated_keys
+    s.non_identical = len(rep.non_identical)
+    s.max_abs_diff = rep.max_abs_diff
+    s.problems += rep.problems()
+    s.ok = not s.problems
+
+
+def fleet_numbers(s: Summary, fleet: Fleet) -> None:
+    s.kills = fleet.total_kills
+    by_point = dict(fleet.fault_kills)
+    if fleet.kills:
+        by_point["external"] = fleet.kills
+    s.kills_by_point = by_point
+    s.rebalances = fleet.membership_changes
+    s.extra["restarts"] = fleet.restarts
+    s.extra["fleet_events"] = [f"{e.t}s {e.what} {e.worker} {e.detail}".strip() for e in fleet.events][:200]
+
+
+# --------------------------------------------------------------------------- 1. kill -9
+
+
+def test_kill9_at_random_moments_and_in_every_crash_window(local_stack: LocalStack, kafka_bootstrap, redis_url,
+                                                           topic_factory, tmp_path: Path) -> None:
+    """SIGKILL the workers N times while a producer streams: from outside at random moments,
+    and from inside (stream/faults.py) in the model step, between checkpoint and emit, between
+    emit and outbox ack, and between ack and offset commit. Nothing may be lost or applied
+    twice, and re-emitted copies must be identical."""
+    rng = random.Random(SCALE.seed * 101)
+    with scenario("kill9") as s:
+        traffic = generate_traffic(SCALE.kill_conversations, SCALE.kill_turns, seed=SCALE.seed, prefix="kill")
+        exp = expected_for(traffic)
+        penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=PARTITIONS)
+        probe = RedisProbe(redis_url, penv.namespace)
+        points = ["after_checkpoint", "after_emit", "in_step"]
+        if SCALE.name != "short":
+            points.append("after_ack")
+        # The kill plan: every crash window once per round, plus kills from outside at random
+        # moments; each (re)started worker takes the next item.
+        items = [p for _ in range(SCALE.kill_fault_rounds) for p in points] + ["external"] * SCALE.kill_external
+        rng.shuffle(items)
+        plan = deque(items)
+        planned = len(items)
+        assigned: dict[str, str | None] = {}
+        kill_at: dict[str, float | None] = {}
+
+        def take(name: str) -> dict[str, str]:
+            item = plan.popleft() if plan else None
+            assigned[name], kill_at[name] = item, None
+            if item is None or item == "external":
+                return {}
+            return fault_env(item, skip=rng.randint(0, 3), seed=rng.randint(0, 10**6))
+
+        fleet = Fleet(penv, tmp_path, on_fault=lambda name, point: take(name))
+        producer = StreamingProducer(kafka_bootstrap, penv.turns_topic, traffic.records(), tags(traffic),
+                                     rate=SCALE.kill_rate)
+        try:
+            names = [f"k{i}" for i in range(SCALE.kill_workers)]
+            for n in names:
+                fleet.start(n, take(n))
+            for n in names:
+                fleet.workers[n].wait_ready(SCALE.timeout)
+            producer.start()
+            deadline = time.monotonic() + SCALE.timeout * 2
+            while fleet.total_kills < planned:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"kill plan not done: {fleet.total_kills}/{planned} kills")
+                fleet.poll()
+                for n in sorted(fleet.up):
+                    if assigned.get(n) != "external":
+                        continue
+                    if kill_at[n] is None:
+                        with contextlib.suppress(OSError, ValueError):
+                            if fleet.workers[n].get("/readyz", timeout=2)[0] == 200:
+                                kill_at[n] = time.monotonic() + rng.uniform(0.2, 3.0)  # a random moment
+                    elif time.monotonic() >= kill_at[n]:
+                        fleet.kill(n)
+                        fleet.restart(n, take(n))
+                if producer.done and probe.caught_up(last_seqs(traffic)):
+                    # Nothing left to process: an armed fault can no longer fire (only on a
+                    # machine so slow that the stream ended first); reported, not hidden.
+                    s.extra["kills_not_done"] = planned - fleet.total_kills
+                    break
+                time.sleep(0.25)
+            s.extra["streamed_during_kills"] = producer.sent.count
+            producer.set_rate(1000.0)  # the plan is done: send the rest at once
+            drain_and_check(s, fleet, penv, traffic, exp, probe, producer, timeout=SCALE.timeout)
+        finally:
+            fleet_numbers(s, fleet)
+            s.records = producer.sent.count
+            fleet.stop_all()
+            probe.close()
+        assert s.kills >= max(1, planned - s.extra.get("kills_not_done", 0))
+
+
+# --------------------------------------------------------------------------- 2. rebalance + zombie
+
+
+def test_rebalance_and_zombie_cannot_overwrite(local_stack: LocalStack, kafka_bootstrap, redis_url, topic_factory,
+                                               tmp_path: Path) -> None:
+    """Workers join and leave mid-stream (1 -> 3 -> 2 per round). In every round one worker
+    freezes itself (SIGSTOP, stream/faults.py) right after a model step, stays frozen past the
+    session timeout while the others take over and advance its conversations, and is then
+    resumed: its stale checkpoint write must be refused by the compare-and-set."""
+    rng = random.Random(SCALE.seed * 211)
+    with scenario("rebalance_zombie") as s:
+        traffic = generate_traffic(SCALE.rebalance_conversations, SCALE.rebalance_turns, seed=SCALE.seed,
+                                   prefix="reb")
+        exp = expected_for(traffic)
+        penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=PARTITIONS)
+        probe = RedisProbe(redis_url, penv.namespace)
+        fleet = Fleet(penv, tmp_path)
+        producer = StreamingProducer(kafka_bootstrap, penv.turns_topic, traffic.records(), tags(traffic),
+                                     rate=SCALE.rebalance_rate)
+        total = len(traffic)
+        zombie_conflicts = []
+        counter = iter(range(1000))
+        try:
+            first = f"r{next(counter)}"
+            fleet.start(first)
+            fleet.workers[first].wait_ready(SCALE.timeout)
+            producer.start()
+            pauses_left = SCALE.rebalance_external_pauses
+            for rnd in range(SCALE.rebalance_rounds):
+                # let the current members make progress
+                base = probe.applied(last_seqs(traffic)) or 0
+                wait_until(lambda: (probe.applied(last_seqs(traffic)) or 0) >= min(total, base + 8) or producer.done,
+                           timeout=SCALE.timeout, tick=fleet.poll, what="progress before the joins")
+                # join up to 3 members; the newest one is armed to freeze after a model step
+                joiners = []
+                while len(fleet.up) + len(joiners) < 3:
+                    joiners.append(f"r{next(counter)}")
+                zombie = joiners[-1]
+                for n in joiners[:-1]:
+                    fleet.start(n)
+                fleet.start(zombie, fault_env("in_step", action="stop", skip=rng.randint(0, 2)))
+                frozen = wait_until(lambda: fleet.frozen(zombie) or (producer.done and "drained"),
+                                    timeout=SCALE.timeout, tick=fleet.poll, what=f"{zombie} frozen after a step")
+                if frozen == "drained" and not fleet.frozen(zombie):
+                    s.extra.setdefault("zombie_not_frozen", []).append(zombie)
+                else:
+                    # Everything published before the freeze includes the zombie's in-flight batch;
+                    # once Redis is past all of it, the others have advanced the zombie's turns.
+                    held = producer.sent.last_seq
+                    wait_until(lambda: probe.caught_up(held), timeout=SCALE.timeout, tick=fleet.poll,
+                               what="the other workers took over the frozen worker's partitions")
+                    fleet.resume(zombie)
+                    s.zombies += 1
+                    # its in-flight batch now tries to commit on top of seqs the others advanced
+                    wait_until(lambda: _metric(fleet, zombie, CONFLICTS) >= 1, timeout=120,
+                               tick=fleet.poll, what=f"zombie {zombie}'s stale commit refused")
+                    zombie_conflicts.append(_metric(fleet, zombie, CONFLICTS))
+                if pauses_left > 0:
+                    victim = rng.choice(sorted(n for n in fleet.up if n != zombie))
+                    fleet.pause(victim)
+                    s.pauses += 1
+                    sleep_ticking(float(penv.env()["EVOSTREAM_SESSION_TIMEOUT_S"]) + rng.uniform(2, 5), fleet.poll)
+                    fleet.resume(victim)
+                    pauses_left -= 1
+                # one member leaves: 3 -> 2
+                leaver = sorted(fleet.up, key=lambda n: int(n[1:]))[0]
+                fleet.stop(leaver)
+                for n in sorted(fleet.up):
+                    with contextlib.suppress(TimeoutError):
+                        fleet.workers[n].wait_ready(60)
+            drain_and_check(s, fleet, penv, traffic, exp, probe, producer, timeout=SCALE.timeout)
+        finally:
+            fleet_numbers(s, fleet)
+            s.records = producer.sent.count
+            s.extra["zombie_conflicts"] = zombie_conflicts
+            fleet.stop_all()
+            probe.close()
+        assert s.zombies >= 1, "no worker was frozen while it held a batch: the zombie case was not exercised"
+        assert all(c >= 1 for c in zombie_conflicts)
+
+
+def _metric(fleet: Fleet, name: str, metric_name: str) -> float:
+    try:
+        return metrics(fleet.workers[name]).get(metric_name, 0.0)
+    except OSError:
+        return 0.0
+
+
+# --------------------------------------------------------------------------- 3. Redis outage
+
+
+def test_redis_outage_pauses_and_resumes(local_stack: LocalStack, kafka_bootstrap, redis_url, topic_factory,
+                                         tmp_path: Path) -> None:
+    """Stop Redis mid-stream (and, in the long run, SIGKILL it and freeze it), bring it back
+    with its data: workers pause (readiness says so), never exit, then resume; nothing lost."""
+    rng = random.Random(SCALE.seed * 307)
+    server = local_stack.redis
+    with scenario("redis_outage") as s:
+        traffic = generate_traffic(SCALE.outage_conversations, SCALE.outage_turns, seed=SCALE.seed, prefix="out")
+        exp = expected_for(traffic)
+        penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=PARTITIONS)
+        probe = RedisProbe(redis_url, penv.namespace)
+        fleet = Fleet(penv, tmp_path)
+        producer = StreamingProducer(kafka_bootstrap, penv.turns_topic, traffic.records(), tags(traffic),
+                                     rate=SCALE.outage_rate)
+        total = len(traffic)
+        paused_seen: dict[str, int] = defaultdict(int)
+        unavailable = 0.0
+        try:
+            for n in ("o0", "o1"):
+                fleet.start(n)
+            for w in fleet.workers.values():
+                w.wait_ready(SCALE.timeout)
+            producer.start()
+            for i, kind in enumerate(SCALE.outage_kinds):
+                base = probe.applied(last_seqs(traffic)) or 0
+                wait_until(lambda: (probe.applied(last_seqs(traffic)) or 0) >= min(total, base + 10),
+                           timeout=SCALE.timeout, tick=fleet.poll, what="progress before the outage")
+                if producer.done:
+                    s.extra["outage_after_stream_end"] = True
+                # --- outage ---
+                if kind == "stop":
+                    server.stop()
+                elif kind == "kill":
+                    server.kill()
+                elif kind == "pause":
+                    server.pause()
+                s.outages += 1
+                s.outage_kinds.append(kind)
+                end = time.monotonic() + SCALE.outage_seconds * rng.uniform(0.8, 1.2)
+                try:
+                    while time.monotonic() < end:
+                        fleet.poll()  # raises if a worker exited
+                        for w in fleet.alive_workers():
+                            with contextlib.suppress(OSError, ValueError):
+                                code, body = w.get("/readyz", timeout=2)
+                                if body.get("paused"):
+                                    paused_seen[w.name] += 1
+                        time.sleep(0.5)
+                finally:
+                    if kind == "pause":
+                        server.resume()
+                    elif not server.is_running():
+                        server.start()
+                fleet.poll()
+                unavailable = max(unavailable, fleet.metric_sum(STORE_UNAVAILABLE))
+                # resumed: readiness comes back and progress continues
+                for w in fleet.alive_workers():
+                    w.wait_ready(SCALE.timeout)
+            drain_and_check(s, fleet, penv, traffic, exp, probe, producer, timeout=SCALE.timeout)
+            unavailable = max(unavailable, fleet.metric_sum(STORE_UNAVAILABLE))
+            assert all(w.alive() for w in fleet.workers.values()), "a worker exited during the outage"
+            assert sum(fleet.workers[n].starts for n in fleet.workers) == len(fleet.workers), "a worker was restarted"
+        finally:
+            if server.pid is not None:
+                with contextlib.suppress(Exception):
+                    server.resume()
+            if not server.is_running():
+                server.start()
+            fleet_numbers(s, fleet)
+            s.records = producer.sent.count
+            s.extra["readyz_paused_observations"] = dict(paused_seen)
+            s.extra["store_unavailable_total"] = unavailable
+            fleet.stop_all()
+            probe.close()
+        assert unavailable >= 1, "no worker noticed the outage: the scenario did not exercise anything"
+
+
+# --------------------------------------------------------------------------- 4. hostile input
+
+
+def _hostile_sample(n: int, *, max_bytes: int, max_depth: int, rng_seed: int) -> list:
+    """n records from tests/strategies.hostile_records (hypothesis, seeded: reproducible)."""
+    out: list = []
+
+    @seed(rng_seed)
+    @settings(max_examples=n, database=None, phases=[Phase.generate], deadline=None, derandomize=False,
+              suppress_health_check=list(HealthCheck))
+    @given(hostile_records(max_bytes=max_bytes, max_depth=max_depth))
+    def collect(record) -> None:
+        out.append(record)
+
+    collect()
+    return out[:n]
+
+
+def test_hostile_input_is_dead_lettered_and_good_traffic_survives(local_stack: LocalStack, kafka_bootstrap, redis_url,
+                                                                  topic_factory, tmp_path: Path) -> None:
+    """Hypothesis-generated malformed and adversarial records (bad UTF-8, oversized, deeply
+    nested, wrong types, out-of-range seqs, unknown fields, missing or disagreeing keys) mixed
+    into good traffic: each bad record is dead-lettered with the expected reason (matched by its
+    original bytes), every good record is processed, the worker never stops."""
+    rng = random.Random(SCALE.seed * 401)
+    max_bytes, max_depth = SCALE.hostile_max_record_bytes, 32
+    with scenario("hostile_input") as s:
+        traffic = generate_traffic(SCALE.hostile_conversations, SCALE.hostile_turns, seed=SCALE.seed, prefix="hos")
+        exp = expected_for(traffic)
+        raw = _hostile_sample(SCALE.hostile_records, max_bytes=max_bytes, max_depth=max_depth,
+                              rng_seed=SCALE.seed * 7919)
+        bad: list[tuple[bytes | None, bytes | None, DeadLetterReason]] = []
+        good_turns: set[tuple[str, int]] = set()
+        good_deletes: set[str] = set()
+        extra_records: list[tuple[bytes | None, bytes | None]] = []
+        for i, (key, value, reason) in enumerate(raw):
+            if reason is not None:
+                bad.append((key, value, reason))
+                extra_records.append((key, value))
+                continue
+            # A valid event: give it its own conversation so that replays/ordering among the
+            # generated ones cannot make it a legitimate duplicate.
+            ev = decode_inbound(key, value, max_bytes=max_bytes, max_depth=max_depth)
+            assert not isinstance(ev, Rejection), ev
+            cid = f"hv{i}-{ev.conversation_id}"[:MAX_CONVERSATION_ID_CHARS]
+            ev = ev.model_copy(update={"conversation_id": cid})
+            if isinstance(ev, TurnEvent):
+                good_turns.add((cid, ev.seq))
+            else:
+                assert isinstance(ev, ConversationDelete)
+                good_deletes.add(cid)
+            extra_records.append(encode(ev))
+        # mix the hostile records into the good traffic at random places
+        good = list(zip(traffic.records(), tags(traffic)))
+        slots = sorted(rng.randrange(len(good) + 1) for _ in extra_records)
+        records, rtags = [], []
+        j = 0
+        for pos, (rec, tag) in enumerate(good + [(None, None)]):
+            while j < len(slots) and slots[j] == pos:
+                records.append(extra_records[j])
+                rtags.append(None)
+                j += 1
+            if rec is not None:
+                records.append(rec)
+                rtags.append(tag)
+        penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=PARTITIONS,
+                            extra={"EVOSTREAM_MAX_RECORD_BYTES": str(max_bytes),
+                                   "EVOSTREAM_MAX_JSON_DEPTH": str(max_depth)})
+        probe = RedisProbe(redis_url, penv.namespace)
+        fleet = Fleet(penv, tmp_path)
+        producer = StreamingProducer(kafka_bootstrap, penv.turns_topic, records, rtags, rate=SCALE.hostile_rate)
+        s.hostile = len(bad)
+        try:
+            names = ["h0"] if SCALE.name == "short" else ["h0", "h1"]
+            for n in names:
+                fleet.start(n)
+            for n in names:
+                fleet.workers[n].wait_ready(SCALE.timeout)
+            producer.start()
+            drain_and_check(s, fleet, penv, traffic, exp, probe, producer, timeout=SCALE.timeout)
+            # -- the valid generated events were processed ------------------------------------
+            wait_for_embeddings(penv, good_turns | traffic.keys(), timeout=SCALE.timeout,
+                                workers=fleet.alive_workers())
+            wait_until(lambda: good_deletes <= {d.conversation_id for d in
+                                                read_outputs(kafka_bootstrap, penv.embeddings_topic).deleted},
+                       timeout=SCALE.timeout, tick=fleet.poll, what="every generated delete emitted")
+            # -- every bad record dead-lettered with its reason --------------------------------
+            want: dict[tuple, DeadLetterReason] = {}
+            for key, value, reason in bad:
+                want[(key, value)] = reason
+
+            def dead_letters() -> dict[tuple, list[str]]:
+                got: dict[tuple, list[str]] = defaultdict(list)
+                for dl in read_dead_letters(kafka_bootstrap, penv.dead_letter_topic):
+                    got[(dl.original_key(), dl.original_value())].append(dl.reason_code.value)
+                return got
+
+            got = wait_until(lambda: (lambda g: g if all(k in g for k in want) else None)(dead_letters()),
+                             timeout=SCALE.timeout, tick=fleet.poll, what="every hostile record dead-lettered")
+            wrong = {k: (want[k].value, v) for k, v in got.items() if k in want and set(v) != {want[k].value}}
+            unexpected = [k for k in got if k not in want]
+            s.dead_letters = sum(len(v) for v in got.values())
+            s.extra["dead_letters_by_reason"] = dict(sorted(
+                {r: sum(1 for _, _, x in bad if x.value == r) for r in {x.value for _, _, x in bad}}.items()))
+            s.extra["valid_generated_turns"] = len(good_turns)
+            s.extra["valid_generated_deletes"] = len(good_deletes)
+            problems = []
+            if wrong:
+                sample = [(base64.b64encode((k[1] or b"")[:60]).decode(), w) for k, w in list(wrong.items())[:5]]
+                problems.append(f"{len(wrong)} hostile records dead-lettered with the wrong reason: {sample}")
+            if unexpected:
+                problems.append(f"{len(unexpected)} dead letters for records that were not hostile, e.g. "
+                                f"{[(k[0], (k[1] or b'')[:80]) for k in unexpected[:3]]}")
+            for w in fleet.workers.values():
+                code, body = w.get("/healthz")
+                if code != 200:
+                    problems.append(f"worker {w.name} unhealthy: {code} {body}")
+            s.problems += problems
+            s.ok = not s.problems
+            assert not problems, problems
+        finally:
+            fleet_numbers(s, fleet)
+            s.records = producer.sent.count
+            fleet.stop_all()
+            probe.close()
+
+
+# --------------------------------------------------------------------------- 5. memory bounds
+
+
+def test_memory_stays_within_cache_budget_and_idle_states_expire(local_stack: LocalStack, kafka_bootstrap, redis_url,
+                                                                 topic_factory, tmp_path: Path) -> None:
+    """Many idle conversations, then a few active ones, through a worker with a small state
+    cache budget and a short state TTL: the cache gauge never exceeds the budget, the process
+    RSS does not grow with the number of conversations, idle states expire in Redis while the
+    active ones keep going, and every embedding still matches the offline replay."""
+    budget, ttl = SCALE.memory_cache_bytes, SCALE.memory_ttl_s
+    with scenario("memory_ttl") as s:
+        idle = generate_traffic(SCALE.memory_idle_conversations, SCALE.memory_idle_turns, seed=SCALE.seed,
+                                prefix="idle")
+        active = generate_traffic(SCALE.memory_active_conversations, SCALE.memory_active_turns, seed=SCALE.seed,
+                                  prefix="act")
+        exp = expected_for(idle).merge(expected_for(active))
+        # active conversations round-robin: each gets a turn every n_active / rate seconds,
+        # far below the TTL, so none of them may expire between its turns
+        act_events = [c.turns[k] for k in range(SCALE.memory_active_turns) for c in active.conversations]
+        penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=PARTITIONS,
+                            extra={"EVOSTREAM_CACHE_MAX_BYTES": str(budget), "EVOSTREAM_STATE_TTL_S": str(ttl)})
+        probe = RedisProbe(redis_url, penv.namespace)
+        fleet = Fleet(penv, tmp_path)
+        samples: list[tuple[float, float, float, int]] = []  # (t, cache bytes, entries, rss)
+        t0 = time.monotonic()
+
+        def sample() -> None:
+            fleet.poll()
+            w = fleet.workers["m0"]
+            try:
+                m = metrics(w)
+            except OSError:
+                return
+            rss = rss_bytes(w.proc.pid) or 0
+            samples.append((time.monotonic() - t0, m.get("evostream_state_cache_bytes", 0.0),
+                            m.get("evostream_state_cache_entries", 0.0), rss))
+
+        try:
+            w = fleet.start("m0")
+            w.wait_ready(SCALE.timeout)
+            p1 = StreamingProducer(kafka_bootstrap, penv.turns_topic, idle.records(), tags(idle), rate=80.0, chunk=16)
+            p1.start()
+            idle_last = last_seqs(idle)
+            # warm-up point for RSS: the first idle conversations are processed
+            wait_until(lambda: (probe.applied(idle_last) or 0) >= min(len(idle), 40), timeout=SCALE.timeout,
+                       tick=sample, what="warm-up")
+            rss_warm = rss_bytes(w.proc.pid) or 0
+            p1.join(SCALE.timeout)
+            wait_until(lambda: probe.caught_up(idle_last), timeout=SCALE.timeout, tick=sample,
+                       what="idle conversations checkpointed")
+            idle_done = time.monotonic()
+            p2 = StreamingProducer(kafka_bootstrap, penv.turns_topic, [encode(e) for e in act_events],
+                                   [(e.conversation_id, e.seq) for e in act_events], rate=SCALE.memory_rate, chunk=1)
+            p2.start()
+
+            def idle_keys_left() -> int:
+                return _existing(probe, idle.conversation_ids)
+
+            wait_until(lambda: idle_keys_left() == 0, timeout=ttl * 3 + 120, tick=sample,
+                       what="idle conversations expired in Redis")
+            idle_expired_after = time.monotonic() - idle_done
+            active_alive_then = not p2.done
+            active_present_then = _existing(probe, active.conversation_ids) > 0
+            p2.join(SCALE.timeout)
+            active_last = last_seqs(active)
+            wait_until(lambda: probe.caught_up(active_last),
+                       timeout=SCALE.timeout, tick=sample, what="active conversations checkpointed")
+            keys = idle.keys() | active.keys()
+            wait_for_embeddings(penv, keys, timeout=SCALE.timeout, workers=fleet.alive_workers())
+            sample()
+            rep = compare(read_outputs(kafka_bootstrap, penv.embeddings_topic), exp, tol=TOL)
+            record(s, rep)
+            # every key of the namespace expires once the traffic stops
+            wait_until(lambda: probe.keys() == [], timeout=ttl * 3 + 120, tick=sample,
+                       what="every conversation expired after the stream ended")
+            sample()
+            peak_cache = max(x[1] for x in samples)
+            peak_entries = max(x[2] for x in samples)
+            peak_rss = max(x[3] for x in samples)
+            s.turns = len(idle) + len(active)
+            s.conversations = len(idle.conversations) + len(active.conversations)
+            s.extra.update(
+                cache_budget_bytes=budget, peak_cache_bytes=peak_cache, peak_cache_entries=peak_entries,
+                rss_warm_bytes=rss_warm, rss_peak_bytes=peak_rss, rss_growth_bytes=peak_rss - rss_warm,
+                samples=len(samples), state_ttl_s=ttl, idle_expired_after_s=round(idle_expired_after, 1),
+                idle_expired_while_active_streamed=active_alive_then,
+                active_present_when_idle_expired=active_present_then,
+                evictions_implied=SCALE.memory_idle_conversations > peak_entries,
+            )
+            problems = []
+            if peak_cache > budget:
+                problems.append(f"state cache gauge peaked at {peak_cache:.0f} bytes > budget {budget}")
+            # RSS: the states of all idle conversations together are several times the budget; a
+            # worker that kept them would grow by that. Allow the allocator's noise on top.
+            all_states = sum(st.nbytes() for st in exp.states.values())
+            s.extra["all_states_bytes"] = all_states
+            if peak_rss - rss_warm > RSS_SLACK + budget:
+                problems.append(f"RSS grew by {(peak_rss - rss_warm) / 2**20:.1f} MiB (> slack "
+                                f"{RSS_SLACK / 2**20:.0f} MiB + budget); all states together are "
+                                f"{all_states / 2**20:.1f} MiB")
+            s.problems += problems
+            s.ok = not s.problems
+            assert s.ok, s.problems + [rep.summary()]
+        finally:
+            fleet_numbers(s, fleet)
+            fleet.stop_all()
+            probe.close()
+
+
+RSS_SLACK = 64 * 2**20
+
+
+def _existing(probe: RedisProbe, cids: list[str]) -> int:
+    """How many of the conversations still have any key in Redis (-1 if Redis is unreachable)."""
+    from stream.checkpoints import conversation_keys
+
+    try:
+        pipe = probe.client.pipeline(transaction=False)
+        for cid in cids:
+            pipe.exists(*conversation_keys(probe.namespace, cid))
+        return sum(1 for n in pipe.execute() if n)
+    except Exception:  # noqa: BLE001 - Redis down: unknown
+        return -1
