@@ -492,8 +492,11 @@ def test_hostile_input_is_dead_lettered_and_good_traffic_survives(local_stack: L
             wrong = {k: (want[k].value, v) for k, v in got.items() if k in want and set(v) != {want[k].value}}
             unexpected = [k for k in got if k not in want]
             s.dead_letters = sum(len(v) for v in got.values())
-            s.extra["dead_letters_by_reason"] = dict(sorted(
-                {r: sum(1 for _, _, x in bad if x.value == r) for r in {x.value for _, _, x in bad}}.items()))
+            observed: dict[str, int] = defaultdict(int)
+            for reasons in got.values():
+                for r in reasons:
+                    observed[r] += 1
+            s.extra["dead_letters_by_reason"] = dict(sorted(observed.items()))
             s.extra["valid_generated_turns"] = len(good_turns)
             s.extra["valid_generated_deletes"] = len(good_deletes)
             problems = []
@@ -533,14 +536,18 @@ def test_memory_stays_within_cache_budget_and_idle_states_expire(local_stack: Lo
         active = generate_traffic(SCALE.memory_active_conversations, SCALE.memory_active_turns, seed=SCALE.seed,
                                   prefix="act")
         exp = expected_for(idle).merge(expected_for(active))
-        # active conversations round-robin: each gets a turn every n_active / rate seconds,
-        # far below the TTL, so none of them may expire between its turns
+        # A state expires TTL after its last commit, so the order matters: an idle conversation's
+        # turns are published back to back (none may expire before its own next turn is
+        # processed, whatever the lag), and the active ones round-robin, each getting a turn
+        # every n_active / rate seconds, far below the TTL.
+        idle_events = [t for c in idle.conversations for t in c.turns]
         act_events = [c.turns[k] for k in range(SCALE.memory_active_turns) for c in active.conversations]
         penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=PARTITIONS,
                             extra={"EVOSTREAM_CACHE_MAX_BYTES": str(budget), "EVOSTREAM_STATE_TTL_S": str(ttl)})
         probe = RedisProbe(redis_url, penv.namespace)
         fleet = Fleet(penv, tmp_path)
         samples: list[tuple[float, float, float, int]] = []  # (t, cache bytes, entries, rss)
+        producers: list[StreamingProducer] = []
         t0 = time.monotonic()
 
         def sample() -> None:
@@ -557,20 +564,23 @@ def test_memory_stays_within_cache_budget_and_idle_states_expire(local_stack: Lo
         try:
             w = fleet.start("m0")
             w.wait_ready(SCALE.timeout)
-            p1 = StreamingProducer(kafka_bootstrap, penv.turns_topic, idle.records(), tags(idle), rate=80.0, chunk=16)
+            p1 = StreamingProducer(kafka_bootstrap, penv.turns_topic, [encode(e) for e in idle_events],
+                                   [(e.conversation_id, e.seq) for e in idle_events], rate=80.0, chunk=16)
             p1.start()
-            idle_last = last_seqs(idle)
+            producers.append(p1)
             # warm-up point for RSS: the first idle conversations are processed
-            wait_until(lambda: (probe.applied(idle_last) or 0) >= min(len(idle), 40), timeout=SCALE.timeout,
-                       tick=sample, what="warm-up")
+            wait_until(lambda: _metric(fleet, "m0", "evostream_turns_applied_total") >= min(len(idle), 40),
+                       timeout=SCALE.timeout, tick=sample, what="warm-up")
             rss_warm = rss_bytes(w.proc.pid) or 0
             p1.join(SCALE.timeout)
-            wait_until(lambda: probe.caught_up(idle_last), timeout=SCALE.timeout, tick=sample,
-                       what="idle conversations checkpointed")
+            # (not via Redis: the first idle states may already have expired)
+            wait_for_embeddings(penv, idle.keys(), timeout=SCALE.timeout, workers=fleet.alive_workers())
             idle_done = time.monotonic()
+            rss_after_idle = rss_bytes(w.proc.pid) or 0
             p2 = StreamingProducer(kafka_bootstrap, penv.turns_topic, [encode(e) for e in act_events],
                                    [(e.conversation_id, e.seq) for e in act_events], rate=SCALE.memory_rate, chunk=1)
             p2.start()
+            producers.append(p2)
 
             def idle_keys_left() -> int:
                 return _existing(probe, idle.conversation_ids)
@@ -587,7 +597,8 @@ def test_memory_stays_within_cache_budget_and_idle_states_expire(local_stack: Lo
             keys = idle.keys() | active.keys()
             wait_for_embeddings(penv, keys, timeout=SCALE.timeout, workers=fleet.alive_workers())
             sample()
-            rep = compare(read_outputs(kafka_bootstrap, penv.embeddings_topic), exp, tol=TOL)
+            outs = read_outputs(kafka_bootstrap, penv.embeddings_topic)
+            rep = compare(outs, exp, tol=TOL)
             record(s, rep)
             # every key of the namespace expires once the traffic stops
             wait_until(lambda: probe.keys() == [], timeout=ttl * 3 + 120, tick=sample,
@@ -600,7 +611,9 @@ def test_memory_stays_within_cache_budget_and_idle_states_expire(local_stack: Lo
             s.conversations = len(idle.conversations) + len(active.conversations)
             s.extra.update(
                 cache_budget_bytes=budget, peak_cache_bytes=peak_cache, peak_cache_entries=peak_entries,
-                rss_warm_bytes=rss_warm, rss_peak_bytes=peak_rss, rss_growth_bytes=peak_rss - rss_warm,
+                rss_warm_bytes=rss_warm, rss_after_idle_bytes=rss_after_idle,
+                rss_idle_growth_bytes=rss_after_idle - rss_warm,
+                rss_peak_bytes=peak_rss, rss_growth_bytes=peak_rss - rss_warm,
                 samples=len(samples), state_ttl_s=ttl, idle_expired_after_s=round(idle_expired_after, 1),
                 idle_expired_while_active_streamed=active_alive_then,
                 active_present_when_idle_expired=active_present_then,
@@ -609,24 +622,34 @@ def test_memory_stays_within_cache_budget_and_idle_states_expire(local_stack: Lo
             problems = []
             if peak_cache > budget:
                 problems.append(f"state cache gauge peaked at {peak_cache:.0f} bytes > budget {budget}")
-            # RSS: the states of all idle conversations together are several times the budget; a
-            # worker that kept them would grow by that. Allow the allocator's noise on top.
+            if peak_entries >= len(exp.states):
+                problems.append(f"the cache held {peak_entries:.0f} states: nothing was ever evicted")
+            # RSS: while the many idle conversations stream through, the process must not grow
+            # with their number (allocator noise allowed). Later, long active conversations need
+            # model working memory (attention over ~1000-token rows), unrelated to the cache:
+            # that is bounded only against gross leaks. The gauge above is the exact check; with
+            # the tiny model all states together are only a few MiB (reported), so RSS alone
+            # could not tell an unbounded cache from noise.
             all_states = sum(st.nbytes() for st in exp.states.values())
             s.extra["all_states_bytes"] = all_states
-            if peak_rss - rss_warm > RSS_SLACK + budget:
-                problems.append(f"RSS grew by {(peak_rss - rss_warm) / 2**20:.1f} MiB (> slack "
-                                f"{RSS_SLACK / 2**20:.0f} MiB + budget); all states together are "
-                                f"{all_states / 2**20:.1f} MiB")
+            if rss_after_idle - rss_warm > RSS_SLACK + budget:
+                problems.append(f"RSS grew by {(rss_after_idle - rss_warm) / 2**20:.1f} MiB while the idle "
+                                f"conversations streamed (> {RSS_SLACK / 2**20:.0f} MiB + budget)")
+            if peak_rss - rss_warm > RSS_LEAK_BOUND:
+                problems.append(f"RSS grew by {(peak_rss - rss_warm) / 2**20:.1f} MiB over the run "
+                                f"(> {RSS_LEAK_BOUND / 2**20:.0f} MiB)")
             s.problems += problems
             s.ok = not s.problems
             assert s.ok, s.problems + [rep.summary()]
         finally:
             fleet_numbers(s, fleet)
+            s.records = sum(p.sent.count for p in producers)
             fleet.stop_all()
             probe.close()
 
 
 RSS_SLACK = 64 * 2**20
+RSS_LEAK_BOUND = 512 * 2**20
 
 
 def _existing(probe: RedisProbe, cids: list[str]) -> int:

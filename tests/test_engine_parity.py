@@ -288,7 +288,7 @@ def long_run(family_engine):
 
 @pytest.mark.parametrize("cuts", [(7,), (7, 17)])
 def test_serialise_deserialise_continue_equals_never_stopping(long_run, cuts):
-    fam, engine, turns, state, outs = long_run
+    _, engine, turns, state, outs = long_run
     st = engine.new_state()
     got = []
     start = 0
@@ -302,8 +302,8 @@ def test_serialise_deserialise_continue_equals_never_stopping(long_run, cuts):
 
 
 def test_deltas_rebuild_the_same_state(long_run):
-    fam, engine, turns, state, outs = long_run
-    kw = dict(hidden_size=engine.hidden_size, capacity=engine.capacity, dtype=engine.state_dtype)
+    _, engine, _, state, outs = long_run
+    kw = {"hidden_size": engine.hidden_size, "capacity": engine.capacity, "dtype": engine.state_dtype}
     raw = [o.delta.to_bytes() for o in outs]
     assert rebuild(None, raw, **kw).to_bytes() == state.to_bytes()
     # from a base written at turn 11 plus every delta (those already in the base are skipped)
@@ -321,7 +321,7 @@ def test_qwen35_segment_last_turn_is_bitwise():
     sequence (the last turn of a segment), the latents are identical."""
     engine = load_engine(cached_tiny_checkpoint("qwen3_5", "tiny"))
     turns = make_turns("bitwise", [(3, 2)] * 16, seed=5)
-    state, outs = stream(engine, turns)
+    _, outs = stream(engine, turns)
     ref = run_reference(engine, turns)
     assert ref.segments == [list(range(16))]
     L = engine.L

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 
 import pytest
 
@@ -27,12 +28,17 @@ VOCAB_SIZES = {"qwen3": 151669, "qwen3_5": 248077}
 def fresh_cache(tmp_path, monkeypatch):
     """An empty cache dir, no network, and no tokenizer remembered in-process."""
     monkeypatch.setenv("EVOSTREAM_CACHE_DIR", str(tmp_path))
+    me = threading.get_ident()  # only this test's thread: other fixtures may hold live sockets
 
-    def no_network(*a, **k):
-        raise AssertionError("the tokenizer build tried to reach the network")
+    def guard(original):
+        def wrapper(*a, **k):
+            if threading.get_ident() == me:
+                raise AssertionError("the tokenizer build tried to reach the network")
+            return original(*a, **k)
+        return wrapper
 
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", guard(socket.socket.connect))
+    monkeypatch.setattr(socket, "create_connection", guard(socket.create_connection))
     tk.load_qwen_tokenizer.cache_clear()
     yield tmp_path
     tk.load_qwen_tokenizer.cache_clear()  # later tests load from the normal cache again

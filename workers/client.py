@@ -21,9 +21,10 @@ streaming numbers.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -89,7 +90,7 @@ class EvoEmbeddingClient:
         lm = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(
             checkpoint, device=device, dtype=dtype, backbone_config=backbone_config)
         base = config or EngineConfig()
-        common = dict(fingerprint=lm.fingerprint, model_name=lm.model.config.base_model_name_or_path)
+        common = {"fingerprint": lm.fingerprint, "model_name": lm.model.config.base_model_name_or_path}
         # one model, two renderings of the memory: the client's text (encode_messages) and the
         # trained ChatML (rerank)
         self.client_engine = EvoEngine(lm.model, lm.tokenizer, config=EngineConfig(

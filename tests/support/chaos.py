@@ -108,8 +108,8 @@ SCALES = {
         outage_conversations=12, outage_turns=8, outage_rate=8.0, outage_kinds=("stop",), outage_seconds=8.0,
         hostile_records=300, hostile_conversations=10, hostile_turns=6, hostile_rate=60.0,
         hostile_max_record_bytes=64 * 1024,
-        memory_idle_conversations=160, memory_idle_turns=2, memory_active_conversations=6, memory_active_turns=24,
-        memory_rate=12.0, memory_cache_bytes=192 * 1024, memory_ttl_s=6,
+        memory_idle_conversations=160, memory_idle_turns=2, memory_active_conversations=8, memory_active_turns=12,
+        memory_rate=5.0, memory_cache_bytes=192 * 1024, memory_ttl_s=12,
     ),
     "long": Scale(
         name="long", seed=11,
@@ -121,7 +121,7 @@ SCALES = {
         hostile_records=2500, hostile_conversations=30, hostile_turns=10, hostile_rate=80.0,
         hostile_max_record_bytes=1_000_000,
         memory_idle_conversations=1200, memory_idle_turns=2, memory_active_conversations=12,
-        memory_active_turns=60, memory_rate=20.0, memory_cache_bytes=512 * 1024, memory_ttl_s=8,
+        memory_active_turns=24, memory_rate=8.0, memory_cache_bytes=512 * 1024, memory_ttl_s=20,
     ),
 }
 
@@ -333,6 +333,7 @@ class Fleet:
         self.membership_changes = 0
         self.on_fault = on_fault           # (worker, point) -> env for the restart, or None = leave down
         self._fault_lines: dict[str, int] = {}
+        self._pending_kill: dict[str, str] = {}  # fault line seen, death not yet
         self._t0 = time.monotonic()
 
     def _event(self, what: str, name: str, detail: str = "") -> None:
@@ -350,6 +351,7 @@ class Fleet:
                 raise RuntimeError(f"worker {name} is already running")
             w.penv = penv
         self._fault_lines[name] = self._count_fault_lines(w)
+        self._pending_kill.pop(name, None)
         w.start()
         self.up.add(name)
         self.membership_changes += 1
@@ -423,16 +425,16 @@ class Fleet:
         for name in sorted(self.up):
             w = self.workers[name]
             alive = w.alive()  # first: a worker found dead has written all its lines
-            new = self._new_fault_lines(name)
-            for action, point in new:
+            for action, point in self._new_fault_lines(name):
                 if action == "stop":
                     self.fault_stops[point] += 1
                     self._event("fault-stop", name, point)
+                else:
+                    self._pending_kill[name] = point
             if alive:
                 continue
-            kills = [p for a, p in new if a == "kill"]
-            if kills and w.proc.returncode == -9:
-                point = kills[-1]
+            point = self._pending_kill.pop(name, None)
+            if point is not None and w.proc.returncode == -9:
                 self.fault_kills[point] += 1
                 self.up.discard(name)
                 self.membership_changes += 1

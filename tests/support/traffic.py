@@ -11,8 +11,12 @@ Nothing here knows about the expected outputs: see `tests/support/oracle.py`.
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import signal
+import subprocess
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -51,13 +55,12 @@ def random_text(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(n_words))
 
 
-def random_messages(rng: random.Random, *, long_turn_p: float = 0.08) -> list[dict]:
-    """One turn's messages: user and/or assistant, lengths from a few words to a few hundred
-    (an occasional long turn exercises the segment token budget)."""
+def random_messages(rng: random.Random, *, words: tuple[int, int] = (1, 40),
+                    long_words: tuple[int, int] = (100, 300), long_turn_p: float = 0.06) -> list[dict]:
+    """One turn's messages: user and/or assistant, `words` long, now and then `long_words`
+    (long turns make the engine close segments on their token budget, not only on turn count)."""
     def length() -> int:
-        if rng.random() < long_turn_p:
-            return rng.randint(120, 260)
-        return rng.randint(1, 60)
+        return rng.randint(*(long_words if rng.random() < long_turn_p else words))
 
     shape = rng.choices(["both", "user", "assistant"], weights=[6, 3, 1])[0]
     msgs = []
@@ -119,9 +122,11 @@ class Traffic:
 
 
 def generate_traffic(n_conversations: int, n_turns: int | tuple[int, int], *, seed: int = 0,
-                     prefix: str = "conv", tenant: str | None = None) -> Traffic:
+                     prefix: str = "conv", tenant: str | None = None, words: tuple[int, int] = (1, 40),
+                     long_words: tuple[int, int] = (100, 300), long_turn_p: float = 0.06) -> Traffic:
     """N conversations with `n_turns` turns each (or a seeded count in the inclusive range
-    `(lo, hi)`), seqs 0.., interleaved by a seeded random merge. Same arguments -> same bytes."""
+    `(lo, hi)`), seqs 0.., interleaved by a seeded random merge. Same arguments -> same bytes.
+    Conversation ids are `<prefix>-<seed>-<index>`."""
     rng = random.Random(f"traffic:{seed}:{n_conversations}:{n_turns}:{prefix}")
     convs = []
     stamp = 0
@@ -131,12 +136,13 @@ def generate_traffic(n_conversations: int, n_turns: int | tuple[int, int], *, se
         turns = []
         for seq in range(count):
             stamp += 1
-            turns.append(TurnEvent(conversation_id=cid, seq=seq, messages=random_messages(rng),
+            turns.append(TurnEvent(conversation_id=cid, seq=seq, messages=random_messages(
+                rng, words=words, long_words=long_words, long_turn_p=long_turn_p),
                                    timestamp=BASE_TIME + timedelta(seconds=stamp), tenant=tenant))
         convs.append(Conversation(cid, tuple(turns)))
     return Traffic(tuple(convs), interleave([len(c.turns) for c in convs], rng,
                                             [c.conversation_id for c in convs]),
-                   seed, tag=f"{seed}:{n_conversations}:{n_turns}:{prefix}:{tenant}")
+                   seed, tag=f"{seed}:{n_conversations}:{n_turns}:{prefix}:{tenant}:{words}:{long_words}:{long_turn_p}")
 
 
 def interleave(counts: Sequence[int], rng: random.Random, ids: Sequence[str]) -> tuple[tuple[str, int], ...]:
@@ -252,9 +258,17 @@ class Workers:
     def logs(self, n: int = 80) -> str:
         return "\n".join(f"----- worker {p.name} ({p.log_path}) -----\n{p.tail(n)}" for p in self.procs)
 
-    def stop_all(self) -> None:
-        for p in self.procs:
+    def stop_all(self, timeout: float = 15.0) -> None:
+        """SIGTERM every live worker at once, then wait; SIGKILL whatever is left."""
+        live = [p for p in self.procs if p.alive()]
+        for p in live:
             try:
-                p.stop(timeout=15)
-            except Exception:  # noqa: BLE001 - best effort; kill what is left
+                os.killpg(p.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        for p in live:
+            try:
+                p.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 p.kill()

@@ -84,9 +84,9 @@ class WorkerProc:
         env["EVOSTREAM_WEB_PORT"] = str(self.port)
         env["EVOSTREAM_WORKER_ID"] = f"{self.name}-{self.starts}"
         self.starts += 1
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], cwd=REPO, env=env,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], cwd=REPO, env=env,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     @property
