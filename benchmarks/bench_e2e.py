@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conversations", type=int, default=32)
     ap.add_argument("--turns", type=int, default=20)
-    ap.add_argument("--rate", type=float, default=40.0, help="stated load for the latency phase (turns/s)")
+    ap.add_argument("--rate", type=float, default=10.0, help="stated load for the latency phase (turns/s)")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     a = ap.parse_args(argv)
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Command: `{cmd.strip()}`  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {platform.platform()}, "
-        f"{torch.get_num_threads()} torch threads, {__import__('os').cpu_count()} CPUs; torch {torch.__version__}  ",
+        f"{__import__('os').cpu_count()} CPUs shared by broker, Redis, producer and worker; worker torch threads: "
+        f"{PipelineEnv('', '', '', '', '', 1).env().get('OMP_NUM_THREADS', 'default')}; torch {torch.__version__}  ",
         f"Model: tiny seeded qwen3 checkpoint (hidden 64, 4 layers, real Qwen3 tokenizer), CPU float32; "
         f"one worker, {a.partitions} partitions, local tansu broker + valkey (appendfsync everysec)  ",
         f"Traffic: {a.conversations} conversations x {a.turns} turns = {len(records)} turns, interleaved",

@@ -100,7 +100,17 @@ class Worker:
                                   timestamp_ms=int(e.message.timestamp * 1000) if e.message.timestamp else None)
                     for e in events
                 ]
-                await worker.pipeline.process(records)
+                try:
+                    await worker.pipeline.process(records)
+                except Exception:  # noqa: BLE001 - see below
+                    # Never let faust restart the agent past an unprocessed batch: the next
+                    # turns of those conversations would be applied over a hole. Die instead;
+                    # the records were not acknowledged, so the restarted worker (or the group
+                    # member that takes over) replays them.
+                    log.critical("unexpected error processing a batch of %d records; exiting so that they are "
+                                 "replayed", len(records), exc_info=True)
+                    logging.shutdown()
+                    os._exit(70)
                 for e in events:
                     await stream.ack(e)
                 worker.batches += 1

@@ -109,13 +109,16 @@ def drain_and_check(s: Summary, fleet: Fleet, penv, traffic: Traffic, exp: Expec
                     producer: StreamingProducer, *, check_states: bool = True, timeout: float) -> None:
     """Wait until every turn is checkpointed and emitted, then compare with the offline replay
     and fill the summary. Fails (after writing the numbers) if anything was lost or differs."""
+    t = time.monotonic()
     producer.join(timeout)
     wait_until(lambda: probe.caught_up(last_seqs(traffic)), timeout=timeout, tick=fleet.poll,
                what="every conversation checkpointed at its last turn")
+    s.extra["drain_s"] = round(time.monotonic() - t, 1)
     wait_for_embeddings(penv, traffic.keys(), timeout=timeout, workers=fleet.alive_workers())
     fleet.poll()
     s.conflicts += fleet.metric_sum(CONFLICTS)
     rep = check_outputs(penv, exp, tol=TOL, check_states=check_states)
+    s.extra["drain_and_check_s"] = round(time.monotonic() - t, 1)
     record(s, rep)
     s.turns = len(traffic)
     s.conversations = len(traffic.conversations)

@@ -177,41 +177,55 @@ def _progress(penv: PipelineEnv, traffic: Traffic) -> int:
     return sum(st.seq + 1 for st in states.values() if st is not None)
 
 
-@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
-def test_restart_mid_stream_continues_from_checkpoints(how: str, kafka_bootstrap: str, redis_url: str,
+def test_restarts_mid_stream_continue_from_checkpoints(kafka_bootstrap: str, redis_url: str,
                                                        topic_factory, tmp_path: Path) -> None:
-    """Stop the worker in the middle of the stream (SIGTERM: graceful; SIGKILL: no shutdown
-    code runs), publish the rest while it is down, start it again: every turn is embedded,
-    equal to offline; replays may duplicate an event, but only byte-identically."""
+    """Stop the worker twice in the middle of the stream, with a backlog each time: first
+    SIGTERM (graceful shutdown), then SIGKILL (no shutdown code runs). More turns are published
+    while it is down. Afterwards every turn is embedded, equal to offline, and every checkpoint
+    equals the offline state; replays may duplicate an event, but only byte-identically."""
     penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=2,
-                        extra={"EVOSTREAM_BATCH_MAX_TURNS": "4"})  # many small commits to land between
-    traffic = generate_traffic(6, 12, seed=202 if how == "sigterm" else 203, prefix=f"restart-{how}")
+                        extra={"EVOSTREAM_BATCH_MAX_TURNS": "4"})  # many small commits to stop between
+    traffic = generate_traffic(6, 12, seed=202, prefix="restart")
     records = traffic.records()
-    cut = int(len(records) * 0.6)
+    n = len(records)
+    chunks = [records[: n * 4 // 10], records[n * 4 // 10: n * 7 // 10], records[n * 7 // 10:]]
     procs = Workers()
+    notes = []
     try:
-        worker = procs.add(WorkerProc(penv, tmp_path, how))
+        worker = procs.add(WorkerProc(penv, tmp_path, "restart"))
         worker.start()
-        produce(kafka_bootstrap, penv.turns_topic, records[:cut])
+        produce(kafka_bootstrap, penv.turns_topic, chunks[0])
         worker.wait_ready()
-        wait_for(lambda: metric(worker, APPLIED) >= len(records) // 4, timeout=ALL_DONE_TIMEOUT, interval=0.1,
-                 what=f"a quarter of the turns applied\n{worker.tail()}")
-        if how == "sigterm":
-            worker.stop(timeout=60)
-            assert worker.proc.returncode != -9, "SIGTERM did not stop the worker within 60 s (it was killed)"
-        else:
-            worker.kill()
-        done_before = _progress(penv, traffic)
-        assert done_before < len(records), "the stream had finished before the restart"
-        produce(kafka_bootstrap, penv.turns_topic, records[cut:])
+        expected = expected_for(traffic)  # offline, while the worker works
+
+        # 1. SIGTERM with part of the first chunk still to do.
+        wait_for(lambda: _progress(penv, traffic) >= n // 6, timeout=ALL_DONE_TIMEOUT, interval=0.1,
+                 what=f"{n // 6} turns checkpointed\n{worker.tail()}")
+        worker.stop(timeout=60)
+        assert worker.proc.returncode != -9, "SIGTERM did not stop the worker within 60 s (it was killed)"
+        done = _progress(penv, traffic)
+        notes.append(f"SIGTERM at {done}/{len(chunks[0])} published turns checkpointed")
+        assert done < n
+
+        # 2. Restart with a backlog, then SIGKILL with part of it still to do.
+        produce(kafka_bootstrap, penv.turns_topic, chunks[1])
         worker.start()
-        expected = expected_for(traffic)  # offline, while the worker restarts
+        worker.wait_ready()
+        wait_for(lambda: _progress(penv, traffic) >= done + 6, timeout=ALL_DONE_TIMEOUT, interval=0.1,
+                 what=f"{done + 6} turns checkpointed\n{worker.tail()}")
+        worker.kill()
+        done = _progress(penv, traffic)
+        notes.append(f"SIGKILL at {done}/{len(chunks[0]) + len(chunks[1])} published turns checkpointed")
+        assert done < n
+
+        # 3. Restart, publish the rest, everything must come out right.
+        produce(kafka_bootstrap, penv.turns_topic, chunks[2])
+        worker.start()
         worker.wait_ready()
         wait_for_embeddings(penv, traffic.keys(), timeout=ALL_DONE_TIMEOUT, workers=[worker])
         rep = check_outputs(penv, expected)
         skipped = metric(worker, "evostream_turns_duplicate_total")
-        print(f"{how}: {done_before}/{len(records)} turns checkpointed at the restart; {skipped:.0f} replayed "
-              f"turns skipped after it; {rep.summary()}")
+        print("; ".join(notes) + f"; {skipped:.0f} replayed turns skipped after the SIGKILL; {rep.summary()}")
         assert not rep.problems(allow_duplicates=True), rep.summary() + "\n" + procs.logs()
         assert rep.states_checked == 6
         assert read_dead_letters(kafka_bootstrap, penv.dead_letter_topic) == []

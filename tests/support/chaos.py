@@ -18,6 +18,7 @@ Expected outputs and the output checker come from `tests/support/oracle.py`, the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -25,6 +26,8 @@ import os
 import platform
 import random
 import re
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -113,10 +116,10 @@ SCALES = {
     ),
     "long": Scale(
         name="long", seed=11,
-        kill_conversations=60, kill_turns=16, kill_rate=8.0, kill_workers=2, kill_fault_rounds=3, kill_external=6,
+        kill_conversations=60, kill_turns=16, kill_rate=5.0, kill_workers=2, kill_fault_rounds=3, kill_external=6,
         rebalance_conversations=60, rebalance_turns=16, rebalance_rate=6.0, rebalance_rounds=3,
         rebalance_external_pauses=2,
-        outage_conversations=40, outage_turns=16, outage_rate=8.0, outage_kinds=("stop", "kill", "pause", "stop"),
+        outage_conversations=40, outage_turns=16, outage_rate=5.0, outage_kinds=("stop", "kill", "pause", "stop"),
         outage_seconds=15.0,
         hostile_records=2500, hostile_conversations=30, hostile_turns=10, hostile_rate=80.0,
         hostile_max_record_bytes=1_000_000,
@@ -395,14 +398,20 @@ class Fleet:
         return w.alive() and proc_state(w.proc.pid) == "T"
 
     def stop_all(self) -> None:
-        for name, w in self.workers.items():
-            self.up.discard(name)
+        """SIGTERM every worker at once (they shut down in parallel), SIGKILL stragglers."""
+        t = time.monotonic()
+        live = [w for w in self.workers.values() if w.alive()]
+        self.up.clear()
+        for w in live:
+            with contextlib.suppress(ProcessLookupError):
+                w.resume()  # a frozen worker cannot act on SIGTERM
+                os.killpg(w.proc.pid, signal.SIGTERM)
+        for w in live:
             try:
-                if w.alive():
-                    w.resume()
-                    w.stop(timeout=20)
-            except Exception:  # noqa: BLE001 - best effort at teardown
+                w.proc.wait(max(1.0, 20 - (time.monotonic() - t)))
+            except subprocess.TimeoutExpired:
                 w.kill()
+        self.stop_seconds = round(time.monotonic() - t, 1)
 
     # -- supervision --------------------------------------------------------------------------
     def _count_fault_lines(self, w: WorkerProc) -> int:

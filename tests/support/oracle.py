@@ -137,9 +137,9 @@ class Outputs:
         return sum(len(v) for v in self.embeddings.values())
 
 
-def read_outputs(bootstrap: str, topic: str) -> Outputs:
+def read_outputs(bootstrap: str, topic: str, *, idle_ms: int = 1500) -> Outputs:
     out = Outputs()
-    for msg in read_topic_sync(bootstrap, topic):
+    for msg in read_topic_sync(bootstrap, topic, idle_ms=idle_ms):
         try:
             ev = OUTBOUND_EVENT_ADAPTER.validate_json(msg.value)
         except (ValidationError, TypeError):
@@ -313,13 +313,13 @@ def check_outputs(penv: PipelineEnv, expected: Expected, *, tol: float = TOL, ke
 
 
 def wait_for_embeddings(penv: PipelineEnv, keys: set[Key], *, timeout: float,
-                        workers: Sequence[WorkerProc] = (), interval: float = 1.0) -> Outputs:
+                        workers: Sequence[WorkerProc] = (), interval: float = 0.5) -> Outputs:
     """Poll the embeddings topic until every key has at least one event. Raises early if
     all the given workers have exited (nothing will come), with their logs."""
     deadline = time.monotonic() + timeout
     have: set[Key] = set()
     while True:
-        outputs = read_outputs(penv.kafka_bootstrap, penv.embeddings_topic)
+        outputs = read_outputs(penv.kafka_bootstrap, penv.embeddings_topic, idle_ms=500)
         have = {k for k in outputs.embeddings if k in keys}
         if len(have) == len(keys):
             return outputs

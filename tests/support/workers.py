@@ -150,9 +150,11 @@ async def read_topic(bootstrap: str, topic: str, *, idle_ms: int = 1500) -> list
     await c.start()
     try:
         parts = c.partitions_for_topic(topic) or set()
-        if not parts:
-            await c.force_metadata_update() if hasattr(c, "force_metadata_update") else None
+        if not parts:  # metadata from before the topic existed: refresh (public API) once
+            await c.topics()
             parts = c.partitions_for_topic(topic) or set()
+        if not parts:  # an empty list here would make "nothing was emitted" checks pass vacuously
+            raise LookupError(f"topic {topic!r} not found on {bootstrap}")
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         c.assign(tps)
         await c.seek_to_beginning(*tps)
