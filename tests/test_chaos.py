@@ -74,6 +74,9 @@ to the wrong memory differs by orders of magnitude more (and in seq/shape/token 
 which is compared exactly)."""
 
 PARTITIONS = 4
+COMPACTING = {"EVOSTREAM_COMPACT_EVERY": "3"}
+"""Crash/rebalance scenarios compact every 3 turns (default 32), so that replays, zombie
+writes and reloads also cross full-state compactions, not only delta appends."""
 CONFLICTS = "evostream_checkpoint_conflicts_total"
 STORE_UNAVAILABLE = "evostream_store_unavailable_total"
 
@@ -162,7 +165,7 @@ def test_kill9_at_random_moments_and_in_every_crash_window(local_stack: LocalSta
     with scenario("kill9") as s:
         traffic = generate_traffic(SCALE.kill_conversations, SCALE.kill_turns, seed=SCALE.seed, prefix="kill")
         exp = expected_for(traffic)
-        penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=PARTITIONS)
+        penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=PARTITIONS, extra=COMPACTING)
         probe = RedisProbe(redis_url, penv.namespace)
         points = ["after_checkpoint", "after_emit", "in_step"]
         if SCALE.name != "short":
@@ -239,7 +242,7 @@ def test_rebalance_and_zombie_cannot_overwrite(local_stack: LocalStack, kafka_bo
         traffic = generate_traffic(SCALE.rebalance_conversations, SCALE.rebalance_turns, seed=SCALE.seed,
                                    prefix="reb")
         exp = expected_for(traffic)
-        penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=PARTITIONS)
+        penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=PARTITIONS, extra=COMPACTING)
         probe = RedisProbe(redis_url, penv.namespace)
         fleet = Fleet(penv, tmp_path)
         producer = StreamingProducer(kafka_bootstrap, penv.turns_topic, traffic.records(), tags(traffic),

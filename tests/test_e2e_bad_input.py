@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,8 +96,6 @@ MAX_RECORD_BYTES = 16 * 1024   # hostile_records needs >= 16 KiB
 MAX_JSON_DEPTH = 32            # the worker's default
 MAX_TURN_TOKENS = 128
 TIMEOUT = 600.0
-
-import random  # noqa: E402 - only for the long text below
 
 _LONG_TEXT = random_text(random.Random(7), 300)  # ~330 tokens: over MAX_TURN_TOKENS, under MAX_RECORD_BYTES
 
@@ -289,9 +287,12 @@ def run(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathF
         wait_for_embeddings(penv, good.keys() | {("dup-conv", 2), ("gap-conv", 3)}, timeout=TIMEOUT, workers=[worker])
         wait_for_embeddings(gap_penv, gap_good.keys() | {("gapdl-conv", 3)}, timeout=TIMEOUT, workers=[gap_worker])
         n_bad = len(cases) + len(hostile)
-        dls = wait_for(lambda: (lambda d: d if len(d) >= n_bad else None)(
-            read_dead_letters(kafka_bootstrap, penv.dead_letter_topic)), timeout=120, interval=1.0,
-            what=f"{n_bad} dead letters")
+
+        def all_dead_letters() -> list[DeadLetterEvent] | None:
+            found = read_dead_letters(kafka_bootstrap, penv.dead_letter_topic)
+            return found if len(found) >= n_bad else None
+
+        dls = wait_for(all_dead_letters, timeout=120, interval=1.0, what=f"{n_bad} dead letters")
         gap_dls = read_dead_letters(kafka_bootstrap, gap_penv.dead_letter_topic)
         raw = read_topic_sync(kafka_bootstrap, penv.embeddings_topic)
         yield Run(penv, worker, gap_penv, gap_worker, {s.name: s for s in cases + [
@@ -377,7 +378,7 @@ def test_good_turns_after_bad_ones_are_processed(run: Run) -> None:
     deleted = ("del-conv", "del-gone")  # checked in test_delete_removes_state_and_emits_tombstone
     kept = [c for c in run.expected.states if c not in deleted]
     rep = compare(outputs, run.expected, states=load_states(run.penv, kept),
-                  keys={k for k in run.expected.keys() if k[0] in kept}, cids=kept)
+                  keys={k for k in run.expected.embeddings if k[0] in kept}, cids=kept)
     assert run.good_keys_after and run.good_keys_after <= set(outputs.embeddings)
     assert not rep.problems(allow_duplicates=True), rep.summary() + "\n" + run.worker.tail()
     # Only conversations with good turns got state: nothing from a rejected record was applied.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,12 +99,16 @@ def big_run(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempP
                             extra={"EVOSTREAM_MAX_BATCH_TOKENS": "4096"})
         worker = procs.add(WorkerProc(penv, tmp_path_factory.mktemp("e2e-big"), "big").start())
         traffic = generate_traffic(20, 40, seed=101, prefix="big")
+        t0 = time.monotonic()
         produced = produce(kafka_bootstrap, penv.turns_topic, traffic.records())
         assert len({p.partition for p in produced}) == 4, "traffic should cover every partition"
         expected = expected_for(traffic)  # offline, while the worker starts and works
+        t_offline = time.monotonic() - t0
         worker.wait_ready()
         wait_for_embeddings(penv, traffic.keys(), timeout=ALL_DONE_TIMEOUT, workers=[worker])
+        t_all = time.monotonic() - t0
         report = check_outputs(penv, expected)
+        print(f"20x40: offline expectation after {t_offline:.0f}s, all embeddings after {t_all:.0f}s")
         yield BigRun(penv, worker, traffic, expected, report, metric(worker, APPLIED, -1))
     finally:
         procs.stop_all()
@@ -196,7 +201,6 @@ def test_restarts_mid_stream_continue_from_checkpoints(kafka_bootstrap: str, red
         worker.start()
         produce(kafka_bootstrap, penv.turns_topic, chunks[0])
         worker.wait_ready()
-        expected = expected_for(traffic)  # offline, while the worker works
 
         # 1. SIGTERM with part of the first chunk still to do.
         wait_for(lambda: _progress(penv, traffic) >= n // 6, timeout=ALL_DONE_TIMEOUT, interval=0.1,
@@ -210,6 +214,7 @@ def test_restarts_mid_stream_continue_from_checkpoints(kafka_bootstrap: str, red
         # 2. Restart with a backlog, then SIGKILL with part of it still to do.
         produce(kafka_bootstrap, penv.turns_topic, chunks[1])
         worker.start()
+        expected = expected_for(traffic)  # offline, while the worker restarts
         worker.wait_ready()
         wait_for(lambda: _progress(penv, traffic) >= done + 6, timeout=ALL_DONE_TIMEOUT, interval=0.1,
                  what=f"{done + 6} turns checkpointed\n{worker.tail()}")

@@ -274,6 +274,18 @@ def test_small_budget_forces_several_passes_same_numbers(batch_case):
     _check_batch_against_alone(fam, engine, convs, alone, states, outs, batch)
 
 
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_padding_layouts_give_the_reference_numbers(batch_case, padding):
+    """The reference's masked left padding and our unmasked right padding are both exact."""
+    fam, engine, convs, alone = batch_case
+    eng = EvoEngine(engine.model, engine.tokenizer, config=EngineConfig(padding=padding))
+    assert eng.runner.padding == padding
+    batch = _interleave(convs)
+    states: dict[str, ConversationState] = {}
+    outs = eng.step(states, batch)
+    _check_batch_against_alone(fam, engine, convs, alone, states, outs, batch)
+
+
 # --------------------------------------------------------------------------------------------
 # stopping, serialising, deltas
 # --------------------------------------------------------------------------------------------

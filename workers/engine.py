@@ -58,6 +58,7 @@ class EngineConfig:
     budget: Budget = Budget()
     segment: SegmentRule = SegmentRule()
     memory_rendering: MemoryRendering = MemoryRendering.CHATML
+    padding: str = "right"   # "left" = the reference's masked layout (see runner.py)
 
 
 class EvoEngine:
@@ -69,7 +70,7 @@ class EvoEngine:
         self.model_name = model_name or model.config.base_model_name_or_path
         self.config = config
         self.renderer = Renderer(tokenizer, config.memory_rendering)
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, config.padding)
         self.L = model.config.num_latents
         self.capacity = model.config.buffer_capacity
         self.hidden_size = model.config.hidden_size

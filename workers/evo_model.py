@@ -207,13 +207,18 @@ class EvoEmbeddingModel(nn.Module):
 
     # -- the forward pass both adapters share ---------------------------------------------
     @torch.no_grad()
-    def run(self, embeds: torch.Tensor, mask: torch.Tensor, adapter: str) -> torch.Tensor:
-        """Last-layer hidden states for left-padded `embeds` (B, T, H) under `adapter`.
-        Position ids restart at 0 after each row's padding (padding itself gets 1), as the
-        reference does, so a row's numbers do not depend on how much padding it got."""
+    def run(self, embeds: torch.Tensor, mask: torch.Tensor | None, adapter: str) -> torch.Tensor:
+        """Last-layer hidden states of `embeds` (B, T, H) under `adapter`.
+        With a mask (left padding): position ids restart at 0 after each row's padding
+        (padding itself gets 1), as the reference does, so a row's numbers do not depend on how
+        much padding it got. Without one: every row starts at column 0 (right padding or
+        none) and positions are 0..T-1."""
         if adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {adapter!r}")
-        pos = (torch.cumsum(mask, dim=1) - 1).masked_fill(mask == 0, 1)
+        if mask is None:
+            pos = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[0], -1)
+        else:
+            pos = (torch.cumsum(mask, dim=1) - 1).masked_fill(mask == 0, 1)
         self.switch.active = adapter
         try:
             out = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)

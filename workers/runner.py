@@ -1,9 +1,16 @@
 """How a pass runs (the "model runner" half): rows -> padded tensors on the device -> outputs.
 
 A row is a memory prefix (latents, fed through `mem_to_latent`) followed by pieces of token
-ids, each optionally followed by the `num_latents` learned memory-query slots. Rows are left
-padded so that the positions we read (the last query block, or the end-of-text token) sit at
-the same column for every row.
+ids, each optionally followed by the `num_latents` learned memory-query slots.
+
+Padding: the reference left-pads with an attention mask and restarts position ids after the
+padding. Two layouts give the same numbers for the real positions (up to float rounding):
+- `left`: the reference's layout (mask + cumsum position ids);
+- `right`: rows start at column 0, padding goes at the end and no mask is passed at all. Under
+  causal attention (and the causal recurrences of Qwen3.5's linear-attention layers) a real
+  position never sees a later one, so padding after the row cannot reach it. Without a mask
+  the attention kernels take their fused causal path; on CPU the masked path made batching
+  slower than running rows one by one. We read each row's outputs at its own length.
 """
 
 from __future__ import annotations
@@ -27,11 +34,14 @@ class Row:
 
 
 class ModelRunner:
-    def __init__(self, model: EvoEmbeddingModel):
+    def __init__(self, model: EvoEmbeddingModel, padding: str = "right"):
+        if padding not in ("left", "right"):
+            raise ValueError("padding must be 'left' or 'right'")
         self.model = model
         self.L = model.config.num_latents
+        self.padding = padding
 
-    def _build(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _build(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
         m = self.model
         dev, dt = m.device, m.dtype
         H = m.config.hidden_size
@@ -56,24 +66,32 @@ class ModelRunner:
                     parts.append(queries)
             seqs.append(torch.cat(parts, 0) if parts else torch.empty(0, H, device=dev, dtype=dt))
         T = max(s.shape[0] for s in seqs)
+        lengths = [s.shape[0] for s in seqs]
         embeds = torch.zeros(len(rows), T, H, device=dev, dtype=dt)
+        if self.padding == "right" or len(set(lengths)) == 1:
+            for i, s in enumerate(seqs):
+                embeds[i, : s.shape[0]] = s
+            return embeds, None, lengths
         mask = torch.zeros(len(rows), T, device=dev, dtype=torch.long)
         for i, s in enumerate(seqs):
             embeds[i, T - s.shape[0]:] = s
             mask[i, T - s.shape[0]:] = 1
-        return embeds, mask
+        return embeds, mask, [T] * len(rows)
 
     @torch.no_grad()
     def memory_latents(self, rows: list[Row]) -> torch.Tensor:
         """(B, L, H) new memory latents: `latent_to_mem` of the hidden states at each row's
         last query block (which ends every memory row)."""
-        embeds, mask = self._build(rows)
+        embeds, mask, ends = self._build(rows)
         hidden = self.model.run(embeds, mask, "memory_generator")
-        return self.model.latent_to_mem(hidden[:, -self.L:, :])
+        idx = torch.tensor(ends, device=hidden.device)[:, None] - self.L + torch.arange(self.L, device=hidden.device)
+        picked = hidden.gather(1, idx[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return self.model.latent_to_mem(picked)
 
     @torch.no_grad()
     def embeddings(self, rows: list[Row]) -> torch.Tensor:
         """(B, E) normalised float32 embeddings pooled at each row's last token."""
-        embeds, mask = self._build(rows)
+        embeds, mask, ends = self._build(rows)
         hidden = self.model.run(embeds, mask, "retriever")
-        return self.model.pool_embedding(hidden[:, -1, :])
+        last = hidden[torch.arange(len(rows), device=hidden.device), torch.tensor(ends, device=hidden.device) - 1]
+        return self.model.pool_embedding(last)

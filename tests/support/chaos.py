@@ -47,6 +47,9 @@ from .workers import REPO, PipelineEnv, WorkerProc
 SCALE_ENV = "EVOSTREAM_CHAOS_SCALE"
 REPORT_ENV = "EVOSTREAM_CHAOS_REPORT"
 DEFAULT_REPORT = REPO / ".run" / "chaos-report.jsonl"
+RUN_ID = os.environ.get("EVOSTREAM_CHAOS_RUN_ID") or (
+    f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{os.getpid()}")
+"""Groups the summary lines of one pytest session (the report renders one run)."""
 
 Record = tuple[bytes | None, bytes | None]
 
@@ -555,6 +558,7 @@ class Summary:
 
     scenario: str
     scale: str
+    run_id: str = RUN_ID
     ok: bool = False
     turns: int = 0                 # good turns streamed (each must be applied exactly once)
     conversations: int = 0

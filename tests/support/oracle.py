@@ -88,7 +88,7 @@ class Expected:
     def keys(self) -> set[Key]:
         return set(self.embeddings)
 
-    def merge(self, other: "Expected") -> "Expected":
+    def merge(self, other: Expected) -> Expected:
         return Expected({**self.embeddings, **other.embeddings}, {**self.states, **other.states},
                         {**self.memory_lens, **other.memory_lens})
 
@@ -257,7 +257,7 @@ def compare(outputs: Outputs, expected: Expected, *, tol: float = TOL, keys: set
     conversations outside `cids` (default: the expected ones) are ignored, so several scenarios
     can share a topic."""
     want = expected.keys() if keys is None else set(keys)
-    scope = set(cids) if cids is not None else {cid for cid, _ in expected.keys()} | set(expected.states)
+    scope = set(cids) if cids is not None else {cid for cid, _ in expected.embeddings} | set(expected.states)
     rep = OutputReport(expected=len(want), outputs=outputs)
     for rkey, cid in outputs.keys_of_records:
         if cid in scope and rkey != cid.encode():

@@ -21,7 +21,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
 from aiokafka import AIOKafkaProducer
@@ -29,9 +29,10 @@ from aiokafka import AIOKafkaProducer
 from schemas.events import ConversationDelete, TurnEvent
 from schemas.turns import TurnInput
 from stream.topics import delete_topics_sync, ensure_topics_sync, run_sync
+
 from .workers import PipelineEnv
 
-_WORDS = (
+_WORDS = (  # noqa: SIM905 - a word list reads better as text
     "memory queue latent turn river stone cloud apple train window music garden paper light "
     "table silver orange planet coffee bridge winter summer forest ocean mountain yellow quiet "
     "market doctor engine signal number answer question history morning evening kitchen travel "
@@ -41,7 +42,7 @@ _WORDS = (
     "Zürich naïve café 東京 ñandú emoji 🙂 punctuation, (brackets) [x] {y} \"quoted\" back\\slash"
 ).split()
 
-BASE_TIME = datetime(2025, 1, 1, tzinfo=timezone.utc)
+BASE_TIME = datetime(2025, 1, 1, tzinfo=UTC)
 """Event timestamps are BASE_TIME + a per-record offset, so records are byte-for-byte
 reproducible from the seed."""
 
