@@ -122,3 +122,18 @@ def topic_factory(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Itera
         delete_topics_sync(kafka_bootstrap, created)
     except Exception as exc:  # noqa: BLE001 - cleanup must not turn a pass into an error
         warnings.warn(f"could not delete test topics {created}: {exc!r}", stacklevel=1)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a module of in-process model tests: on a small shared machine,
+    OpenMP threads spinning against other processes made tiny-model passes 10-20x slower.
+    Restored afterwards. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

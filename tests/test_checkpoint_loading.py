@@ -19,14 +19,7 @@ from workers.tiny_checkpoint import cached_tiny_checkpoint
 FAMILIES = ["qwen3", "qwen3_5"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread for this module: on a small shared machine, OpenMP threads that spin
-    against other processes make tiny-model passes 10-20x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _copy(family: str, dst: Path) -> Path:

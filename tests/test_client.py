@@ -10,7 +10,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 from schemas.turns import ChatMessage, TurnInput
 from workers import reference
@@ -24,14 +23,7 @@ _WORDS = ("alpha beta gamma delta river stone cloud apple train window music gar
           "silver orange planet coffee bridge winter summer forest ocean mountain the a of to and is").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread for this module: on a small shared machine, OpenMP threads that spin
-    against other processes make tiny-model passes 10-20x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _text(rng: random.Random, n: int) -> str:

@@ -29,28 +29,16 @@ from stream.decode import (
 
 # `tests` is a namespace package under `python -m pytest` (cwd on sys.path); plain `pytest`
 # puts tests/ itself on the path instead.
-try:
-    from tests.strategies import (
-        DECODER_REASONS,
-        DEFAULT_MAX_BYTES,
-        DEFAULT_MAX_DEPTH,
-        MUTATIONS,
-        encode_record,
-        fuzzed_records,
-        hostile_records,
-        valid_inbound_events,
-    )
-except ModuleNotFoundError:
-    from strategies import (  # type: ignore[no-redef]
-        DECODER_REASONS,
-        DEFAULT_MAX_BYTES,
-        DEFAULT_MAX_DEPTH,
-        MUTATIONS,
-        encode_record,
-        fuzzed_records,
-        hostile_records,
-        valid_inbound_events,
-    )
+from strategies import (
+    DECODER_REASONS,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_DEPTH,
+    MUTATIONS,
+    encode_record,
+    fuzzed_records,
+    hostile_records,
+    valid_inbound_events,
+)
 
 R = DeadLetterReason
 MAX_BYTES = DEFAULT_MAX_BYTES

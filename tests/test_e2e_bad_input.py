@@ -38,58 +38,31 @@ from schemas.vectors import decode_vector
 from stream.checkpoints import CheckpointStore, FingerprintMismatch, TurnCommit
 from stream.topics import run_sync
 
-try:
-    from tests.strategies import DECODER_REASONS, hostile_records
-    from tests.support.oracle import (
-        TOL,
-        Expected,
-        compare,
-        compute_expected,
-        expected_for,
-        load_states,
-        metrics,
-        offline_engine,
-        read_dead_letters,
-        read_outputs,
-        wait_for_embeddings,
-    )
-    from tests.support.traffic import (
-        TopicMaker,
-        Workers,
-        delete_record,
-        generate_traffic,
-        pipeline_env,
-        produce,
-        random_text,
-        turn_record,
-    )
-    from tests.support.workers import PipelineEnv, WorkerProc, read_topic_sync, wait_for
-except ModuleNotFoundError:  # tests/ itself on sys.path
-    from strategies import DECODER_REASONS, hostile_records  # type: ignore[no-redef]
-    from support.oracle import (  # type: ignore[no-redef]
-        TOL,
-        Expected,
-        compare,
-        compute_expected,
-        expected_for,
-        load_states,
-        metrics,
-        offline_engine,
-        read_dead_letters,
-        read_outputs,
-        wait_for_embeddings,
-    )
-    from support.traffic import (  # type: ignore[no-redef]
-        TopicMaker,
-        Workers,
-        delete_record,
-        generate_traffic,
-        pipeline_env,
-        produce,
-        random_text,
-        turn_record,
-    )
-    from support.workers import PipelineEnv, WorkerProc, read_topic_sync, wait_for  # type: ignore[no-redef]
+from strategies import DECODER_REASONS, hostile_records
+from support.oracle import (
+    TOL,
+    Expected,
+    compare,
+    compute_expected,
+    expected_for,
+    load_states,
+    metrics,
+    offline_engine,
+    read_dead_letters,
+    read_outputs,
+    wait_for_embeddings,
+)
+from support.traffic import (
+    TopicMaker,
+    Workers,
+    delete_record,
+    generate_traffic,
+    pipeline_env,
+    produce,
+    random_text,
+    turn_record,
+)
+from support.workers import PipelineEnv, WorkerProc, read_topic_sync, wait_for
 
 R = DeadLetterReason
 MAX_RECORD_BYTES = 16 * 1024   # hostile_records needs >= 16 KiB

@@ -22,50 +22,27 @@ import pytest
 from schemas.events import QueryResponse
 from schemas.vectors import decode_vector
 
-try:
-    from tests.support.oracle import (
-        TOL,
-        Expected,
-        OutputReport,
-        check_outputs,
-        expected_for,
-        load_states,
-        metric,
-        offline_engine,
-        read_dead_letters,
-        wait_for_embeddings,
-    )
-    from tests.support.traffic import (
-        TopicMaker,
-        Traffic,
-        Workers,
-        generate_traffic,
-        pipeline_env,
-        produce,
-    )
-    from tests.support.workers import PipelineEnv, WorkerProc, wait_for
-except ModuleNotFoundError:  # tests/ itself on sys.path (plain `pytest` from another cwd)
-    from support.oracle import (  # type: ignore[no-redef]
-        TOL,
-        Expected,
-        OutputReport,
-        check_outputs,
-        expected_for,
-        load_states,
-        metric,
-        offline_engine,
-        read_dead_letters,
-        wait_for_embeddings,
-    )
-    from support.traffic import (  # type: ignore[no-redef]
-        TopicMaker,
-        Traffic,
-        Workers,
-        generate_traffic,
-        pipeline_env,
-        produce,
-    )
-    from support.workers import PipelineEnv, WorkerProc, wait_for  # type: ignore[no-redef]
+from support.oracle import (
+    TOL,
+    Expected,
+    OutputReport,
+    check_outputs,
+    expected_for,
+    load_states,
+    metric,
+    offline_engine,
+    read_dead_letters,
+    wait_for_embeddings,
+)
+from support.traffic import (
+    TopicMaker,
+    Traffic,
+    Workers,
+    generate_traffic,
+    pipeline_env,
+    produce,
+)
+from support.workers import PipelineEnv, WorkerProc, wait_for
 
 APPLIED = "evostream_turns_applied_total"
 # Generous: a 2-core machine shared with other test runs may be several times slower than usual.

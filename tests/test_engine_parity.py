@@ -120,14 +120,7 @@ def assert_matches_reference(family: str, engine: EvoEngine, turns, state, outs,
     assert deltas.shape[0] == L * len(turns)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread for this module: on a small shared machine, OpenMP threads that spin
-    against other processes make tiny-model passes 10-20x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------------------------
