@@ -309,7 +309,7 @@ def bench_batching(engine: EvoEngine, rep: Report, *, n_conv: int, history: int,
             f"{1000 * statistics.median(seq_s) / n_conv:.1f} ms/turn one at a time vs "
             f"{1000 * statistics.median(bat_s) / n_conv:.1f} ms/turn batched (rows are right-padded without a "
             f"mask, runner padding='{engine.runner.padding}', so attention stays on its fused causal kernel; "
-            "the reference's masked left padding was 1.5x slower still). Batching pays where one row leaves "
+            "the reference's masked left padding takes the slower masked path). Batching pays where one row leaves "
             "the device idle: a GPU (GPU mode below), and on CPU a prefix KV cache for the open memory "
             "segment would cut the positions per turn (each memory step now re-reads its segment).")
     return {"batched_s": statistics.median(bat_s), "tokens": float(tokens),

@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +67,33 @@ WHAT = {
         "going, and every key once the stream stops; every embedding must match the offline "
         "replay."),
 }
+
+FINDINGS = [
+    "`/readyz` stayed 200 while a worker held no partitions (after a revoke, during a rebalance, or "
+    "in a consumer group that never re-synced), so neither an orchestrator nor the harness could see a "
+    "stuck group. Fixed in `stream/app.py`: readiness drops on every revoke and comes back with the "
+    "next assignment. Found by the rebalance scenario.",
+    "tansu 0.6.0 (the local broker) keeps a group leader that leaves (LeaveGroup) in the middle of a "
+    "rebalance as the leader of the next generation: the remaining members re-join that generation as "
+    "followers forever and the group never syncs again. A broker bug, not evostream's; the harness "
+    "only lets a worker leave once the group is stable (every member ready). Real Kafka re-elects.",
+    "A state TTL shorter than the worker's processing lag expires conversations that still have "
+    "turns queued: their next turn starts a new memory (a seq gap, logged and counted in "
+    "`evostream_seq_gaps_total`). The memory scenario publishes each idle conversation's turns back "
+    "to back and keeps the TTL well above the step time; production TTLs are days.",
+]
+
+LIMITS = [
+    "Exactly-once through Kafka transactions is not exercised: the tansu broker rejects "
+    "InitProducerId. Effectively-once comes from the seq compare-and-set in Redis plus the outbox.",
+    "Deletes are not part of the crash scenarios. A delete is not fenced by seq: a replay of a "
+    "partition segment that contains turns followed by a delete re-applies those turns to an "
+    "emptied memory (recomputed embeddings are re-emitted) before deleting it again; the end state "
+    "is right, but the intermediate copies are recomputed rather than replayed from the outbox.",
+    "Broker outages are not injected (the tansu broker keeps its data in memory only).",
+    "Offline and streamed floats are compared within 1e-4 (batched padded passes vs one turn at a "
+    "time); bookkeeping (seq, segment tokens, number of latents) is compared exactly.",
+]
 
 TOTAL_FIELDS = [
     ("turns", "turns streamed (each applied exactly once)"),
@@ -221,7 +248,7 @@ def render(scale: str, picked: dict[str, dict], source: Path) -> str:
     w(f"- run: {started[0] if started else '?'} .. {started[-1] if started else '?'} (UTC, scenario starts)")
     w(f"- machine: {'; '.join(machines)}")
     w(f"- command: {'; '.join(f'`{c}`' for c in commands)}")
-    w(f"- results file: `{source}`; rendered {datetime.now(timezone.utc).isoformat(timespec='seconds')} by "
+    w(f"- results file: `{source}`; rendered {datetime.now(UTC).isoformat(timespec='seconds')} by "
       "`python scripts/chaos_report.py`")
     w("")
     w("## How it is checked")
@@ -287,6 +314,16 @@ def render(scale: str, picked: dict[str, dict], source: Path) -> str:
     if missing:
         w("")
         w(f"**Not run at this scale:** {', '.join(missing)}.")
+    w("")
+    w("## Found on the way")
+    w("")
+    for line in FINDINGS:
+        w(f"- {line}")
+    w("")
+    w("## Limits of what this proves")
+    w("")
+    for line in LIMITS:
+        w(f"- {line}")
     w("")
     w("## Reproduce")
     w("")

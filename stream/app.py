@@ -119,6 +119,9 @@ class Worker:
         @app.on_partitions_revoked.connect
         async def on_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:
             mine = {tp.partition for tp in revoked if tp.topic == s.turns_topic}
+            # Not ready until the rebalance hands out a new assignment: a member stuck in a
+            # rebalance owns nothing and must not look healthy-and-serving.
+            worker.ready = False
             dropped = worker.pipeline.cache.drop_partitions(mine)
             log.info("partitions revoked %s: dropped %d cached conversation states", sorted(mine), dropped)
 

@@ -48,7 +48,7 @@ SCALE_ENV = "EVOSTREAM_CHAOS_SCALE"
 REPORT_ENV = "EVOSTREAM_CHAOS_REPORT"
 DEFAULT_REPORT = REPO / ".run" / "chaos-report.jsonl"
 RUN_ID = os.environ.get("EVOSTREAM_CHAOS_RUN_ID") or (
-    f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{os.getpid()}")
+    f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{os.getpid()}")
 """Groups the summary lines of one pytest session (the report renders one run)."""
 
 Record = tuple[bytes | None, bytes | None]
@@ -114,7 +114,7 @@ SCALES = {
         outage_conversations=12, outage_turns=8, outage_rate=8.0, outage_kinds=("stop",), outage_seconds=8.0,
         hostile_records=300, hostile_conversations=10, hostile_turns=6, hostile_rate=60.0,
         hostile_max_record_bytes=64 * 1024,
-        memory_idle_conversations=160, memory_idle_turns=2, memory_active_conversations=8, memory_active_turns=12,
+        memory_idle_conversations=240, memory_idle_turns=2, memory_active_conversations=8, memory_active_turns=12,
         memory_rate=5.0, memory_cache_bytes=192 * 1024, memory_ttl_s=12,
     ),
     "long": Scale(
@@ -204,7 +204,7 @@ class StreamingProducer:
         self.finished_at = 0.0
 
     # -- control ----------------------------------------------------------------------------
-    def start(self) -> "StreamingProducer":
+    def start(self) -> StreamingProducer:
         self.started_at = time.monotonic()
         self._thread.start()
         return self
@@ -614,7 +614,7 @@ def append_report(summary: Summary) -> None:
 
 def new_summary(scenario: str, scale: Scale) -> Summary:
     return Summary(scenario=scenario, scale=scale.name,
-                   started_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                   started_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                    machine=machine(), command=command_line())
 
 
