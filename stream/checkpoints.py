@@ -399,6 +399,9 @@ class CheckpointStore:
         self.ttl_s = ttl_s
         self.compact_every = compact_every
         self.writer_id = writer_id or uuid.uuid4().hex[:16]  # shown by inspect: who wrote it
+        # Keys the commit digest, so that only THIS instance's retry is recognised as "already
+        # applied" (writer ids are configurable and need not be unique).
+        self._digest_key = uuid.uuid4().bytes
         self._backoff = backoff
         u = urlsplit(redis_url)
         self._where = f"redis {u.hostname}:{u.port or 6379}{u.path or ''}"  # no credentials
@@ -534,8 +537,13 @@ class CheckpointStore:
                 f"{c.conversation_id}: state (hidden={st.hidden_size}, capacity={st.capacity}, "
                 f"{st.dtype}) does not match this store")
         delta_bytes = [d.to_bytes() for d in c.deltas]
-        # Identifies this exact commit, so a retry whose first reply was lost is recognised.
-        digest = hashlib.blake2b(digest_size=16)
+        # Identifies this exact commit BY THIS WRITER, so a retry whose first reply was lost is
+        # recognised. Another writer whose deltas happen to be bit-identical (a zombie that
+        # computed the same turn in a batch of the same shape) must not pass as that retry: it
+        # would emit its own embedding of the turn, which can differ in the last bits from the
+        # one the winner committed to the outbox. It gets STALE, re-reads, and replays the
+        # winner's event instead.
+        digest = hashlib.blake2b(digest_size=16, key=self._digest_key)
         for b in delta_bytes:
             digest.update(len(b).to_bytes(8, "little"))
             digest.update(b)

@@ -243,10 +243,11 @@ def test_kill9_at_random_moments_and_in_every_crash_window(local_stack: LocalSta
 
 def test_rebalance_and_zombie_cannot_overwrite(local_stack: LocalStack, kafka_bootstrap, redis_url, topic_factory,
                                                tmp_path: Path) -> None:
-    """Workers join and leave mid-stream (1 -> 3 -> 2 per round). In every round one worker
-    freezes itself (SIGSTOP, stream/faults.py) right after a model step, stays frozen past the
-    session timeout while the others take over and advance its conversations, and is then
-    resumed: its stale checkpoint write must be refused by the compare-and-set."""
+    """Workers join and leave mid-stream (1 -> 3 -> 2 per round). In every round the newest
+    worker is armed to freeze itself (SIGSTOP, stream/faults.py) right after a model step; it
+    stays frozen past the session timeout while the others take over and advance its
+    conversations, and is then resumed: its stale checkpoint write must be refused by the
+    compare-and-set."""
     rng = random.Random(SCALE.seed * 211)
     with scenario("rebalance_zombie") as s:
         traffic = generate_traffic(SCALE.rebalance_conversations, SCALE.rebalance_turns, seed=SCALE.seed,
@@ -258,20 +259,28 @@ def test_rebalance_and_zombie_cannot_overwrite(local_stack: LocalStack, kafka_bo
         producer = StreamingProducer(kafka_bootstrap, penv.turns_topic, traffic.records(), tags(traffic),
                                      rate=SCALE.rebalance_rate)
         total = len(traffic)
-        zombie_conflicts = []
+        zombie_conflicts: list[float] = []
+        conflicts_seen: dict[str, float] = {}  # per worker process, before it goes away
         counter = iter(range(1000))
+
+        def observe(names) -> None:
+            for n in names:
+                if fleet.workers[n].alive() and not fleet.frozen(n):
+                    key = f"{n}-{fleet.workers[n].starts}"
+                    conflicts_seen[key] = max(conflicts_seen.get(key, 0.0), _metric(fleet, n, CONFLICTS))
+
         try:
             first = f"r{next(counter)}"
             fleet.start(first)
             fleet.workers[first].wait_ready(SCALE.timeout)
             producer.start()
             pauses_left = SCALE.rebalance_external_pauses
-            for rnd in range(SCALE.rebalance_rounds):
+            for _ in range(SCALE.rebalance_rounds):
                 # let the current members make progress
                 base = probe.applied(last_seqs(traffic)) or 0
                 wait_until(lambda b=base: (probe.applied(last_seqs(traffic)) or 0) >= min(total, b + 8) or producer.done,
                            timeout=SCALE.timeout, tick=fleet.poll, what="progress before the joins")
-                # join up to 3 members; the newest one is armed to freeze after a model step
+                # join up to 3 members; the newest one is armed to freeze after its next steps
                 joiners = []
                 while len(fleet.up) + len(joiners) < 3:
                     joiners.append(f"r{next(counter)}")
@@ -279,6 +288,15 @@ def test_rebalance_and_zombie_cannot_overwrite(local_stack: LocalStack, kafka_bo
                 for n in joiners[:-1]:
                     fleet.start(n)
                 fleet.start(zombie, fault_env("in_step", action="stop", skip=rng.randint(0, 2)))
+                # One member leaves: 3 -> 2. Only once the group is stable (every member holds an
+                # assignment): tansu 0.6 keeps a leader that leaves in the middle of a rebalance
+                # as the leader of the next generation, and the group never syncs again. With two
+                # members left, the armed one owns partitions for sure (faust's assignor may hand a
+                # third member nothing).
+                _wait_group_stable(fleet)
+                leaver = min((n for n in fleet.up if n != zombie), key=lambda n: int(n[1:]))
+                observe([leaver])
+                fleet.stop(leaver)
                 frozen = wait_until(lambda z=zombie: fleet.frozen(z) or (producer.done and "drained"),
                                     timeout=SCALE.timeout, tick=fleet.poll, what=f"{zombie} frozen after a step")
                 if frozen == "drained" and not fleet.frozen(zombie):
@@ -295,29 +313,74 @@ def test_rebalance_and_zombie_cannot_overwrite(local_stack: LocalStack, kafka_bo
                     wait_until(lambda z=zombie: _metric(fleet, z, CONFLICTS) >= 1, timeout=120,
                                tick=fleet.poll, what=f"zombie {zombie}'s stale commit refused")
                     zombie_conflicts.append(_metric(fleet, zombie, CONFLICTS))
+                _wait_group_stable(fleet)
                 if pauses_left > 0:
-                    victim = rng.choice(sorted(n for n in fleet.up if n != zombie))
+                    # a worker frozen from outside at a random moment, past the session timeout
+                    victim = rng.choice(sorted(fleet.up))
+                    sleep_ticking(rng.uniform(0.5, 3.0), fleet.poll)
                     fleet.pause(victim)
                     s.pauses += 1
                     sleep_ticking(float(penv.env()["EVOSTREAM_SESSION_TIMEOUT_S"]) + rng.uniform(2, 5), fleet.poll)
                     fleet.resume(victim)
                     pauses_left -= 1
-                # one member leaves: 3 -> 2. Only once the group is stable again (every member
-                # holds an assignment): tansu 0.6 keeps a leader that leaves in the middle of a
-                # rebalance as the leader of the next generation, and the group never syncs again.
-                _wait_group_stable(fleet)
-                leaver = min(fleet.up, key=lambda n: int(n[1:]))
-                fleet.stop(leaver)
-                _wait_group_stable(fleet)
+                    _wait_group_stable(fleet)
             drain_and_check(s, fleet, penv, traffic, exp, probe, producer, timeout=SCALE.timeout)
         finally:
+            observe(sorted(fleet.up))
             fleet_numbers(s, fleet)
             s.records = producer.sent.count
             s.extra["zombie_conflicts"] = zombie_conflicts
+            s.extra["conflicts_by_worker"] = conflicts_seen
+            s.conflicts = sum(conflicts_seen.values())
             fleet.stop_all()
             probe.close()
         assert s.zombies >= 1, "no worker was frozen while it held a batch: the zombie case was not exercised"
         assert all(c >= 1 for c in zombie_conflicts)
+
+
+def test_zombie_with_bit_identical_deltas_is_refused_not_taken_for_a_retry(redis_url) -> None:
+    """Regression (found by the long rebalance run: one (conversation, seq) carried two different
+    vectors): a zombie that recomputed a turn the new owner had already committed, with
+    bit-identical state deltas (same batch shape for the memory pass) but a different embedding
+    (another batch shape for the retrieval pass), was answered ALREADY_APPLIED -- the store took
+    it for its own retry -- and emitted its embedding next to the winner's. Only a retry by the
+    same store instance may be recognised; any other writer must get STALE and re-read."""
+    import asyncio
+    import uuid
+
+    import torch
+
+    from stream.checkpoints import CheckpointStore, CommitStatus, TurnCommit
+    from workers.state import ConversationState, StateDelta
+
+    async def run() -> None:
+        ns, cid = f"t{uuid.uuid4().hex[:8]}", f"z-{uuid.uuid4().hex[:8]}"
+        stores = [CheckpointStore(redis_url, fingerprint="fp", hidden_size=8, capacity=32, dtype=torch.float32,
+                                  namespace=ns, writer_id="same-configured-id") for _ in range(2)]
+        delta = StateDelta(seq=0, new_segment=True, token_ids=[1, 2, 3], latents=torch.ones(4, 8))
+
+        def commit(event: bytes) -> TurnCommit:
+            st = ConversationState(hidden_size=8, capacity=32, dtype=torch.float32)
+            st.apply(delta)
+            return TurnCommit(conversation_id=cid, expected_seq=-1, state=st, deltas=[delta], outbox={0: event})
+
+        owner, zombie = stores
+        try:
+            winner = commit(b"winner's embedding")
+            [res] = await owner.commit([winner])
+            assert res.status is CommitStatus.APPLIED
+            [res] = await zombie.commit([commit(b"zombie's embedding")])
+            assert res.status is CommitStatus.STALE and not res.applied, res
+            [res] = await owner.commit([winner])  # the owner's own retry (first reply lost)
+            assert res.status is CommitStatus.ALREADY_APPLIED and res.applied, res
+            loaded = await owner.load(cid)
+            assert loaded is not None and loaded.outbox == {0: b"winner's embedding"}
+        finally:
+            await owner.delete(cid)
+            for st in stores:
+                await st.close()
+
+    asyncio.run(run())
 
 
 def _wait_group_stable(fleet: Fleet) -> None:

@@ -120,8 +120,8 @@ SCALES = {
     "long": Scale(
         name="long", seed=11,
         kill_conversations=60, kill_turns=16, kill_rate=5.0, kill_workers=2, kill_fault_rounds=3, kill_external=6,
-        rebalance_conversations=60, rebalance_turns=16, rebalance_rate=6.0, rebalance_rounds=3,
-        rebalance_external_pauses=2,
+        rebalance_conversations=60, rebalance_turns=16, rebalance_rate=5.0, rebalance_rounds=4,
+        rebalance_external_pauses=3,
         outage_conversations=40, outage_turns=16, outage_rate=5.0, outage_kinds=("stop", "kill", "pause", "stop"),
         outage_seconds=15.0,
         hostile_records=2500, hostile_conversations=30, hostile_turns=10, hostile_rate=80.0,
