@@ -7,6 +7,7 @@ export PYTHONUNBUFFERED := 1
 
 setup:
 	@./scripts/bootstrap.sh
+	@./scripts/system-deps.sh
 
 demo: setup
 	$(PY) -m stream.cli demo
