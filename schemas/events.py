@@ -248,6 +248,25 @@ class StageTimings(_Wire):
     checkpoint_ms: Millis
 
 
+class MemoryOrigin(StrEnum):
+    """How the memory an embedding was computed against relates to the conversation.
+
+    A conversation's memory can end (idle expiry, a delete, an operator reset); the next turn
+    then starts from an empty memory. Consumers see it on the event instead of guessing from
+    `memory_len`."""
+
+    CONTINUED = "continued"
+    """The memory holds every earlier applied turn of this conversation (up to the queue size)."""
+    NEW = "new"
+    """First turn ever seen for this (tenant, conversation id)."""
+    RESET_AFTER_EXPIRY = "reset_after_expiry"
+    """The conversation's state expired (idle longer than STATE_TTL_S); memory starts empty."""
+    RESET_AFTER_DELETE = "reset_after_delete"
+    """A turn after the conversation was deleted: a new generation with an empty memory."""
+    RESET_BY_OPERATOR = "reset_by_operator"
+    """An operator reset the conversation (`evostream reset`), e.g. after quarantine."""
+
+
 class EmbeddingEvent(_Wire):
     """The embedding of one conversation after one turn, keyed by conversation id.
 
@@ -268,6 +287,10 @@ class EmbeddingEvent(_Wire):
     checkpoints are not comparable."""
     memory_len: int = Field(ge=0)
     """Number of memory latents the embedding was computed against."""
+    memory: MemoryOrigin = MemoryOrigin.CONTINUED
+    """How that memory relates to the conversation (continued, or why it starts empty)."""
+    generation: int = Field(1, ge=1)
+    """Incremented each time the conversation's memory restarts after a delete/expiry/reset."""
     tenant: Tenant | None = None
     source: SourceRef
     timings: StageTimings
@@ -367,6 +390,13 @@ class DeadLetterReason(StrEnum):
     SEQ_GAP = "seq_gap"
     """Set by the pipeline, only when the gap policy says dead-letter."""
     PROCESSING_ERROR = "processing_error"
+    CHECKPOINT_CORRUPT = "checkpoint_corrupt"
+    """The conversation's checkpoint is incomplete or inconsistent (e.g. a key evicted): the
+    conversation is quarantined until an operator resets it; other conversations flow."""
+    FINGERPRINT_MISMATCH = "fingerprint_mismatch"
+    """The conversation was checkpointed under another model: its memory is never continued."""
+    TENANT_MISMATCH = "tenant_mismatch"
+    """The stored checkpoint belongs to another (tenant, conversation id)."""
 
 
 def _valid_b64(value: str | None) -> str | None:
@@ -416,6 +446,15 @@ class DeadLetterEvent(_Wire):
     """Kafka record timestamp; None when the record had none."""
     failed_at: Timestamp
     worker: Name
+    # --- bounded dead letters (issue #8) ---
+    truncated: bool = False
+    """True when `original_*_b64` hold only a PREFIX of the original bytes, because the whole
+    record would not fit the broker's size limit; the `*_len` / `*_sha256` fields then describe
+    the full originals (to match a dead letter with the record kept elsewhere)."""
+    original_key_len: int | None = Field(None, ge=0)
+    original_key_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    original_value_len: int | None = Field(None, ge=0)
+    original_value_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
 
     def original_key(self) -> bytes | None:
         return None if self.original_key_b64 is None else base64.b64decode(self.original_key_b64)
@@ -439,6 +478,7 @@ __all__ = [
     "INBOUND_TYPES",
     "InboundEvent",
     "MAX_SEQ",
+    "MemoryOrigin",
     "OUTBOUND_EVENT_ADAPTER",
     "OutboundEvent",
     "QueryRequest",

@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ["kill9", "rebalance_zombie", "redis_outage", "hostile_input", "memory_ttl"]
+ORDER = ["kill9", "rebalance_zombie", "redis_outage", "hostile_input", "memory_ttl", "broker_pause",
+         "broker_partition"]
 
 TITLES = {
     "kill9": "1. Kill -9 at random moments and in every crash window",
@@ -28,6 +29,8 @@ TITLES = {
     "redis_outage": "3. Redis outages",
     "hostile_input": "4. Hostile input",
     "memory_ttl": "5. Memory bounds and idle expiry",
+    "broker_pause": "6. Broker frozen past the session timeout",
+    "broker_partition": "7. One worker partitioned from the broker",
 }
 
 WHAT = {
@@ -67,6 +70,21 @@ WHAT = {
         "the number of conversations; idle states must vanish from Redis while active ones keep "
         "going, and every key once the stream stops; every embedding must match the offline "
         "replay."),
+    "broker_pause": (
+        "A broker of the scenario's own (tansu behind a test-controlled TCP proxy, "
+        "`tests/support/kafka_proxy.py`, so the suite's shared broker is never touched) is frozen "
+        "with SIGSTOP past the group session timeout while a producer streams, then resumed with "
+        "SIGCONT; it keeps its in-memory data. Two workers. Each must report `/readyz` 503 "
+        "(`broker: unreachable`) while the broker is frozen, never exit, become ready again and "
+        "finish the stream: produces that failed during the pause are retried, and records are "
+        "acknowledged only after their embeddings are delivered."),
+    "broker_partition": (
+        "One of two workers is cut off from Kafka by the proxy (`blackhole`: connections kept, "
+        "nothing forwarded; `cut`: connections closed and refused) while Redis stays reachable. "
+        "It must report itself not ready; past the session timeout the other worker takes its "
+        "partitions over and checkpoints everything published so far while the victim is still cut "
+        "off (a batch the victim had checkpointed but not emitted is re-emitted from the outbox); "
+        "healed, the victim rejoins. Checkpoints compact every 3 turns."),
 }
 
 FINDINGS = [
@@ -110,7 +128,9 @@ LIMITS = [
     "partition segment that contains turns followed by a delete re-applies those turns to an "
     "emptied memory (recomputed embeddings are re-emitted) before deleting it again; the end state "
     "is right, but the intermediate copies are recomputed rather than replayed from the outbox."),
-    "Broker outages are not injected (the tansu broker keeps its data in memory only).",
+    ("Broker faults are injected on one single-node broker (tansu, memory storage): a frozen broker "
+    "and a worker partitioned from it. Leader changes and partial broker failures of a multi-node "
+    "Kafka cluster are not reproduced here."),
     ("Offline and streamed floats are compared within 1e-4 (batched padded passes vs one turn at a "
     "time); bookkeeping (seq, segment tokens, number of latents) is compared exactly."),
 ]
@@ -122,7 +142,7 @@ TOTAL_FIELDS = [
     ("zombies", "zombie workers (frozen past the session timeout, resumed)"),
     ("pauses", "other worker freezes past the session timeout"),
     ("rebalances", "group membership changes"),
-    ("outages", "Redis outages"),
+    ("outages", "outages (Redis, broker, worker-broker partitions)"),
     ("hostile", "hostile records"),
     ("lost", "turns lost (no embedding event)"),
     ("states_checked", "conversation checkpoints compared with the offline replay"),
@@ -214,6 +234,20 @@ def scenario_rows(r: dict) -> list[tuple[str, str]]:
                  ("`/readyz` answers saying paused, per worker", fmt(x.get("readyz_paused_observations", {}))),
                  ("`evostream_store_unavailable_total` (sum over workers)", fmt(x.get("store_unavailable_total", "-"))),
                  ("worker exits / restarts", f"0 / {fmt(x.get('restarts', 0))} (asserted)")]
+    if name in ("broker_pause", "broker_partition"):
+        rows += [("faults", f"{r.get('outages', 0)} ({fmt(r.get('outage_kinds', []))})"),
+                 ("`evostream_broker_unreachable_total` (sum over workers alive at the end)",
+                  fmt(x.get("broker_unreachable_total", "-"))),
+                 ("`evostream_emit_retries_total` (sum over workers alive at the end)",
+                  fmt(x.get("emit_retries_total", "-")))]
+        if name == "broker_pause":
+            rows.append(("`/readyz` answers saying not ready during the pause, per worker",
+                         fmt(x.get("readyz_unready_observations", {}))))
+        else:
+            rows += [("cut-off worker reported itself not ready, per round", fmt(x.get("cut_off_worker_reported_unready", []))),
+                     ("the other worker took over while the victim was cut off, per round",
+                      fmt(x.get("others_took_over", [])))]
+        rows.append(("worker exits", "0 (asserted)"))
     if name == "hostile_input":
         rows += [("hostile records", fmt(r.get("hostile", 0))),
                  ("dead letters, by reason", fmt(x.get("dead_letters_by_reason", {}))),

@@ -16,21 +16,22 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
 from faust.web import Request, Response, View
-from pydantic import ValidationError
 
-from schemas.events import QueryRequest, QueryResponse
-from schemas.vectors import encode_vector
-from stream.checkpoints import CheckpointStore, FingerprintMismatch
+from stream.broker_health import BrokerMonitor, BrokerState, apply_consumer_backoff
+from stream.checkpoints import CheckpointStore, UnsafeRedisConfig
 from stream.emitter import KafkaEmitter
+from stream.kafka_security import KafkaSecurity
+from stream.api import register_api
 from stream.metrics import Metrics
+from stream.model_thread import ModelThread
 from stream.pipeline import InboundRecord, TurnPipeline
-from stream.recovery import StoreUnavailable
+from stream.unreadable import disable_codecs_for_tests, watch_app
 from stream.settings import Settings
+from stream.shutdown import ShutdownGuard
 from workers.engine import EvoEngine
 
 log = logging.getLogger(__name__)
@@ -44,20 +45,48 @@ class Worker:
         self.engine = engine
         self.metrics = Metrics()
         # One thread owns the model: steps and queries queue behind each other on it.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evo-model")
+        # (stream/model_thread.py: also tells the query API whether ingestion is busy, issue #9)
+        self.executor = ModelThread(thread_name_prefix="evo-model")
         self.store = CheckpointStore(
             settings.redis_url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
             capacity=engine.capacity, dtype=engine.state_dtype, namespace=settings.redis_namespace,
-            ttl_s=settings.state_ttl_s, compact_every=settings.compact_every, writer_id=settings.worker_id)
-        from schemas.events import dead_letter_size_bound
+            ttl_s=settings.state_ttl_s, marker_ttl_s=settings.marker_ttl_s, compact_every=settings.compact_every,
+            writer_id=settings.worker_id, durability=settings.redis_durability,
+            durability_replicas=settings.redis_durability_replicas,
+            durability_timeout_ms=settings.redis_durability_timeout_ms)
+        from stream.dead_letters import OversizeHandler
 
+        # Kafka TLS/SASL (issue #8): one resolved object for the emitter and faust's clients.
+        self.kafka_security = KafkaSecurity.from_settings(settings)
+        # Records are bounded by the broker's limit (issue #8): the client refuses what the
+        # broker would, and a refused record is replaced (a dead letter cut smaller), never
+        # retried for ever.
+        self.oversize = OversizeHandler(dead_letter_topic=settings.dead_letter_topic,
+                                        embeddings_topic=settings.embeddings_topic,
+                                        limit=settings.kafka_max_message_bytes, worker=settings.worker_id)
         self.emitter = KafkaEmitter(settings.kafka_bootstrap, idempotent=settings.producer_idempotence,
+                                    security=self.kafka_security,
+                                    compression=settings.output_compression,
+                                    on_retry=self.metrics.emit_retries.inc,  # issue #12
                                     linger_ms=settings.producer_linger_ms,
-                                    max_request_size=dead_letter_size_bound(settings.max_record_bytes) + 65536)
+                                    max_request_size=settings.kafka_max_message_bytes,
+                                    on_too_large=self.oversize)
         self.pipeline = TurnPipeline(engine, self.store, self.emitter, settings, self.executor, self.metrics)
         self.ready = False
         self.batches = 0
+        # Broker connectivity and bounded shutdown (issue #12): readiness needs the broker to
+        # answer; SIGTERM stops taking batches (see stream/shutdown.py, run_worker).
+        self.stopping = False
+        self.broker = BrokerMonitor(
+            settings.kafka_bootstrap, settings.group_id, interval_s=settings.broker_probe_interval_s,
+            timeout_s=settings.broker_probe_timeout_s, unreachable_after_s=settings.broker_unreachable_after_s,
+            backoff_max_s=settings.broker_retry_backoff_max_s, client_kwargs=self.kafka_security.client_kwargs(),
+            on_change=self._on_broker_change, on_backoff=self._set_consumer_backoff)
+        self.metrics.broker_connected.set(0)
         self.app = self._build_app()
+        # An unreadable record batch stops its partition, not the worker (issue #13).
+        disable_codecs_for_tests()
+        self.unreadable = watch_app(self.app, self.metrics.registry)
 
     # ------------------------------------------------------------------------------------------
     def _build_app(self) -> faust.App:
@@ -69,7 +98,9 @@ class Worker:
         app = faust.App(
             s.group_id,
             datadir=str(datadir),
-            broker=f"kafka://{s.kafka_bootstrap}",
+            # one URL per bootstrap server (faust does not split a comma-separated host list)
+            broker=[f"kafka://{h.strip()}" for h in s.kafka_bootstrap.split(",") if h.strip()],
+            broker_credentials=self.kafka_security.faust_credentials(),
             autodiscover=False,
             store="memory://",
             topic_allow_declare=False,        # topics are created by `evostream topics`/deploy
@@ -100,6 +131,8 @@ class Worker:
                                   timestamp_ms=int(e.message.timestamp * 1000) if e.message.timestamp else None)
                     for e in events
                 ]
+                if worker.stopping:  # shutting down (issue #12): not processed, not acked -> replayed
+                    continue
                 try:
                     await worker.pipeline.process(records)
                 except Exception:  # noqa: BLE001 - see below
@@ -122,25 +155,82 @@ class Worker:
             # Not ready until the rebalance hands out a new assignment: a member stuck in a
             # rebalance owns nothing and must not look healthy-and-serving.
             worker.ready = False
-            dropped = worker.pipeline.cache.drop_partitions(mine)
+            # revoke, not just drop: a batch still in flight must not put them back afterwards
+            dropped = worker.pipeline.cache.revoke(mine)
+            worker.unreadable.forget(s.turns_topic, mine)
             log.info("partitions revoked %s: dropped %d cached conversation states", sorted(mine), dropped)
 
         @app.on_partitions_assigned.connect
         async def on_assigned(sender: Any, assigned: set, **kwargs: Any) -> None:
             parts = sorted(tp.partition for tp in assigned if tp.topic == s.turns_topic)
+            worker.pipeline.cache.assign(set(parts))
             log.info("partitions assigned %s (states load lazily from Redis)", parts)
             worker.ready = True
 
         @app.task
         async def startup() -> None:
-            await worker.emitter.start()
+            worker.broker.start()  # issue #12: first, so that an unreachable broker shows at once
+            try:
+                await worker.emitter.start()
+            except Exception as exc:  # noqa: BLE001 - broker away at start: send_all starts it later
+                log.warning("producer not started (%s: %s); it is retried with the first emit", type(exc).__name__, exc)
             await worker.store.wait_until_available()
+            try:
+                redis_cfg = await worker.store.check_server(allow_eviction=s.redis_allow_eviction)
+            except UnsafeRedisConfig as exc:
+                # One clear line and a distinct exit code (78, EX_CONFIG): a restart loop
+                # cannot fix a server setting.
+                log.critical("refusing to start: %s", exc)
+                logging.shutdown()
+                os._exit(78)
             await worker.store.prepare()
+            log.info("checkpoint store ok: maxmemory-policy %s, appendonly %s, durability %s",
+                     redis_cfg["maxmemory_policy"], "on" if redis_cfg["aof_enabled"] == "1" else "off",
+                     s.redis_durability.value)
             log.info("worker %s started: model %s (%s), checkpoint fingerprint %s", s.worker_id,
                      worker.engine.model_name, s.device, worker.engine.fingerprint)
 
+        @app.on_before_shutdown.connect
+        async def close_clients(sender: Any, **kwargs: Any) -> None:
+            await worker.close_clients()
+
         self._register_views(app)
+        self.api = register_api(app, self)  # query API: stream/api/ (issue #9)
         return app
+
+    # -- broker connectivity and shutdown (issue #12) --------------------------------------------
+    def _on_broker_change(self, old: BrokerState, new: BrokerState) -> None:
+        self.metrics.broker_connected.set(1 if new is BrokerState.CONNECTED else 0)
+        if new is BrokerState.UNREACHABLE:
+            self.metrics.broker_unreachable.inc()
+
+    def _set_consumer_backoff(self, seconds: float | None) -> None:
+        """While the broker is unreachable, aiokafka's retry loops (metadata, coordinator,
+        fetch) back off like our probe does, up to the cap; default again once it answers."""
+        try:
+            consumer = getattr(getattr(self.app.consumer, "_thread", None), "_consumer", None)
+        except Exception:  # noqa: BLE001 - the consumer may not exist yet
+            return
+        if consumer is None:
+            return
+        if getattr(self, "_default_backoff_s", None) is None:
+            client = getattr(consumer, "_client", None)
+            self._default_backoff_s = getattr(client, "_retry_backoff", 0.1)
+        apply_consumer_backoff(consumer, self._default_backoff_s if seconds is None else seconds)
+
+    def begin_shutdown(self) -> None:
+        """First SIGTERM/SIGINT: take no new batch, report not ready."""
+        self.stopping = True
+        self.ready = False
+
+    async def close_clients(self, timeout_s: float = 5.0) -> None:
+        """Close what faust does not own (probe, producer), each bounded: with the broker away
+        a producer's stop would wait for deliveries that cannot happen."""
+        for what, closer in (("broker probe", self.broker.stop), ("producer", self.emitter.stop)):
+            try:
+                await asyncio.wait_for(closer(), timeout_s)
+            except Exception as exc:  # noqa: BLE001 - best effort at shutdown
+                log.warning("closing the %s did not finish (%s: %s)", what, type(exc).__name__, exc)
 
     def _update_lag(self, app: faust.App) -> None:
         try:
@@ -165,46 +255,18 @@ class Worker:
         @app.page("/readyz")
         class Ready(View):
             async def get(self, request: Request) -> Response:
-                ok = worker.ready and not worker.pipeline.paused
-                body = {"ready": ok, "assigned": worker.ready, "paused": worker.pipeline.paused}
+                stopped = [p.as_dict() for p in worker.unreadable.stopped()]  # issue #13
+                broker = worker.broker.state.value  # issue #12: connected | unreachable | unknown
+                ok = (worker.ready and not worker.pipeline.paused and not stopped and worker.broker.reachable
+                      and not worker.stopping)
+                body = {"ready": ok, "assigned": worker.ready, "paused": worker.pipeline.paused,
+                        "stopped_partitions": stopped, "broker": broker, "stopping": worker.stopping}
                 return self.json(body, status=200 if ok else 503)
 
         @app.page("/metrics")
         class MetricsView(View):
             async def get(self, request: Request) -> Response:
                 return self.bytes(worker.metrics.render(), content_type="text/plain; version=0.0.4")
-
-        @app.page("/v1/query")
-        class Query(View):
-            async def post(self, request: Request) -> Response:
-                raw = await request.read()
-                try:
-                    req = QueryRequest.model_validate_json(raw)
-                except ValidationError as exc:
-                    return self.json({"error": "invalid query request", "detail": json.loads(exc.json())}, status=400)
-                try:
-                    resp = await worker.query(req)
-                except FingerprintMismatch as exc:
-                    return self.json({"error": str(exc)}, status=409)
-                except StoreUnavailable as exc:
-                    return self.json({"error": f"checkpoint store unavailable: {exc}"}, status=503)
-                return self.bytes(resp.model_dump_json().encode(), content_type="application/json")
-
-    async def query(self, req: QueryRequest) -> QueryResponse:
-        """Embed a query against the conversation's live memory (the latest checkpoint;
-        a conversation this worker owns is served from its in-memory state)."""
-        state = self.pipeline.cache.get(req.conversation_id)
-        if state is None:
-            ck = await self.store.load(req.conversation_id)
-            state = ck.state if ck is not None else None
-        loop = asyncio.get_running_loop()
-        vec = (await loop.run_in_executor(self.executor, self.engine.embed_queries, [(state, req.query)]))[0]
-        self.metrics.queries.inc()
-        return QueryResponse(
-            conversation_id=req.conversation_id, vector=encode_vector(vec), dim=int(vec.shape[0]),
-            memory_len=state.memory_len if state is not None else 0,
-            applied_seq=state.seq if state is not None else -1,
-            checkpoint=self.engine.fingerprint, model=self.engine.model_name[:256] or "evoembedding")
 
 
 def _set_fetch_max_wait(ms: int) -> None:
@@ -227,9 +289,17 @@ def _set_fetch_max_wait(ms: int) -> None:
 
 
 def run_worker(settings: Settings, engine: EvoEngine) -> None:
-    """Blocking: run one worker until SIGTERM/SIGINT (faust handles the signals)."""
+    """Blocking: run one worker until SIGTERM/SIGINT (faust handles the signals; the process
+    is gone within `shutdown_grace_s` either way, see stream/shutdown.py)."""
     w = Worker(settings, engine)
     from faust.worker import Worker as FaustWorker
+
+    guard = ShutdownGuard(settings.shutdown_grace_s, on_begin=w.begin_shutdown)
+
+    class BoundedWorker(FaustWorker):
+        def _schedule_shutdown(self, signal: Any) -> None:
+            guard.begin(getattr(signal, "name", str(signal)))
+            super()._schedule_shutdown(signal)
 
     handlers = ["json"] if settings.log_json else ["plain"]
     logging_config = {
@@ -237,10 +307,20 @@ def run_worker(settings: Settings, engine: EvoEngine) -> None:
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": "stream.logs.JsonFormatter"},
                        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-        "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"},
-                     "plain": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+        # issue #12: the Kafka client libraries' repeated lines (one per retry) are summarised
+        "filters": {"repeat_limit": {"()": "stream.log_limits.RepeatLimitFilter",
+                                     "window_s": settings.log_repeat_window_s, "burst": settings.log_repeat_burst}},
+        "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr",
+                              "filters": ["repeat_limit"]},
+                     "plain": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr",
+                               "filters": ["repeat_limit"]}},
         "root": {"level": settings.log_level.upper(), "handlers": handlers},
         "loggers": {name: {"level": "WARNING"} for name in ("aiokafka", "faust", "mode", "transformers")},
     }
-    FaustWorker(w.app, loglevel=settings.log_level.lower(), quiet=True, logging_config=logging_config,
-                redirect_stdouts=False).execute_from_commandline()
+    try:
+        BoundedWorker(w.app, loglevel=settings.log_level.lower(), quiet=True, logging_config=logging_config,
+                      redirect_stdouts=False).execute_from_commandline()
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            guard.finished()
+        raise

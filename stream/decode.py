@@ -275,14 +275,17 @@ def make_dead_letter(
     worker: str,
     *,
     failed_at: datetime | None = None,
+    broker_limit: int | None = None,
 ) -> DeadLetterEvent:
     """Wrap a rejection with the record's exact bytes and coordinates.
 
-    Nothing is capped here (see DeadLetterEvent / dead_letter_size_bound): losing the bytes
-    of a record we refused would make the refusal impossible to audit or replay.
+    The original bytes are kept whole, except when `broker_limit` (the broker's record size
+    limit) is given and the dead letter (keyed by `key`) would exceed it: then a prefix, the
+    full length and the SHA-256 are kept (stream/dead_letters.py, issue #8), because a dead
+    letter the broker refuses would stall the partition.
     Kafka's "no timestamp" (-1) is normalised to None.
     """
-    return DeadLetterEvent(
+    event = DeadLetterEvent(
         reason_code=rejection.reason_code,
         reason=rejection.reason,
         original_key_b64=_b64(key),
@@ -294,6 +297,11 @@ def make_dead_letter(
         failed_at=failed_at or datetime.now(timezone.utc),
         worker=worker,
     )
+    if broker_limit is not None:
+        from stream.dead_letters import dead_letter_budget, fit_dead_letter
+
+        event = fit_dead_letter(event, key or None, dead_letter_budget(broker_limit))
+    return event
 
 
 def _b64(raw: bytes | None) -> str | None:

@@ -37,6 +37,7 @@ from pydantic import ValidationError
 
 from schemas.events import OUTBOUND_EVENT_ADAPTER, ConversationDeleted, EmbeddingEvent, SearchHit
 from schemas.vectors import decode_vector
+from stream.kafka_security import KafkaSecurity
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +188,10 @@ class IndexerConsumer:
 
     def __init__(self, bootstrap: str, topic: str, index: VectorIndex | None = None, *, group_id: str | None = None,
                  session_timeout_ms: int = 6000, heartbeat_interval_ms: int = 1000,
-                 on_event: Callable[[EmbeddingEvent | ConversationDeleted], None] | None = None):
+                 on_event: Callable[[EmbeddingEvent | ConversationDeleted], None] | None = None,
+                 security: KafkaSecurity | None = None):
         self.bootstrap = bootstrap
+        self.security = security
         self.topic = topic
         self.index = index if index is not None else VectorIndex()
         self.group_id = group_id
@@ -203,6 +206,8 @@ class IndexerConsumer:
             return
         kw: dict = dict(bootstrap_servers=self.bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
                         client_id=f"evostream-indexer-{uuid.uuid4().hex[:6]}")
+        if self.security is not None:
+            kw.update(self.security.client_kwargs())
         if self.group_id is not None:
             kw.update(group_id=self.group_id, session_timeout_ms=self._session_timeout_ms,
                       heartbeat_interval_ms=self._heartbeat_interval_ms)
@@ -301,22 +306,24 @@ class IndexerConsumer:
 
 # ---------------------------------------------------------------------------------------------
 async def build_index(bootstrap: str, embeddings_topic: str, *, idle_ms: int = 1000,
-                      max_wait_s: float = 60.0) -> tuple[VectorIndex, ConsumerStats]:
+                      max_wait_s: float = 60.0, security: KafkaSecurity | None = None
+                      ) -> tuple[VectorIndex, ConsumerStats]:
     """A fresh index of everything currently in the embeddings topic."""
-    async with IndexerConsumer(bootstrap, embeddings_topic) as consumer:
+    async with IndexerConsumer(bootstrap, embeddings_topic, security=security) as consumer:
         stats = await consumer.run_until_idle(idle_ms=idle_ms, max_wait_s=max_wait_s)
         return consumer.index, stats
 
 
 async def search_end_to_end(bootstrap: str, embeddings_topic: str, worker_url: str, conversation_id: str, text: str,
                             k: int = 5, texts: TextMap | None = None, *, idle_ms: int = 1000,
-                            timeout: float = 30.0) -> list[SearchHit]:
+                            timeout: float = 30.0, security: KafkaSecurity | None = None) -> list[SearchHit]:
     """Index the embeddings topic (from the beginning), embed `text` against the conversation's
     live memory on the worker, and return the conversation's `k` best turns."""
     from stream.query_client import query_worker_async
 
     # Both at once; whichever fails first cancels the other.
-    index_task = asyncio.ensure_future(build_index(bootstrap, embeddings_topic, idle_ms=idle_ms, max_wait_s=timeout))
+    index_task = asyncio.ensure_future(build_index(bootstrap, embeddings_topic, idle_ms=idle_ms, max_wait_s=timeout,
+                                                 security=security))
     query_task = asyncio.ensure_future(query_worker_async(worker_url, conversation_id, text, k=k, timeout=timeout))
     try:
         done, _ = await asyncio.wait({index_task, query_task}, return_when=asyncio.FIRST_EXCEPTION)

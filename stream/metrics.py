@@ -33,7 +33,15 @@ class Metrics:
         self.cache_entries = Gauge("evostream_state_cache_entries", "states held in memory", registry=r)
         self.lag = Gauge("evostream_consumer_lag", "records behind the partition end", ["partition"], registry=r)
         self.paused = Gauge("evostream_paused", "1 while consumption is paused (store or broker unavailable)", registry=r)
+        self.memory_origin = Counter("evostream_embeddings_by_memory_total", "embeddings emitted, by how their memory relates to the conversation (continued, new, reset_after_expiry, reset_after_delete, reset_by_operator)", ["memory"], registry=r)
+        self.quarantined = Counter("evostream_quarantined_turns_total", "turns dead-lettered because their conversation's checkpoint is corrupt, foreign or another tenant's", ["reason"], registry=r)
+        self.after_delete = Counter("evostream_turns_after_delete_total", "turns dropped because their conversation was deleted after them (seq <= deleted seq)", registry=r)
+        self.gap_rebased = Counter("evostream_seq_gaps_rebased_total", "conversations re-based on a later turn after GAP_MAX_DEAD_LETTERS gapped turns were dead-lettered", registry=r)
         self.queries = Counter("evostream_queries_total", "query embeddings answered", registry=r)
+        # broker connectivity (issue #12)
+        self.broker_connected = Gauge("evostream_broker_connected", "1 while the broker (metadata + group coordinator) answers this worker's probe, 0 while unreachable", registry=r)
+        self.broker_unreachable = Counter("evostream_broker_unreachable_total", "times the broker became unreachable", registry=r)
+        self.emit_retries = Counter("evostream_emit_retries_total", "produce rounds retried because the broker did not take every record", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,7 +11,12 @@ The order of the last three is what makes a crash harmless:
 A worker killed anywhere replays its unacknowledged records. A replayed turn whose seq is not
 newer than the checkpoint is never applied again; if its event is still in the outbox it is
 re-emitted byte for byte, so every copy downstream is identical. A writer that lost its
-partitions (a zombie) loses the compare-and-set and re-reads instead of overwriting.
+partitions (a zombie) loses the compare-and-set and re-reads instead of overwriting; a delete
+is a tombstone that refuses every commit computed before it.
+
+A conversation is (tenant, conversation id) everywhere (`stream.identity`). One whose
+checkpoint is corrupt, foreign or another identity's is quarantined: its turns are
+dead-lettered with the reason and every other conversation in the batch flows on.
 """
 
 from __future__ import annotations
@@ -30,21 +35,24 @@ from schemas.events import (
     ConversationDeleted,
     DeadLetterReason,
     EmbeddingEvent,
+    MemoryOrigin,
     SourceRef,
     StageTimings,
     TurnEvent,
 )
+from schemas.turns import TurnInput
 from schemas.vectors import encode_vector
-from stream.checkpoints import CheckpointStore, CommitStatus, FingerprintMismatch, SourceOffset, TurnCommit
+from stream.checkpoints import CheckpointProblem, CheckpointStore, CommitStatus, SourceOffset, TurnCommit
 from stream.decode import Rejection, decode_inbound, make_dead_letter
 from stream.emitter import OutMessage
 from stream.faults import fault_point
+from stream.identity import ConversationRef
 from stream.metrics import Metrics
 from stream.recovery import StoreUnavailable
 from stream.settings import GapPolicy, Settings
 from stream.state_cache import StateCache
 from workers.engine import EvoEngine, TurnOutput
-from workers.state import ConversationState
+from workers.state import NO_SEQ, ConversationState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,6 +95,24 @@ class Emitter:
 class _Due:
     record: InboundRecord
     event: TurnEvent
+    ref: ConversationRef
+
+
+@dataclass
+class _View:
+    """Where a conversation stands for this batch (from the cache or Redis)."""
+
+    state: ConversationState
+    gen: int
+    seq: int
+    origin: MemoryOrigin
+    fresh: bool  # no live state: the first commit starts generation `gen`
+    outbox: dict[int, bytes] = field(default_factory=dict)
+    gap_rejects: int = 0
+
+
+def conversation_ref(ev: TurnEvent | ConversationDelete) -> ConversationRef:
+    return ConversationRef(ev.tenant, ev.conversation_id)
 
 
 class TurnPipeline:
@@ -110,22 +136,24 @@ class TurnPipeline:
         rep = BatchReport(records=len(records))
         self.metrics.records.inc(len(records))
         out: list[OutMessage] = []
-        acks: dict[str, list[int]] = defaultdict(list)
+        acks: dict[ConversationRef, list[int]] = defaultdict(list)
         phase: list[_Due] = []
-        pending_cids: set[str] = set()
+        pending: set[ConversationRef] = set()
         for rec in records:
             ev = decode_inbound(rec.key, rec.value, max_bytes=self.settings.max_record_bytes,
                                 max_depth=self.settings.max_json_depth)
             if isinstance(ev, Rejection):
                 out.append(self._dead_letter(rec, ev, rep))
-            elif isinstance(ev, ConversationDelete):
-                if ev.conversation_id in pending_cids:  # keep a delete ordered after its turns
+                continue
+            ref = conversation_ref(ev)
+            if isinstance(ev, ConversationDelete):
+                if ref in pending:  # keep a delete ordered after its turns
                     await self._apply_turns(phase, out, acks, rep)
-                    phase, pending_cids = [], set()
-                out.append(await self._delete(ev, rep))
+                    phase, pending = [], set()
+                out.append(await self._delete(ev, ref, rep))
             else:
-                phase.append(_Due(rec, ev))
-                pending_cids.add(ev.conversation_id)
+                phase.append(_Due(rec, ev, ref))
+                pending.add(ref)
         if phase:
             await self._apply_turns(phase, out, acks, rep)
 
@@ -152,7 +180,7 @@ class TurnPipeline:
         return rep
 
     # ------------------------------------------------------------------------------------------
-    async def _apply_turns(self, due: list[_Due], out: list[OutMessage], acks: dict[str, list[int]],
+    async def _apply_turns(self, due: list[_Due], out: list[OutMessage], acks: dict[ConversationRef, list[int]],
                            rep: BatchReport) -> None:
         """Apply a list of turn events (any conversations, in record order); retried for the
         conversations whose checkpoint another writer advanced meanwhile."""
@@ -162,38 +190,40 @@ class TurnPipeline:
                 return
             rep.conflicts += len(conflicted)
             self.metrics.conflicts.inc(len(conflicted))
-            due = [d for d in due if d.event.conversation_id in conflicted]
+            due = [d for d in due if d.ref in conflicted]
             log.info("re-reading %d conversation(s) after checkpoint conflicts (attempt %d)", len(conflicted), attempt + 1)
-        raise RuntimeError(f"checkpoint conflicts did not settle for {sorted({d.event.conversation_id for d in due})}")
+        raise RuntimeError(f"checkpoint conflicts did not settle for {sorted({str(d.ref) for d in due})}")
 
-    async def _apply_once(self, due: list[_Due], out: list[OutMessage], acks: dict[str, list[int]],
-                          rep: BatchReport) -> set[str]:
-        cids = list(dict.fromkeys(d.event.conversation_id for d in due))
-        partitions = {d.event.conversation_id: d.record.partition for d in due}
+    async def _apply_once(self, due: list[_Due], out: list[OutMessage], acks: dict[ConversationRef, list[int]],
+                          rep: BatchReport) -> set[ConversationRef]:
+        refs = list(dict.fromkeys(d.ref for d in due))
+        partitions = {d.ref: d.record.partition for d in due}
         t = time.perf_counter()
-        states, outboxes, foreign = await self._load_states(cids, partitions)
+        views, problems = await self._load_views(refs)
         rep.load_s += time.perf_counter() - t
         self.metrics.load_s.observe(time.perf_counter() - t)
 
         # --- what is due: order, duplicates, gaps, limits ---------------------------------
-        last_seq = {cid: states[cid].seq for cid in states}
-        start_seq = dict(last_seq)
+        last_seq = {ref: v.seq for ref, v in views.items()}
         todo: list[_Due] = []
         for d in due:
-            ev, cid = d.event, d.event.conversation_id
-            if cid in foreign:
-                out.append(self._dead_letter(d.record, Rejection(
-                    reason_code=DeadLetterReason.PROCESSING_ERROR, reason=foreign[cid]), rep))
+            ev, ref = d.event, d.ref
+            if ref in problems:
+                self._quarantined(d, problems[ref], out, rep)
                 continue
-            if ev.seq <= last_seq[cid]:
-                rep.duplicates += 1
-                self.metrics.duplicates.inc()
-                stored = outboxes.get(cid, {}).get(ev.seq)
+            view = views[ref]
+            if ev.seq <= last_seq[ref]:
+                stored = view.outbox.get(ev.seq)
                 if stored is not None:
-                    out.append(OutMessage(self.settings.embeddings_topic, cid.encode(), stored))
-                    acks[cid].append(ev.seq)
+                    out.append(OutMessage(self.settings.embeddings_topic, ref.conversation_id.encode(), stored))
+                    acks[ref].append(ev.seq)
                     rep.reemitted += 1
                     self.metrics.reemitted.inc()
+                if view.origin is MemoryOrigin.RESET_AFTER_DELETE and view.fresh:
+                    # published before the delete, replayed after it: its memory is erased
+                    self.metrics.after_delete.inc()
+                rep.duplicates += 1
+                self.metrics.duplicates.inc()
                 continue
             n_tok = self.engine.turn_tokens(ev.to_turn_input())
             if n_tok > self.settings.max_turn_tokens:
@@ -201,21 +231,29 @@ class TurnPipeline:
                     reason_code=DeadLetterReason.TURN_TOO_LONG,
                     reason=f"turn has {n_tok} tokens; the limit (max_turn_tokens) is {self.settings.max_turn_tokens}"), rep))
                 continue
-            if ev.seq > last_seq[cid] + 1:
+            if ev.seq > last_seq[ref] + 1 and not self._gap_is_start(view, ev.seq):
                 if self.settings.gap_policy is GapPolicy.DEAD_LETTER:
-                    out.append(self._dead_letter(d.record, Rejection(
-                        reason_code=DeadLetterReason.SEQ_GAP,
-                        reason=f"seq {ev.seq} after {last_seq[cid]}: turns {last_seq[cid] + 1}..{ev.seq - 1} are missing"), rep))
-                    continue
+                    rejected = await self._with_store(lambda r=ref: self.store.note_gap_rejected(r), "gap count")
+                    if rejected <= self.settings.gap_max_dead_letters:
+                        out.append(self._dead_letter(d.record, Rejection(
+                            reason_code=DeadLetterReason.SEQ_GAP,
+                            reason=(f"seq {ev.seq} after {last_seq[ref]}: turns {last_seq[ref] + 1}..{ev.seq - 1} are "
+                                    f"missing ({rejected} of at most {self.settings.gap_max_dead_letters} gapped "
+                                    f"turns dead-lettered before the conversation continues without them)")), rep))
+                        continue
+                    self.metrics.gap_rebased.inc()
+                    log.warning("conversation %s: %d gapped turns dead-lettered; continuing at seq %d without "
+                                "turns %d..%d", ref, rejected - 1, ev.seq, last_seq[ref] + 1, ev.seq - 1)
                 rep.gaps += 1
                 self.metrics.gaps.inc()
-                log.warning("conversation %s: seq gap, applying %d after %d", cid, ev.seq, last_seq[cid])
-            last_seq[cid] = ev.seq
+                log.warning("conversation %s: seq gap, applying %d after %d", ref, ev.seq, last_seq[ref])
+            last_seq[ref] = ev.seq
             todo.append(d)
         if not todo:
             return set()
 
         # --- step --------------------------------------------------------------------------
+        states = {ref.tag: views[ref].state for ref in {d.ref for d in todo}}
         t = time.perf_counter()
         outputs = await self._step(states, todo, out, rep)
         rep.step_s += time.perf_counter() - t
@@ -224,16 +262,19 @@ class TurnPipeline:
         if not outputs:
             return set()
 
-        # --- checkpoint (state deltas + outbox, CAS on seq) -------------------------------
-        by_cid: dict[str, list[tuple[_Due, TurnOutput, bytes]]] = defaultdict(list)
+        # --- checkpoint (state deltas + outbox, CAS on (gen, seq)) ------------------------
+        by_ref: dict[ConversationRef, list[tuple[_Due, TurnOutput, bytes]]] = defaultdict(list)
         step_ms = rep.step_s * 1000
         for d, o in outputs:
-            by_cid[o.conversation_id].append((d, o, self._embedding_bytes(d, o, step_ms, rep.load_s * 1000)))
+            view = views[d.ref]
+            origin = view.origin if not by_ref[d.ref] else MemoryOrigin.CONTINUED
+            by_ref[d.ref].append((d, o, self._embedding_bytes(d, o, origin, view.gen, step_ms, rep.load_s * 1000)))
         commits = []
-        for cid, items in by_cid.items():
+        for ref, items in by_ref.items():
             last_rec = items[-1][0].record
+            v = views[ref]
             commits.append(TurnCommit(
-                conversation_id=cid, expected_seq=start_seq[cid], state=states[cid],
+                ref=ref, expected_seq=v.seq, expected_gen=v.gen, fresh=v.fresh, state=states[ref.tag],
                 deltas=[o.delta for _, o, _ in items], outbox={o.seq: b for _, o, b in items},
                 source=SourceOffset(topic=last_rec.topic, partition=last_rec.partition, offset=last_rec.offset)))
         t = time.perf_counter()
@@ -242,34 +283,48 @@ class TurnPipeline:
         self.metrics.checkpoint_s.observe(time.perf_counter() - t)
         fault_point("after_checkpoint")  # test-only (stream/faults.py); no-op in production
 
-        conflicted: set[str] = set()
+        conflicted: set[ConversationRef] = set()
         for res in results:
-            cid = res.conversation_id
+            ref = res.ref
             if res.applied:
-                for _, o, b in by_cid[cid]:
-                    out.append(OutMessage(self.settings.embeddings_topic, cid.encode(), b))
-                    acks[cid].append(o.seq)
-                rep.applied += len(by_cid[cid])
-                self.metrics.turns.inc(len(by_cid[cid]))
-                self.cache.put(cid, states[cid], partitions[cid])
-            elif res.status is CommitStatus.FINGERPRINT:
-                self.cache.discard(cid)
-                for d, _, _ in by_cid[cid]:
-                    out.append(self._dead_letter(d.record, Rejection(
-                        reason_code=DeadLetterReason.PROCESSING_ERROR,
-                        reason="conversation checkpoint belongs to another model fingerprint"), rep))
-            else:  # STALE: someone else advanced it; our in-memory state is void
-                self.cache.discard(cid)
-                conflicted.add(cid)
+                for d, o, b in by_ref[ref]:
+                    out.append(OutMessage(self.settings.embeddings_topic, ref.conversation_id.encode(), b))
+                    acks[ref].append(o.seq)
+                origin = views[ref].origin
+                self.metrics.memory_origin.labels(memory=origin.value).inc()
+                if len(by_ref[ref]) > 1:
+                    self.metrics.memory_origin.labels(memory=MemoryOrigin.CONTINUED.value).inc(len(by_ref[ref]) - 1)
+                rep.applied += len(by_ref[ref])
+                self.metrics.turns.inc(len(by_ref[ref]))
+                self.cache.put(ref, states[ref.tag], partitions[ref], gen=res.gen)
+            elif res.status in (CommitStatus.FINGERPRINT, CommitStatus.CORRUPT):
+                self.cache.discard(ref)
+                code = (DeadLetterReason.FINGERPRINT_MISMATCH if res.status is CommitStatus.FINGERPRINT
+                        else DeadLetterReason.CHECKPOINT_CORRUPT)
+                problem = CheckpointProblem(ref, code, f"commit refused: {res.status.value}")
+                for d, _, _ in by_ref[ref]:
+                    self._quarantined(d, problem, out, rep)
+            else:  # STALE: the view changed (another writer, a delete); our in-memory state is void
+                self.cache.discard(ref)
+                conflicted.add(ref)
         return conflicted
+
+    @staticmethod
+    def _gap_is_start(view: _View, seq: int) -> bool:
+        """A conversation we know nothing about may start at any seq (its earlier turns were
+        before our time, or its marker expired): that is not a gap."""
+        return view.origin is MemoryOrigin.NEW and view.seq == NO_SEQ
 
     async def _step(self, states: dict[str, ConversationState], todo: list[_Due], out: list[OutMessage],
                     rep: BatchReport) -> list[tuple[_Due, TurnOutput]]:
         """Run the engine off the event loop. If the batch fails as a whole, isolate the turn
         that fails alone (dead-lettered as processing_error) instead of stalling the partition.
         States touched by a failed step are re-read from Redis, the source of truth, rather
-        than copied before every step (that copy would cost megabytes per batch)."""
-        turns = [d.event.to_turn_input() for d in todo]
+        than copied before every step (that copy would cost megabytes per batch).
+
+        The engine sees each conversation by its opaque tag (a hash of tenant + id), so two
+        tenants' conversations with one id never share a state inside a step."""
+        turns = [self._engine_turn(d) for d in todo]
         loop = asyncio.get_running_loop()
         try:
             outs = await loop.run_in_executor(self.executor, self.engine.step, states, turns)
@@ -277,75 +332,68 @@ class TurnPipeline:
             return list(zip(todo, outs))
         except Exception:
             log.exception("model step failed for a batch of %d turns; retrying them one by one", len(todo))
-        partitions = {d.event.conversation_id: d.record.partition for d in todo}
-        await self._reload(states, partitions)
+        refs = {d.ref for d in todo}
+        await self._reload(states, refs)
         result: list[tuple[_Due, TurnOutput]] = []
-        broken: set[str] = set()
+        broken: set[ConversationRef] = set()
         for d, turn in zip(todo, turns):
-            cid = turn.conversation_id
-            if cid in broken:  # later turns of a conversation whose turn failed: memory would skip it
+            ref, tag = d.ref, turn.conversation_id
+            if ref in broken:  # later turns of a conversation whose turn failed: memory would skip it
                 out.append(self._dead_letter(d.record, Rejection(
                     reason_code=DeadLetterReason.PROCESSING_ERROR,
                     reason="an earlier turn of this conversation in the same batch failed in the model step"), rep))
                 continue
             try:
-                o = await loop.run_in_executor(self.executor, self.engine.step, {cid: states[cid]}, [turn])
+                o = await loop.run_in_executor(self.executor, self.engine.step, {tag: states[tag]}, [turn])
                 result.append((d, o[0]))
             except Exception as exc:  # noqa: BLE001 - reported with the record
-                log.exception("model step failed for %s seq %d", cid, turn.seq)
-                broken.add(cid)
+                log.exception("model step failed for %s seq %d", ref, turn.seq)
+                broken.add(ref)
                 out.append(self._dead_letter(d.record, Rejection(
                     reason_code=DeadLetterReason.PROCESSING_ERROR, reason=f"model step failed: {type(exc).__name__}: {exc}"), rep))
                 # its earlier turns of this batch still commit; drop what the failed step half-did
-                done = [o for dd, o in result if o.conversation_id == cid]
-                await self._reload(states, {cid: partitions[cid]})
+                done = [o for dd, o in result if dd.ref == ref]
+                await self._reload(states, {ref})
                 for o in done:
-                    states[cid].apply(o.delta)
+                    states[tag].apply(o.delta)
         return result
 
-    async def _reload(self, states: dict[str, ConversationState], partitions: dict[str, int]) -> None:
-        for cid in partitions:
-            self.cache.discard(cid)
-        fresh, _, _ = await self._load_states(list(partitions), partitions)
-        states.update(fresh)
+    @staticmethod
+    def _engine_turn(d: _Due) -> TurnInput:
+        return d.event.to_turn_input().model_copy(update={"conversation_id": d.ref.tag})
+
+    async def _reload(self, states: dict[str, ConversationState], refs: set[ConversationRef]) -> None:
+        for ref in refs:
+            self.cache.discard(ref)
+        views, _ = await self._load_views(list(refs))
+        for ref, v in views.items():
+            states[ref.tag] = v.state
 
     # ------------------------------------------------------------------------------------------
-    async def _load_states(self, cids: list[str], partitions: dict[str, int]
-                           ) -> tuple[dict[str, ConversationState], dict[str, dict[int, bytes]], dict[str, str]]:
-        states: dict[str, ConversationState] = {}
+    async def _load_views(self, refs: list[ConversationRef]
+                          ) -> tuple[dict[ConversationRef, _View], dict[ConversationRef, CheckpointProblem]]:
+        views: dict[ConversationRef, _View] = {}
         missing = []
-        for cid in cids:
-            st = self.cache.get(cid)
-            if st is None:
-                missing.append(cid)
+        for ref in refs:
+            e = self.cache.entry(ref)
+            if e is None:
+                missing.append(ref)
                 self.metrics.cache_misses.inc()
             else:
-                states[cid] = st
+                views[ref] = _View(e.state, e.gen, e.state.seq, MemoryOrigin.CONTINUED, fresh=False)
                 self.metrics.cache_hits.inc()
-        outboxes: dict[str, dict[int, bytes]] = {}
-        foreign: dict[str, str] = {}
+        problems: dict[ConversationRef, CheckpointProblem] = {}
         if missing:
-            try:
-                loaded = await self._with_store(lambda: self.store.load_many(missing), "load")
-            except FingerprintMismatch:
-                loaded = {}
-                for cid in missing:  # find which ones are foreign
-                    try:
-                        loaded[cid] = await self._with_store(lambda c=cid: self.store.load(c), "load")
-                    except FingerprintMismatch as exc:
-                        foreign[cid] = str(exc)
-            for cid in missing:
-                if cid in foreign:
-                    continue
-                ck = loaded.get(cid)
-                if ck is None:
-                    states[cid] = self.engine.new_state()
+            loaded = await self._with_store(lambda: self.store.load_many(missing), "load")
+            for ref, got in loaded.items():
+                if isinstance(got, CheckpointProblem):
+                    problems[ref] = got
                 else:
-                    states[cid] = ck.state
-                    outboxes[cid] = ck.outbox
-                # a cached state has no pending outbox we do not already know about: events
-                # are emitted in the batch that commits them
-        return states, outboxes, foreign
+                    # a cached state has no pending outbox we do not already know about:
+                    # events are emitted in the batch that commits them
+                    views[ref] = _View(got.state, got.gen, got.seq, got.origin, fresh=not got.live,
+                                       outbox=got.outbox, gap_rejects=got.gap_rejects)
+        return views, problems
 
     async def _with_store(self, op: Callable[[], Awaitable[T]], what: str) -> T:
         """Run a store operation; while Redis is unavailable, pause (hold this batch) and retry."""
@@ -365,23 +413,27 @@ class TurnPipeline:
                 self.metrics.paused.set(1)
                 await self.store.wait_until_available()
 
-    async def _delete(self, ev: ConversationDelete, rep: BatchReport) -> OutMessage:
-        cid = ev.conversation_id
-        cached = self.cache.get(cid)
-        through: int | None = cached.seq if cached is not None else None
-        if through is None:
-            try:
-                ck = await self._with_store(lambda: self.store.load(cid), "load")
-                through = ck.seq if ck is not None else None
-            except FingerprintMismatch:
-                through = None
-        await self._with_store(lambda: self.store.delete(cid), "delete")
-        self.cache.discard(cid)
+    async def _delete(self, ev: ConversationDelete, ref: ConversationRef, rep: BatchReport) -> OutMessage:
+        """Tombstone the conversation (see stream/checkpoints.py): its state is dropped and no
+        writer that computed a turn before the delete can commit it afterwards."""
+        self.cache.discard(ref)
+        _existed, through = await self._with_store(lambda: self.store.delete(ref), "delete")
+        self.cache.discard(ref)
         rep.deleted += 1
         self.metrics.deletes.inc()
-        tomb = ConversationDeleted(conversation_id=cid, deleted_through_seq=through if through is not None and through >= 0 else None,
-                                   at=datetime.now(timezone.utc), tenant=ev.tenant)
-        return OutMessage(self.settings.embeddings_topic, cid.encode(), tomb.model_dump_json().encode())
+        tomb = ConversationDeleted(conversation_id=ref.conversation_id,
+                                   deleted_through_seq=through if through >= 0 else None,
+                                   at=datetime.now(timezone.utc), tenant=ref.tenant)
+        return OutMessage(self.settings.embeddings_topic, ref.conversation_id.encode(), tomb.model_dump_json().encode())
+
+    def _quarantined(self, d: _Due, problem: CheckpointProblem, out: list[OutMessage], rep: BatchReport) -> None:
+        """A turn of a conversation that cannot be continued: dead-lettered with the reason,
+        counted; the rest of the batch (and the partition) flows on."""
+        self.metrics.quarantined.labels(reason=problem.code.value).inc()
+        hint = (" (see `evostream inspect`; `evostream reset` starts it over, then replay its dead letters)"
+                if problem.code is DeadLetterReason.CHECKPOINT_CORRUPT else "")
+        out.append(self._dead_letter(d.record, Rejection(
+            reason_code=problem.code, reason=f"conversation {d.ref}: {problem.detail}{hint}"), rep))
 
     def _dead_letter(self, rec: InboundRecord, rej: Rejection, rep: BatchReport) -> OutMessage:
         code = rej.reason_code.value
@@ -389,16 +441,18 @@ class TurnPipeline:
         self.metrics.dead_letters.labels(reason=code).inc()
         log.warning("dead-letter %s/%d@%d: %s: %s", rec.topic, rec.partition, rec.offset, code, rej.reason[:200])
         dl = make_dead_letter(rej, rec.key, rec.value, rec.topic, rec.partition, rec.offset, rec.timestamp_ms,
-                              self.settings.worker_id)
+                              self.settings.worker_id, broker_limit=self.settings.kafka_max_message_bytes)
         return OutMessage(self.settings.dead_letter_topic, rec.key if rec.key else None, dl.model_dump_json().encode())
 
-    def _embedding_bytes(self, d: _Due, o: TurnOutput, step_ms: float, load_ms: float) -> bytes:
+    def _embedding_bytes(self, d: _Due, o: TurnOutput, memory: MemoryOrigin, gen: int, step_ms: float,
+                         load_ms: float) -> bytes:
         rec = d.record
         queue_ms = max(0.0, time.time() * 1000 - rec.timestamp_ms) if rec.timestamp_ms and rec.timestamp_ms > 0 else 0.0
         ev = EmbeddingEvent(
-            conversation_id=o.conversation_id, seq=o.seq, vector=encode_vector(o.embedding),
+            conversation_id=d.ref.conversation_id, seq=o.seq, vector=encode_vector(o.embedding),
             dim=int(o.embedding.shape[0]), model=self.engine.model_name[:256] or "evoembedding",
-            checkpoint=self.engine.fingerprint, memory_len=o.memory_len, tenant=d.event.tenant,
+            checkpoint=self.engine.fingerprint, memory_len=o.memory_len, memory=memory, generation=gen,
+            tenant=d.ref.tenant,
             source=SourceRef(topic=rec.topic, partition=rec.partition, offset=rec.offset),
             timings=StageTimings(queue_ms=queue_ms, step_ms=step_ms, checkpoint_ms=load_ms),
             produced_at=datetime.now(timezone.utc),

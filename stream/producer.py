@@ -14,11 +14,14 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from aiokafka import AIOKafkaProducer
 
 from schemas.events import TurnEvent
+
+if TYPE_CHECKING:
+    from stream.kafka_security import KafkaSecurity
 
 
 def turn_events(conversations: list[dict]) -> Iterator[TurnEvent]:
@@ -63,9 +66,15 @@ def read_records(path: Path) -> list[tuple[bytes, bytes]]:
 
 
 async def produce_records(records: list[tuple[bytes, bytes]], *, bootstrap: str, topic: str, rate: float = 0.0,
-                          progress: bool = True) -> int:
-    prod = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    await prod.start()
+                          progress: bool = True, security: KafkaSecurity | None = None,
+                          idempotent: bool = False) -> int:
+    prod = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, enable_idempotence=idempotent,
+                            **(security.client_kwargs() if security is not None else {}))
+    try:
+        await prod.start()
+    except BaseException:
+        await prod.stop()  # a failed start leaves a half-open client behind
+        raise
     try:
         t0 = time.monotonic()
         futs = []
@@ -88,5 +97,7 @@ async def produce_records(records: list[tuple[bytes, bytes]], *, bootstrap: str,
         await prod.stop()
 
 
-async def produce_file(path: Path, *, bootstrap: str, topic: str, rate: float = 0.0, progress: bool = True) -> int:
-    return await produce_records(read_records(path), bootstrap=bootstrap, topic=topic, rate=rate, progress=progress)
+async def produce_file(path: Path, *, bootstrap: str, topic: str, rate: float = 0.0, progress: bool = True,
+                       security: KafkaSecurity | None = None, idempotent: bool = False) -> int:
+    return await produce_records(read_records(path), bootstrap=bootstrap, topic=topic, rate=rate, progress=progress,
+                                 security=security, idempotent=idempotent)

@@ -7,49 +7,83 @@ production overrides broker, Redis, checkpoint, device and the idempotent produc
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
 
 
 class GapPolicy(str, Enum):
     APPLY = "apply"              # apply the turn, log a warning, count it
-    DEAD_LETTER = "dead_letter"  # refuse the turn (and, necessarily, every later one until fixed)
+    DEAD_LETTER = "dead_letter"  # refuse gapped turns, up to GAP_MAX_DEAD_LETTERS per conversation
 
 
-def _file_settings() -> dict[str, Any]:
-    path = os.environ.get("EVOSTREAM_CONFIG")
+class Durability(str, Enum):
+    """What must hold for a checkpoint commit before the input offsets are acknowledged."""
+
+    REPLY = "reply"  # Redis replied: in its memory; a crash within its fsync window loses it
+    AOF = "aof"  # WAITAOF: fsynced to the local append-only file
+    REPLICAS = "replicas"  # WAIT: received by `redis_durability_replicas` replicas
+    AOF_AND_REPLICAS = "aof+replicas"
+
+
+#: The variable naming the settings file (not a setting itself: it says where settings live).
+CONFIG_ENV = "EVOSTREAM_CONFIG"
+#: A settings file may hold its keys at the top level or under this table/section.
+CONFIG_SECTION = "evostream"
+
+
+class ConfigFileMissing(FileNotFoundError):
+    """EVOSTREAM_CONFIG / --config names a file that does not exist. A typo in that path must
+    not silently fall back to defaults (pydantic-settings' file sources skip missing files)."""
+
+
+def _unwrap(data: Any) -> dict[str, Any]:
+    if isinstance(data, dict) and isinstance(data.get(CONFIG_SECTION), dict):
+        return dict(data[CONFIG_SECTION])
+    return dict(data or {})
+
+
+class _Json(JsonConfigSettingsSource):
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        return _unwrap(super()._read_file(file_path))
+
+
+class _Toml(TomlConfigSettingsSource):
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        return _unwrap(super()._read_file(file_path))
+
+
+class _Yaml(YamlConfigSettingsSource):
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        return _unwrap(super()._read_file(file_path))
+
+
+def config_file_source(settings_cls: type[BaseSettings]) -> PydanticBaseSettingsSource | None:
+    """pydantic-settings' own file source for the file named by EVOSTREAM_CONFIG (chosen by
+    suffix: .toml, .yaml/.yml, else JSON), or None when no file is configured."""
+    path = os.environ.get(CONFIG_ENV)
     if not path:
-        return {}
+        return None
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"EVOSTREAM_CONFIG={path} does not exist")
-    text = p.read_text()
-    if p.suffix in (".toml",):
-        import tomllib
-
-        data = tomllib.loads(text)
-    elif p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
-    return dict(data.get("evostream", data))
-
-
-class _FileSource(PydanticBaseSettingsSource):
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return _file_settings()
+        raise ConfigFileMissing(f"{CONFIG_ENV}={path}: no such file")
+    if p.suffix == ".toml":
+        return _Toml(settings_cls, toml_file=p)
+    if p.suffix in (".yaml", ".yml"):
+        return _Yaml(settings_cls, yaml_file=p)
+    return _Json(settings_cls, json_file=p)
 
 
 class Settings(BaseSettings):
@@ -74,15 +108,59 @@ class Settings(BaseSettings):
         description="longest a fetch waits for data; tansu answers only when it expires (faust hard-codes 1500)")
     max_record_bytes: int = Field(1_000_000, ge=1024)
 
+    # --- Kafka security and topic administration (issue #8) ---
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL; used by every Kafka client")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] = Field("PLAIN", description="PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER")
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_username_file: str | None = Field(None, description="read the SASL username from this file")
+    kafka_sasl_password_file: str | None = Field(None, description="read the SASL password from this file")
+    kafka_sasl_oauth_token_file: str | None = Field(
+        None, description="OAUTHBEARER: file holding the bearer token, re-read on every authentication")
+    kafka_ssl_cafile: str | None = Field(None, description="CA bundle (PEM) to verify the brokers; default: system CAs")
+    kafka_ssl_certfile: str | None = Field(None, description="client certificate (PEM) for mutual TLS")
+    kafka_ssl_keyfile: str | None = Field(None, description="client private key (PEM) for mutual TLS")
+    kafka_ssl_key_password_file: str | None = None
+    kafka_ssl_check_hostname: bool = Field(True, description="verify the broker's name against its certificate")
+    topics_replication_factor: int = Field(1, ge=1, description="`evostream topics`: replicas of each topic")
+    topics_retention_ms: int | None = Field(
+        None, ge=-1, description="`evostream topics`: retention.ms of the turns/embeddings topics; None = broker default")
+    dead_letter_retention_ms: int | None = Field(None, ge=-1, description="`evostream topics`: retention.ms of the dead-letter topic")
+    kafka_max_message_bytes: int = Field(
+        1_048_588, ge=16_384,
+        description="largest record the broker accepts (Kafka's default message.max.bytes); "
+                    "`evostream topics` sets it as max.message.bytes; dead letters are cut to fit it")
+    worker_create_topics: bool = Field(
+        False, description="workers create missing topics at start (development); default: only check, exit naming the missing")
+
     # --- Redis ---
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_namespace: str = "evostream"
     state_ttl_s: int | None = Field(7 * 24 * 3600, description="idle conversations expire; None = never")
     compact_every: int = Field(32, ge=1)
 
+    # --- checkpoint integrity and durability (issue #7) ---
+    marker_ttl_s: int | None = Field(
+        30 * 24 * 3600, gt=0,
+        description="a conversation's small marker (generation, last seq) outlives its state by this, and a "
+                    "delete's tombstone lives this long: expiry is told apart from a gap, deletes stay final")
+    redis_durability: Durability = Field(
+        Durability.REPLY, description="before offsets are acknowledged: reply | aof (WAITAOF) | replicas (WAIT) | aof+replicas")
+    redis_durability_replicas: int = Field(1, ge=0, description="replicas that must have a commit (replicas, aof+replicas)")
+    redis_durability_timeout_ms: int = Field(2000, ge=1, description="longest wait for fsync/replicas; the batch is retried after it")
+    redis_allow_eviction: bool = Field(
+        False, description="start even if Redis' maxmemory-policy is not noeviction (evicted keys quarantine conversations)")
+    gap_max_dead_letters: int = Field(
+        8, ge=0, description="GAP_POLICY=dead_letter: after this many gapped turns of a conversation, it continues without the missing ones")
+
     # --- model ---
-    checkpoint: str = Field("", description="checkpoint directory; empty = generate/use the tiny one")
-    backbone_config: str | None = None
+    checkpoint: str = Field("", description="checkpoint directory or hub id (owner/name); empty = the seeded tiny one")
+    backbone_config: str | None = Field(
+        None, description="base model config.json path or hub id, when neither the checkpoint nor the hub cache has it")
+    # --- model source (issue #11) ---
+    checkpoint_revision: str | None = Field(
+        None, description="hub revision (branch, tag or commit) when the checkpoint is a hub id; default: main")
     device: str = "cpu"
     dtype: str = "float32"
     memory_rendering: str = "chatml"
@@ -106,6 +184,44 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
+    # --- query API (issue #9) ---
+    api_auth: Literal["required", "off"] = Field(
+        "required", description="'off' serves every tenant without a key: only for local use (demo, tests)")
+    api_keys: dict[str, list[str | None]] = Field(
+        default_factory=dict, description='API key -> tenants it may read (JSON); null = the default tenant, "*" = all')
+    api_keys_file: str | None = Field(None, description="JSON file with more keys, same shape as api_keys")
+    api_max_body_bytes: int = Field(1_048_576, ge=1024, description="larger request bodies get 413")
+    api_max_inputs: int = Field(64, ge=1, description="inputs (texts, candidates) per request; more gets 413")
+    api_max_input_tokens: int = Field(2048, ge=16, description="tokens per input text; longer gets 413")
+    query_queue_max: int = Field(256, ge=1, description="query requests waiting for the model; more gets 429")
+    query_batch_max: int = Field(32, ge=1, description="texts per query forward pass (micro-batch)")
+    query_batch_wait_ms: float = Field(2.0, ge=0, description="how long a query pass waits to fill up")
+    query_share: float = Field(
+        0.2, gt=0, le=1, description="largest share of the model thread queries get while ingestion is busy")
+    query_idle_grace_ms: float = Field(
+        250.0, ge=0, description="ingestion counts as busy until it has been idle this long")
+
+    # --- interop with other producers (issue #13) ---
+    output_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="batch compression of the embeddings and dead-letter topics (see BENCHMARKS.md)")
+    input_strict: bool = Field(
+        False, description="dead-letter turns with unknown fields/roles (the pre-1.1 contract); "
+                           "default: accept, keep them in metadata, count them")
+
+    # --- broker faults and shutdown (issue #12) ---
+    broker_probe_interval_s: float = Field(
+        2.0, gt=0, description="how often the worker asks the broker for metadata + its group coordinator")
+    broker_probe_timeout_s: float = Field(5.0, gt=0, description="a probe without an answer by then failed")
+    broker_unreachable_after_s: float = Field(
+        6.0, gt=0, description="no probe answered for this long: broker unreachable (readiness false)")
+    broker_retry_backoff_max_s: float = Field(
+        10.0, gt=0, description="cap of the exponential back-off of reconnects while the broker is unreachable")
+    shutdown_grace_s: float = Field(
+        20.0, gt=0, le=3600, description="after SIGTERM the process is gone within this; exit 75 if it had to cut short")
+    log_repeat_window_s: float = Field(
+        60.0, gt=0, description="Kafka client libraries log each kind of line at most log_repeat_burst times per window")
+    log_repeat_burst: int = Field(3, ge=1)
+
     @field_validator("memory_rendering")
     @classmethod
     def _rendering(cls, v: str) -> str:
@@ -117,4 +233,7 @@ class Settings(BaseSettings):
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _FileSource(settings_cls), file_secret_settings)
+        # Precedence: explicit arguments (CLI flags) > EVOSTREAM_* environment > settings file.
+        file_source = config_file_source(settings_cls)
+        sources = (init_settings, env_settings) + ((file_source,) if file_source is not None else ())
+        return sources + (file_secret_settings,)

@@ -27,6 +27,10 @@ from stream.topics import delete_topics_sync, ensure_topics_sync
 EXTERNAL_KAFKA = "EVOSTREAM_TEST_KAFKA_BOOTSTRAP"
 EXTERNAL_REDIS = "EVOSTREAM_TEST_REDIS_URL"
 
+# No model hub is ever contacted by the suite (issue #11): a checkpoint or backbone named by
+# hub id resolves from the hub cache only; inherited by every worker subprocess.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 
 @pytest.fixture(scope="session")
 def _managed_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack | None]:

@@ -40,6 +40,9 @@ DECODER_REASONS: frozenset[DeadLetterReason] = frozenset(R) - {
     R.TURN_TOO_LONG,
     R.SEQ_GAP,
     R.PROCESSING_ERROR,
+    R.CHECKPOINT_CORRUPT,
+    R.FINGERPRINT_MISMATCH,
+    R.TENANT_MISMATCH,
 }
 """Reasons the decoder gives for bad input (the rest come from the pipeline or from bugs)."""
 

@@ -362,7 +362,7 @@ def test_zombie_with_bit_identical_deltas_is_refused_not_taken_for_a_retry(redis
         def commit(event: bytes) -> TurnCommit:
             st = ConversationState(hidden_size=8, capacity=32, dtype=torch.float32)
             st.apply(delta)
-            return TurnCommit(conversation_id=cid, expected_seq=-1, state=st, deltas=[delta], outbox={0: event})
+            return TurnCommit(ref=cid, expected_seq=-1, state=st, deltas=[delta], outbox={0: event})
 
         owner, zombie = stores
         try:
@@ -774,3 +774,169 @@ def _existing(probe: RedisProbe, cids: list[str]) -> int:
         return sum(1 for n in pipe.execute() if n)
     except Exception:  # noqa: BLE001 - Redis down: unknown
         return -1
+
+
+# --------------------------------------------------------------------------- 6. broker faults (issue #12)
+
+BROKER_FAST = {
+    "EVOSTREAM_BROKER_PROBE_INTERVAL_S": "1",
+    "EVOSTREAM_BROKER_PROBE_TIMEOUT_S": "2",
+    "EVOSTREAM_BROKER_UNREACHABLE_AFTER_S": "3",
+    "EVOSTREAM_BROKER_RETRY_BACKOFF_MAX_S": "5",
+}
+"""Workers notice an unreachable broker within a few seconds (defaults: 2 s probe, 6 s)."""
+BROKER_UNREACHABLE = "evostream_broker_unreachable_total"
+EMIT_RETRIES = "evostream_emit_retries_total"
+
+
+@contextlib.contextmanager
+def _dedicated_broker(tmp_path: Path):
+    """A tansu broker of the scenario's own behind a test-controlled proxy: pausing or
+    partitioning it never disturbs the session's broker (other tests)."""
+    from tests.support.kafka_proxy import proxied_broker
+    from tests.support.traffic import TopicMaker
+
+    with proxied_broker(tmp_path / "broker") as (broker, proxy):
+        topics = TopicMaker(proxy.address, "broker-chaos")
+        try:
+            yield broker, proxy, topics
+        finally:
+            topics.close()
+
+
+def _unready(fleet: Fleet, names) -> dict[str, str]:
+    """name -> broker state, for the given workers whose /readyz is not 200."""
+    out = {}
+    for n in names:
+        try:
+            code, body = fleet.workers[n].get("/readyz", timeout=3)
+        except (OSError, ValueError):
+            continue
+        if code != 200:
+            out[n] = str(body.get("broker"))
+    return out
+
+
+def test_broker_paused_past_session_timeout(tmp_path: Path, redis_url) -> None:
+    """SIGSTOP the broker past the group session timeout while a producer streams, then SIGCONT:
+    workers report not ready (broker unreachable) while it is frozen, never exit, and once it is
+    back every turn is applied exactly once and every embedding delivered (produces that failed
+    during the pause are retried; records are acknowledged only after delivery)."""
+    rng = random.Random(SCALE.seed * 503)
+    with scenario("broker_pause") as s, _dedicated_broker(tmp_path) as (broker, proxy, topics):
+        traffic = generate_traffic(SCALE.broker_conversations, SCALE.broker_turns, seed=SCALE.seed, prefix="bp")
+        exp = expected_for(traffic)
+        penv = pipeline_env(topics, proxy.address, redis_url, partitions=PARTITIONS, extra=BROKER_FAST)
+        session_s = float(penv.env()["EVOSTREAM_SESSION_TIMEOUT_S"])
+        probe = RedisProbe(redis_url, penv.namespace)
+        fleet = Fleet(penv, tmp_path)
+        producer = StreamingProducer(proxy.address, penv.turns_topic, traffic.records(), tags(traffic),
+                                     rate=SCALE.broker_rate)
+        total = len(traffic)
+        unready_seen: dict[str, int] = defaultdict(int)
+        try:
+            for n in ("b0", "b1"):
+                fleet.start(n)
+            for w in fleet.workers.values():
+                w.wait_ready(SCALE.timeout)
+            producer.start()
+            for _ in range(SCALE.broker_pauses):
+                base = probe.applied(last_seqs(traffic)) or 0
+                wait_until(lambda b=base: (probe.applied(last_seqs(traffic)) or 0) >= min(total, b + 8),
+                           timeout=SCALE.timeout, tick=fleet.poll, what="progress before the pause")
+                broker.pause()
+                s.outages += 1
+                s.outage_kinds.append("broker_pause")
+                end = time.monotonic() + session_s + SCALE.broker_pause_extra_s * rng.uniform(0.8, 1.2)
+                try:
+                    while time.monotonic() < end:
+                        fleet.poll()  # raises if a worker exited
+                        for n in _unready(fleet, sorted(fleet.up)):
+                            unready_seen[n] += 1
+                        time.sleep(0.5)
+                finally:
+                    broker.resume()
+                for w in fleet.alive_workers():
+                    w.wait_ready(SCALE.timeout)
+            producer.set_rate(1000.0)
+            drain_and_check(s, fleet, penv, traffic, exp, probe, producer, timeout=SCALE.timeout)
+            assert all(w.alive() for w in fleet.workers.values()), "a worker exited during the pause"
+        finally:
+            s.extra["readyz_unready_observations"] = dict(unready_seen)
+            s.extra["broker_unreachable_total"] = fleet.metric_sum(BROKER_UNREACHABLE)
+            s.extra["emit_retries_total"] = fleet.metric_sum(EMIT_RETRIES)
+            fleet_numbers(s, fleet)
+            s.records = producer.sent.count
+            fleet.stop_all()
+            s.extra["stop_all_s"] = getattr(fleet, "stop_seconds", None)
+            probe.close()
+        assert set(unready_seen) == {"b0", "b1"}, f"not every worker reported the frozen broker: {dict(unready_seen)}"
+
+
+def test_worker_partitioned_from_broker_others_take_over(tmp_path: Path, redis_url) -> None:
+    """One worker loses Kafka (proxy: blackhole = packets dropped, or cut = connections refused)
+    while Redis stays reachable: it reports not ready; past the session timeout the other
+    worker takes its partitions and carries on (the cut-off worker's batch in flight, possibly
+    checkpointed but not emitted, is re-emitted from the outbox by the new owner); healed, it
+    rejoins. Every turn applied exactly once, every embedding delivered and identical."""
+    rng = random.Random(SCALE.seed * 601)
+    with scenario("broker_partition") as s, _dedicated_broker(tmp_path) as (broker, proxy, topics):
+        traffic = generate_traffic(SCALE.broker_conversations, SCALE.broker_turns, seed=SCALE.seed, prefix="bn")
+        exp = expected_for(traffic)
+        penv = pipeline_env(topics, proxy.address, redis_url, partitions=PARTITIONS,
+                            extra={**BROKER_FAST, **COMPACTING})
+        session_s = float(penv.env()["EVOSTREAM_SESSION_TIMEOUT_S"])
+        probe = RedisProbe(redis_url, penv.namespace)
+        fleet = Fleet(penv, tmp_path)
+        producer = StreamingProducer(proxy.address, penv.turns_topic, traffic.records(), tags(traffic),
+                                     rate=SCALE.broker_rate)
+        total = len(traffic)
+        cut_off_unready: list[bool] = []
+        took_over: list[bool] = []
+        try:
+            for n in ("p0", "p1"):
+                fleet.start(n)
+            for w in fleet.workers.values():
+                w.wait_ready(SCALE.timeout)
+            producer.start()
+            for i, mode in enumerate(SCALE.broker_partitions):
+                base = probe.applied(last_seqs(traffic)) or 0
+                wait_until(lambda b=base: (probe.applied(last_seqs(traffic)) or 0) >= min(total, b + 8),
+                           timeout=SCALE.timeout, tick=fleet.poll, what="progress before the partition")
+                _wait_group_stable(fleet)
+                victim = rng.choice(sorted(fleet.up))
+                other = next(n for n in sorted(fleet.up) if n != victim)
+                pid = fleet.workers[victim].proc.pid
+                proxy.partition(pid, mode)
+                s.outages += 1
+                s.outage_kinds.append(f"partition_{mode}")
+                fleet._event(f"partition-{mode}", victim)
+                try:
+                    unready = wait_until(lambda v=victim: v in _unready(fleet, [v]), timeout=60, tick=fleet.poll,
+                                         what=f"{victim} reports itself not ready")
+                    cut_off_unready.append(bool(unready))
+                    sleep_ticking(session_s + SCALE.broker_partition_extra_s * rng.uniform(0.8, 1.2), fleet.poll)
+                    # the other worker now owns every partition: whatever was published so far
+                    # gets checkpointed while the victim is still cut off
+                    held = producer.sent.last_seq
+                    wait_until(lambda h=held: probe.caught_up(h), timeout=SCALE.timeout, tick=fleet.poll,
+                               what=f"{other} took over {victim}'s partitions")
+                    took_over.append(True)
+                    assert other not in _unready(fleet, [other]), f"{other} should be ready"
+                finally:
+                    proxy.heal(pid)
+                    fleet._event("heal", victim)
+                fleet.workers[victim].wait_ready(SCALE.timeout)
+            producer.set_rate(1000.0)
+            drain_and_check(s, fleet, penv, traffic, exp, probe, producer, timeout=SCALE.timeout)
+            assert all(w.alive() for w in fleet.workers.values()), "a worker exited during the partition"
+        finally:
+            s.extra["cut_off_worker_reported_unready"] = cut_off_unready
+            s.extra["others_took_over"] = took_over
+            s.extra["broker_unreachable_total"] = fleet.metric_sum(BROKER_UNREACHABLE)
+            s.extra["emit_retries_total"] = fleet.metric_sum(EMIT_RETRIES)
+            fleet_numbers(s, fleet)
+            s.records = producer.sent.count
+            fleet.stop_all()
+            probe.close()
+        assert len(took_over) == len(SCALE.broker_partitions)

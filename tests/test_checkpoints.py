@@ -21,6 +21,7 @@ import redis
 import torch
 
 from stream.checkpoints import (
+    CheckpointProblem,
     CheckpointStore,
     CommitStatus,
     FingerprintMismatch,
@@ -28,6 +29,7 @@ from stream.checkpoints import (
     StoreUnavailable,
     TurnCommit,
 )
+from schemas.events import DeadLetterReason, MemoryOrigin
 from workers.state import NO_SEQ, ConversationState, StateDelta
 
 FP = "fp-test-0001"
@@ -239,8 +241,11 @@ async def test_fingerprint_mismatch(redis_url: str) -> None:
             await b.load(conv.cid)
         assert ei.value.stored == "model-A" and ei.value.expected == "model-B"
         assert "model-A" in str(ei.value) and conv.cid in str(ei.value)
-        with pytest.raises(FingerprintMismatch):
-            await b.load_many(["missing-one", conv.cid])
+        # many at once: the foreign one is reported, the others still load
+        got = await b.load_many(["missing-one", conv.cid])
+        assert isinstance(got[conv.cid], CheckpointProblem)
+        assert got[conv.cid].code is DeadLetterReason.FINGERPRINT_MISMATCH
+        assert got["missing-one"].origin is MemoryOrigin.NEW
         # a writer with the wrong model cannot extend it either, even with the right seq
         [res] = await b.commit([conv.commit(1)])
         assert not res.applied and res.status is CommitStatus.FINGERPRINT and res.stored_seq == 1
@@ -255,9 +260,11 @@ async def test_ttl_set_and_refreshed(redis_url: str, r: redis.Redis) -> None:
     async with make_store(redis_url, conv, ttl_s=100, compact_every=2) as store:
         await store.commit([conv.commit(3)])  # 3 > 2: compacts, writes the base
         await store.commit([conv.commit(1)])  # appends a delta
-        keys = list(store.keys(conv.cid))
+        keys = list(store.keys(conv.cid))[:4]  # the state; the marker outlives it
+        mark = store.keys(conv.cid).mark
         assert all(r.exists(k) for k in keys)
         assert all(95 <= r.ttl(k) <= 100 for k in keys)
+        assert store.marker_ttl_s + 95 <= r.ttl(mark) <= store.marker_ttl_s + 100
         for k in keys:
             r.expire(k, 5)
         await store.commit([conv.commit(1)])
@@ -268,6 +275,7 @@ async def test_ttl_set_and_refreshed(redis_url: str, r: redis.Redis) -> None:
         await forever.load(conv.cid)
         await forever.commit([conv.commit(1)])
         assert all(r.ttl(k) == -1 for k in keys)  # persisted
+        assert r.ttl(mark) == -1
         info = await forever.inspect(conv.cid)
         assert info is not None and info["ttl_s"] is None
 
@@ -280,15 +288,25 @@ async def test_idle_conversation_expires(redis_url: str, r: redis.Redis) -> None
         await asyncio.sleep(0.6)
         await store.commit([busy.commit(1)])  # refreshes only the busy one
         await asyncio.sleep(0.6)
-        assert r.exists(*store.keys(idle.cid)) == 0
+        assert r.exists(*store.keys(idle.cid)[:4]) == 0
         assert await store.load(idle.cid) is None
         loaded = await store.load(busy.cid)
         assert loaded is not None and loaded.state.equals(busy.state)
-        # the expired conversation starts again from scratch
+        # the marker tells expiry apart from "never seen": the view says where a writer restarts
+        view = (await store.load_many([idle.cid]))[idle.cid]
+        assert view.origin is MemoryOrigin.RESET_AFTER_EXPIRY and (view.gen, view.seq) == (2, 1)
+        assert view.state.memory_len == 0
+        # a writer that still believes in the expired generation is refused
+        [stale] = await store.commit([idle.commit(1)])
+        assert not stale.applied and stale.status is CommitStatus.STALE
+        # the next turn starts generation 2 from an empty memory
         fresh = Conv(8, 8, torch.float32, seed=7)
         fresh.cid = idle.cid
-        [res] = await store.commit([fresh.commit(1)])
-        assert res.applied and res.stored_seq == 0
+        fresh.state.seq = 1
+        c = fresh.commit(1)
+        c.expected_gen, c.fresh = 2, True
+        [res] = await store.commit([c])
+        assert res.applied and res.stored_seq == 2 and res.gen == 2
 
 
 @async_test
@@ -308,10 +326,13 @@ async def test_delete_and_inspect(redis_url: str, r: redis.Redis) -> None:
         assert info["fingerprint"] == FP and info["writer"] == store.writer_id
         assert await store.inspect("nobody") is None
 
-        assert await store.delete(conv.cid) is True
-        assert r.exists(*store.keys(conv.cid)) == 0
+        assert await store.delete(conv.cid) == (True, 5)
+        assert r.exists(*store.keys(conv.cid)[:4]) == 0
+        assert r.hget(store.keys(conv.cid).mark, "status") == b"deleted"
         assert await store.load(conv.cid) is None
-        assert await store.delete(conv.cid) is False
+        assert await store.delete(conv.cid) == (False, 5)
+        info = await store.inspect(conv.cid)
+        assert info is not None and info["marker"]["status"] == "deleted" and info["seq"] is None
 
 
 @async_test
@@ -321,7 +342,7 @@ async def test_load_many_mixed(redis_url: str) -> None:
         await store.commit([c.commit(i + 1) for i, c in enumerate(convs[:3])])
         got = await store.load_many([convs[3].cid, convs[0].cid, convs[2].cid, convs[0].cid])
         assert set(got) == {convs[3].cid, convs[0].cid, convs[2].cid}
-        assert got[convs[3].cid] is None
+        assert got[convs[3].cid].origin is MemoryOrigin.NEW and not got[convs[3].cid].live
         assert got[convs[2].cid].state.equals(convs[2].state)  # type: ignore[union-attr]
         assert await store.load_many([]) == {}
 

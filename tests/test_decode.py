@@ -137,7 +137,11 @@ def test_processing_error_when_something_unexpected_breaks(monkeypatch: pytest.M
     assert decode("conv-1", raw(turn())).reason_code is R.PROCESSING_ERROR  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("code", [R.TURN_TOO_LONG, R.SEQ_GAP, R.PROCESSING_ERROR])
+PIPELINE_REASONS = [R.TURN_TOO_LONG, R.SEQ_GAP, R.PROCESSING_ERROR, R.CHECKPOINT_CORRUPT,
+                    R.FINGERPRINT_MISMATCH, R.TENANT_MISMATCH]
+
+
+@pytest.mark.parametrize("code", PIPELINE_REASONS)
 def test_pipeline_reasons_become_dead_letters(code: DeadLetterReason) -> None:
     key, value = b"conv-1", raw(turn(seq=9))
     rejection = Rejection(reason_code=code, reason=f"{code.value}: detail from the pipeline")
@@ -150,7 +154,7 @@ def test_pipeline_reasons_become_dead_letters(code: DeadLetterReason) -> None:
 def test_every_reason_code_has_an_example() -> None:
     from_decoder = {case[3] for case in DECODER_EXAMPLES}
     assert from_decoder == DECODER_REASONS
-    assert from_decoder | {R.TURN_TOO_LONG, R.SEQ_GAP, R.PROCESSING_ERROR} == set(R)
+    assert from_decoder | set(PIPELINE_REASONS) == set(R)
     assert set(MUTATIONS) == DECODER_REASONS | {None}
 
 

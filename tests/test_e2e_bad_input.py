@@ -102,7 +102,7 @@ CASES: dict[str, tuple[bytes | None, bytes | None, DeadLetterReason]] = {
     "unknown_type": (b"bad-type", _turn_json(conversation_id="bad-type", type="embedding"), R.UNKNOWN_TYPE),
     "turn_too_long": (b"bad-long", turn_record("bad-long", 0, _LONG_TEXT)[1], R.TURN_TOO_LONG),
     # A conversation checkpointed under another model fingerprint (seeded in Redis below).
-    "foreign_fingerprint": (b"foreign-conv", turn_record("foreign-conv", 1, "continue please")[1], R.PROCESSING_ERROR),
+    "foreign_fingerprint": (b"foreign-conv", turn_record("foreign-conv", 1, "continue please")[1], R.FINGERPRINT_MISMATCH),
 }
 GAP_DL_CASE = "seq_gap_dead_letter"  # the gap_policy=dead_letter worker's case (R.SEQ_GAP)
 FOREIGN_FP = "foreign-model-fingerprint"
@@ -172,7 +172,7 @@ def _seed_foreign_checkpoint(penv: PipelineEnv, cid: str) -> None:
         store = CheckpointStore(penv.redis_url, fingerprint=FOREIGN_FP, hidden_size=engine.hidden_size,
                                 capacity=engine.capacity, dtype=engine.state_dtype, namespace=penv.namespace)
         try:
-            (res,) = await store.commit([TurnCommit(conversation_id=cid, expected_seq=-1, state=states[cid],
+            (res,) = await store.commit([TurnCommit(ref=cid, expected_seq=-1, state=states[cid],
                                                     deltas=[out.delta])])
             assert res.applied
         finally:

@@ -23,6 +23,8 @@ import torch
 
 from schemas.turns import TurnInput
 from workers.evo_model import EvoEmbeddingModel, LoadedModel, load_checkpoint
+from workers.prefix_cache import CacheEvent, PrefixCache
+from workers.prefix_pass import PrefixPass, PrefixState
 from workers.rendering import MemoryRendering, Renderer
 from workers.runner import ModelRunner, Row
 from workers.scheduler import Budget, SegmentRule, pack, plan_waves
@@ -51,6 +53,9 @@ class StepStats:
     real_tokens: int = 0
     seconds: float = 0.0
     per_pass: list[tuple[str, int, int]] = field(default_factory=list)  # (adapter, rows, padded len)
+    reused_positions: int = 0     # memory-row positions taken from the prefix cache instead of computed
+    prefix_hits: int = 0          # memory rows continued from a cached prefix
+    prefix_misses: int = 0        # rows of an open segment that had to recompute it (restart, eviction, stale)
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,9 @@ class EngineConfig:
     segment: SegmentRule = SegmentRule()
     memory_rendering: MemoryRendering = MemoryRendering.CHATML
     padding: str = "right"   # "left" = the reference's masked layout (see runner.py)
+    # bytes of segment prefixes kept for the next turn (prefix_pass.py / prefix_cache.py); 0 = off,
+    # every memory step re-reads its open segment (the uncached path the parity tests pin)
+    prefix_cache_max_bytes: int = 0
 
 
 class EvoEngine:
@@ -76,6 +84,14 @@ class EvoEngine:
         self.hidden_size = model.config.hidden_size
         self.embedding_dim = model.config.embedding_dim
         self.last_stats = StepStats()
+        self.prefix_pass = PrefixPass(model)
+        self.prefix_cache: PrefixCache | None = (
+            PrefixCache(config.prefix_cache_max_bytes) if config.prefix_cache_max_bytes > 0 else None)
+
+    def set_prefix_cache_hook(self, hook: CacheEvent | None) -> None:
+        """Metric hook of the prefix cache (see prefix_cache.CacheEvent); no-op when it is off."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.on_event = hook
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -118,7 +134,11 @@ class EvoEngine:
                 mem_rows.append(Row(prefix, pieces, [True] * len(pieces)))
                 if embed:
                     emb_rows.append(Row(st.queue, [emb_ids[i]], [False]))
-            latents = self._run("memory_generator", mem_rows, stats)
+            if self.prefix_cache is not None:
+                cids = [turns[i].conversation_id for i in wave]
+                latents, kept = self._memory_cached(cids, mem_rows, opens, states, stats)
+            else:
+                latents, kept = self._run("memory_generator", mem_rows, stats), None
             vectors = self._run("retriever", emb_rows, stats) if embed else None
             for j, i in enumerate(wave):
                 turn = turns[i]
@@ -127,6 +147,8 @@ class EvoEngine:
                                    latents=latents[j].to("cpu", st.dtype).clone())
                 mem_len = st.memory_len
                 st.apply(delta)
+                if kept is not None:
+                    self.prefix_cache.store(turn.conversation_id, st, kept[j])  # type: ignore[union-attr]
                 vec = vectors[j].cpu().numpy() if vectors is not None else None
                 outputs[i] = TurnOutput(turn.conversation_id, turn.seq, vec, delta, mem_len, opens[j])
         stats.seconds = time.perf_counter() - t0
@@ -146,6 +168,50 @@ class EvoEngine:
         return self._run("retriever", rows, StepStats()).cpu().numpy()
 
     # -- passes --------------------------------------------------------------------------------
+    def _memory_cached(self, cids: list[str], rows: list[Row], opens: list[bool],
+                       states: dict[str, ConversationState], stats: StepStats
+                       ) -> tuple[torch.Tensor, list[PrefixState]]:
+        """Memory latents of one wave, each row continued from its cached segment prefix where the
+        cache holds one that matches the state (else from position 0), and the prefix each row
+        keeps for its next turn. Rows with different prefix lengths share passes (prefix_pass.py)."""
+        cache = self.prefix_cache
+        assert cache is not None
+        prefixes: list[PrefixState | None] = []
+        for cid, new_seg in zip(cids, opens):
+            if new_seg:
+                cache.discard(cid)          # the old segment's prefix is of no further use
+                prefixes.append(None)
+                continue
+            p = cache.lookup(cid, states[cid])
+            prefixes.append(p)
+            if p is None:
+                stats.prefix_misses += 1
+            else:
+                stats.prefix_hits += 1
+        totals = [r.length(self.L) for r in rows]
+        starts = [0 if p is None else p.length for p in prefixes]
+        keep = [self.prefix_pass.keep_point(t) for t in totals]
+        new_lens = [t - s for t, s in zip(totals, starts)]
+        lat: list[torch.Tensor | None] = [None] * len(rows)
+        kept: list[PrefixState | None] = [None] * len(rows)
+        for group in pack(new_lens, self.config.budget):
+            embeds, lens = self.runner.padded_from([rows[i] for i in group], [starts[i] for i in group])
+            hidden, states_out = self.prefix_pass.run(embeds, lens, [prefixes[i] for i in group],
+                                                      [keep[i] for i in group])
+            dev = hidden.device
+            idx = torch.tensor(lens, device=dev)[:, None] - self.L + torch.arange(self.L, device=dev)
+            picked = hidden.gather(1, idx[:, :, None].expand(-1, -1, hidden.shape[-1]))
+            res = self.model.latent_to_mem(picked)
+            stats.passes += 1
+            stats.padded_tokens += max(lens) * len(group)
+            stats.real_tokens += sum(lens)
+            stats.reused_positions += sum(starts[i] for i in group)
+            stats.per_pass.append(("memory_generator", len(group), max(lens)))
+            for k, i in enumerate(group):
+                lat[i] = res[k]
+                kept[i] = states_out[k]
+        return torch.stack(lat), kept  # type: ignore[arg-type,return-value]
+
     def _run(self, adapter: str, rows: list[Row], stats: StepStats) -> torch.Tensor:
         if not rows:
             return torch.empty(0)

@@ -93,9 +93,17 @@ def _backbone_config_from(cfg: dict[str, Any], ckpt_dir: Path, override: str | N
     """Where the backbone architecture comes from, in order: an explicit override path, the
     `backbone_config` our own saves embed, a local directory named by base_model_name_or_path.
     The released checkpoints only name a hub id, and no hub is reachable, so we say so."""
+    from workers.model_source import ModelNotAvailable, backbone_config_from_hub, is_hub_id
+
     src: dict[str, Any] | None = None
-    if override:
-        src = json.loads(Path(override).read_text())
+    if override and is_hub_id(override):  # EVOSTREAM_BACKBONE_CONFIG=Qwen/Qwen3-0.6B
+        try:
+            src = backbone_config_from_hub(override)
+        except ModelNotAvailable as exc:
+            raise CheckpointError(str(exc)) from exc
+    elif override:
+        p = Path(override).expanduser()
+        src = json.loads((p / "config.json" if p.is_dir() else p).read_text())
     elif "backbone_config" in cfg:
         src = cfg["backbone_config"]
     else:
@@ -104,10 +112,16 @@ def _backbone_config_from(cfg: dict[str, Any], ckpt_dir: Path, override: str | N
             if (cand / "config.json").is_file():
                 src = json.loads((cand / "config.json").read_text())
                 break
+        hub_error = ""
+        if src is None and is_hub_id(base):  # the released layout: the backbone named by hub id
+            try:
+                src = backbone_config_from_hub(base)
+            except ModelNotAvailable as exc:
+                hub_error = f" ({exc})"
         if src is None:
             raise CheckpointError(
-                f"{ckpt_dir}/config.json names backbone {base!r}, whose config is not available offline: "
-                "pass backbone_config=<path to the base model's config.json> (CLI: --backbone-config), or put "
+                f"{ckpt_dir}/config.json names backbone {base!r}, whose config is not available offline{hub_error}: "
+                "set EVOSTREAM_BACKBONE_CONFIG to the base model's config.json (or its hub id), or put "
                 f"that config.json in {ckpt_dir}/backbone/"
             )
     if "text_config" in src and "hidden_size" not in src:  # multimodal Qwen3.5 wrapper config
@@ -335,9 +349,16 @@ def load_checkpoint(
     dtype: str | torch.dtype = "float32",
     backbone_config: str | None = None,
     tokenizer_path: str | None = None,
+    revision: str | None = None,
 ) -> LoadedModel:
-    """Load an EvoEmbedding checkpoint directory (reference layout) for inference."""
-    ckpt = Path(path)
+    """Load an EvoEmbedding checkpoint (reference layout) for inference: a directory, or a hub
+    id resolved through the hub cache (workers/model_source.py)."""
+    from workers.model_source import ModelNotAvailable, resolve_checkpoint_dir
+
+    try:
+        ckpt = resolve_checkpoint_dir(str(path), revision) if not isinstance(path, Path) else path
+    except ModelNotAvailable as exc:
+        raise CheckpointError(str(exc)) from exc
     if not (ckpt / "config.json").is_file():
         raise CheckpointError(f"{ckpt} is not a checkpoint directory (no config.json)")
     raw = json.loads((ckpt / "config.json").read_text())

@@ -78,6 +78,42 @@ class ModelRunner:
             mask[i, T - s.shape[0]:] = 1
         return embeds, mask, [T] * len(rows)
 
+    def _slice(self, row: Row, start: int) -> torch.Tensor:
+        """Input embeddings of `row` from position `start` to its end: only the pieces that reach
+        past `start` are looked up (a cached segment prefix is not rebuilt, see prefix_pass.py)."""
+        m = self.model
+        dev, dt = m.device, m.dtype
+        parts: list[torch.Tensor] = []
+        off = 0
+        n = 0 if row.prefix is None else int(row.prefix.shape[0])
+        if n and start < n:
+            parts.append(m.mem_to_latent(row.prefix[start:].to(dev, dt)))
+        off = n
+        for i, piece in enumerate(row.pieces):
+            end = off + len(piece)
+            if end > start and piece:
+                ids = piece[max(0, start - off):]
+                parts.append(m.embed_ids(torch.tensor(ids, device=dev, dtype=torch.long)))
+            off = end
+            if i < len(row.queries_after) and row.queries_after[i]:
+                end = off + self.L
+                if end > start:
+                    parts.append(m.memory_queries[0][max(0, start - off):])
+                off = end
+        if not parts:
+            return torch.empty(0, m.config.hidden_size, device=dev, dtype=dt)
+        return torch.cat(parts, 0)
+
+    def padded_from(self, rows: list[Row], starts: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """(B, n, H) right-padded embeddings of each row from its start position, and real lengths."""
+        m = self.model
+        seqs = [self._slice(r, s) for r, s in zip(rows, starts)]
+        lengths = [int(s.shape[0]) for s in seqs]
+        embeds = torch.zeros(len(rows), max(lengths), m.config.hidden_size, device=m.device, dtype=m.dtype)
+        for i, s in enumerate(seqs):
+            embeds[i, : s.shape[0]] = s
+        return embeds, lengths
+
     @torch.no_grad()
     def memory_latents(self, rows: list[Row]) -> torch.Tensor:
         """(B, L, H) new memory latents: `latent_to_mem` of the hidden states at each row's

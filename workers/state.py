@@ -28,7 +28,8 @@ NO_SEQ = -1
 """`seq` of a conversation to which no turn has been applied yet."""
 
 _STATE_MAGIC = b"EVS1"
-_DELTA_MAGIC = b"EVD1"
+_DELTA_MAGIC_V1 = b"EVD1"  # read only: deltas written before continuity was recorded
+_DELTA_MAGIC = b"EVD2"
 _DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 _BYTES_PER = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -36,7 +37,9 @@ _BYTES_PER = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 # magic, dtype code, hidden, capacity, seq, snapshot_len, n_latents, n_segment_turns
 _STATE_HEADER = struct.Struct("<4sBIIqIII")
 # magic, dtype code, hidden, seq, new_segment, n_tokens, n_latents
-_DELTA_HEADER = struct.Struct("<4sBIqBII")
+_DELTA_HEADER_V1 = struct.Struct("<4sBIqBII")
+# magic, dtype code, hidden, seq, prev_seq, new_segment, n_tokens, n_latents
+_DELTA_HEADER = struct.Struct("<4sBIqqBII")
 
 
 class StateFormatError(ValueError):
@@ -78,17 +81,25 @@ def _code_dtype(code: int) -> torch.dtype:
 @dataclass
 class StateDelta:
     """What one turn changed. Applying deltas in order to the state they started from
-    rebuilds the same state as the full serialisation (bit for bit)."""
+    rebuilds the same state as the full serialisation (bit for bit).
+
+    `prev_seq` is the seq of the state the delta was computed on (set by `apply` when it is
+    first applied). It makes a stored chain self-checking: a delta whose `prev_seq` is not the
+    seq of the state it is applied to means a piece of the chain (a base, earlier deltas) is
+    missing, and applying it would silently continue a truncated memory."""
 
     seq: int
     new_segment: bool
     token_ids: list[int]
     latents: torch.Tensor  # (num_latents, hidden), on CPU
+    prev_seq: int | None = None  # None: unknown (a delta of format v1, or not yet applied)
 
     def to_bytes(self) -> bytes:
         lat = self.latents
+        if self.prev_seq is None:
+            raise StateFormatError(f"delta for seq {self.seq} has no prev_seq (apply it before storing)")
         header = _DELTA_HEADER.pack(
-            _DELTA_MAGIC, _dtype_code(lat.dtype), lat.shape[1], self.seq,
+            _DELTA_MAGIC, _dtype_code(lat.dtype), lat.shape[1], self.seq, self.prev_seq,
             1 if self.new_segment else 0, len(self.token_ids), lat.shape[0],
         )
         tokens = np.asarray(self.token_ids, dtype=np.int32).tobytes()
@@ -96,18 +107,22 @@ class StateDelta:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "StateDelta":
-        if len(data) < _DELTA_HEADER.size or data[:4] != _DELTA_MAGIC:
+        if data[:4] == _DELTA_MAGIC and len(data) >= _DELTA_HEADER.size:
+            _, code, hidden, seq, prev, new_seg, n_tok, n_lat = _DELTA_HEADER.unpack_from(data, 0)
+            off = _DELTA_HEADER.size
+        elif data[:4] == _DELTA_MAGIC_V1 and len(data) >= _DELTA_HEADER_V1.size:
+            _, code, hidden, seq, new_seg, n_tok, n_lat = _DELTA_HEADER_V1.unpack_from(data, 0)
+            prev, off = None, _DELTA_HEADER_V1.size
+        else:
             raise StateFormatError("not an evostream state delta (bad magic or truncated)")
-        magic, code, hidden, seq, new_seg, n_tok, n_lat = _DELTA_HEADER.unpack_from(data, 0)
         dtype = _code_dtype(code)
-        off = _DELTA_HEADER.size
         need = off + 4 * n_tok + n_lat * hidden * _BYTES_PER[dtype]
         if len(data) != need:
             raise StateFormatError(f"state delta has {len(data)} bytes, header says {need}")
         tokens = np.frombuffer(data, dtype=np.int32, count=n_tok, offset=off).tolist()
         off += 4 * n_tok
         lat = _tensor_from_bytes(memoryview(data)[off:], dtype, n_lat, hidden)
-        return cls(seq=seq, new_segment=bool(new_seg), token_ids=tokens, latents=lat)
+        return cls(seq=seq, new_segment=bool(new_seg), token_ids=tokens, latents=lat, prev_seq=prev)
 
 
 @dataclass
@@ -163,6 +178,14 @@ class ConversationState:
             )
         if delta.latents.dtype != self.dtype:
             raise StateFormatError(f"delta dtype {delta.latents.dtype} != state dtype {self.dtype}")
+        if delta.prev_seq is None:
+            delta.prev_seq = self.seq  # live: the delta was computed on this state
+        elif delta.prev_seq != self.seq:
+            raise StateFormatError(
+                f"delta for seq {delta.seq} continues seq {delta.prev_seq}, but the state is at "
+                f"seq {self.seq}: part of the stored chain is missing")
+        if delta.seq <= self.seq:
+            raise StateFormatError(f"delta for seq {delta.seq} does not advance the state at seq {self.seq}")
         if delta.new_segment:
             self.latents = self.queue.clone()
             self.snapshot_len = self.latents.shape[0]
@@ -239,7 +262,10 @@ class ConversationState:
 
 def rebuild(base: bytes | None, deltas: list[bytes], *, hidden_size: int, capacity: int,
             dtype: torch.dtype) -> ConversationState:
-    """State from a stored base plus the deltas appended after it (the store's layout)."""
+    """State from a stored base plus the deltas appended after it (the store's layout).
+
+    Raises StateFormatError when the chain does not connect (a delta continues a seq the
+    state is not at): a missing base or missing deltas must never rebuild a shorter memory."""
     state = (
         ConversationState.from_bytes(base)
         if base

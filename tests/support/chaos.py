@@ -98,6 +98,14 @@ class Scale:
     memory_rate: float
     memory_cache_bytes: int
     memory_ttl_s: int
+    # 6. broker faults (issue #12): a dedicated broker behind a proxy (tests/support/kafka_proxy.py)
+    broker_conversations: int = 16
+    broker_turns: int = 10
+    broker_rate: float = 5.0
+    broker_pauses: int = 1                 # SIGSTOP the broker past the session timeout, SIGCONT
+    broker_pause_extra_s: float = 6.0      # pause = session timeout + this
+    broker_partitions: tuple[str, ...] = ("blackhole",)  # one worker cut off from Kafka, per round
+    broker_partition_extra_s: float = 8.0  # partition = session timeout + this (others take over)
 
     @property
     def timeout(self) -> float:
@@ -128,6 +136,8 @@ SCALES = {
         hostile_max_record_bytes=1_000_000,
         memory_idle_conversations=1200, memory_idle_turns=2, memory_active_conversations=12,
         memory_active_turns=24, memory_rate=8.0, memory_cache_bytes=512 * 1024, memory_ttl_s=20,
+        broker_conversations=40, broker_turns=16, broker_rate=5.0, broker_pauses=3, broker_pause_extra_s=10.0,
+        broker_partitions=("blackhole", "cut", "blackhole"), broker_partition_extra_s=12.0,
     ),
 }
 

@@ -65,6 +65,9 @@ class PipelineEnv:
             EVOSTREAM_LOG_JSON="false",
             PYTHONUNBUFFERED="1",
             OMP_NUM_THREADS="1",
+            # Query API authentication off, explicitly (issue #9): these are local test workers;
+            # tests of the API itself turn it on through `extra`.
+            EVOSTREAM_API_AUTH="off",
         )
         e.update(self.extra)
         return e

@@ -1,0 +1,25 @@
+"""The worker's HTTP query API: OpenAI `POST /v1/embeddings`, TEI-style `POST /embed`,
+`POST /rerank`, `GET /info`, `GET /health`, `GET /openapi.json`, and the older
+`POST /v1/query`; API keys bound to tenants; one error shape; a bounded, micro-batched query
+queue that takes turns with ingestion on the model thread.
+
+Modules: `models` (bodies), `errors` (the error shape), `auth` (keys -> tenants), `batcher`
+(queue + fairness), `service` (memory lookup, texts), `routes` (aiohttp handlers),
+`openapi` (the document), `metrics`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def register_api(app: Any, worker: Any) -> Any:
+    """Install the API on a faust app's aiohttp application; returns the QueryApi."""
+    from stream.api.routes import QueryApi
+
+    api = QueryApi(worker)
+    api.install(app.web.web_app)
+    return api
+
+
+__all__ = ["register_api"]

@@ -1,0 +1,102 @@
+"""API keys, each bound to the tenants whose conversations it may read.
+
+Keys come from the `api_keys` setting and/or a JSON file (`api_keys_file`), both shaped
+`{"<key>": ["tenant-a", "tenant-b"]}`; `null` in the list is the default tenant (turns that
+carry no tenant) and `"*"` is every tenant. Keys are kept as SHA-256 digests and compared in
+constant time, so neither a memory dump of the table nor response timing tells a key.
+
+Authentication is on unless `api_auth = "off"` is configured explicitly (the local demo and
+tests do so); with it on and no key configured, every protected request is refused — a
+misconfigured deployment fails closed, not open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from stream.api.errors import forbidden, unauthorized
+
+ALL_TENANTS = "*"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: the tenants they may read (`all_tenants` for a `"*"` key or auth off)."""
+
+    name: str
+    tenants: frozenset[str | None]
+    all_tenants: bool = False
+
+    def resolve_tenant(self, requested: str | None) -> str | None:
+        """The tenant a request addresses: the one it names (if this principal may read it),
+        else the principal's only tenant, else the default tenant (None)."""
+        if requested is not None:
+            if not (self.all_tenants or requested in self.tenants):
+                raise forbidden("this API key may not read that tenant's conversations")
+            return requested
+        if not self.all_tenants and len(self.tenants) == 1:
+            return next(iter(self.tenants))
+        if not (self.all_tenants or None in self.tenants):
+            raise forbidden("this API key is bound to several tenants: name one in 'tenant'")
+        return None
+
+
+LOCAL = Principal("local (auth off)", frozenset(), all_tenants=True)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def _parse_table(raw: object, source: str) -> dict[str, list[str | None]]:
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and k for k in raw):
+        raise ValueError(f"{source}: expected a JSON object {{\"<key>\": [tenants...]}}")
+    out: dict[str, list[str | None]] = {}
+    for key, tenants in raw.items():
+        if not isinstance(tenants, list) or not tenants or not all(t is None or (isinstance(t, str) and t)
+                                                                  for t in tenants):
+            raise ValueError(f"{source}: each key needs a non-empty list of tenant names (or null, \"*\")")
+        if len(key) < 16:
+            raise ValueError(f"{source}: API keys must be at least 16 characters")
+        out[key] = tenants
+    return out
+
+
+class KeyTable:
+    def __init__(self, table: dict[str, list[str | None]], *, required: bool):
+        self.required = required
+        self._by_digest: dict[bytes, Principal] = {}
+        for i, (key, tenants) in enumerate(sorted(table.items())):
+            every = ALL_TENANTS in tenants
+            self._by_digest[_digest(key)] = Principal(
+                name=f"key#{i}", tenants=frozenset(t for t in tenants if t != ALL_TENANTS), all_tenants=every)
+
+    @classmethod
+    def from_settings(cls, settings: object) -> "KeyTable":
+        table = _parse_table(dict(getattr(settings, "api_keys", {}) or {}), "EVOSTREAM_API_KEYS")
+        path = getattr(settings, "api_keys_file", None)
+        if path:
+            table.update(_parse_table(json.loads(Path(path).read_text()), str(path)))
+        return cls(table, required=getattr(settings, "api_auth", "required") != "off")
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The principal of an `Authorization: Bearer <key>` header (401 when missing/unknown)."""
+        if not self.required:
+            return LOCAL
+        if not authorization or not authorization[:7].lower() == "bearer ":
+            raise unauthorized()
+        presented = _digest(authorization[7:].strip())
+        found: Principal | None = None
+        for digest, principal in self._by_digest.items():  # constant time per entry, no early exit
+            if hmac.compare_digest(digest, presented):
+                found = principal
+        if found is None:
+            raise unauthorized()
+        return found

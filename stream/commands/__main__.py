@@ -1,0 +1,3 @@
+from stream.commands import main
+
+raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""A record batch the consumer cannot read stops its partition, not the worker.
+
+Why this exists: aiokafka decodes a fetched record batch lazily, while faust drains it. If that
+raises (a codec whose library is missing, a corrupt batch), the error escapes faust's fetch
+loop, faust logs "We experienced a crash!" and the worker exits. The records were never
+acknowledged, so every worker that takes the partition over fetches the same batch and dies
+the same way: one producer setting stops the whole consumer group.
+
+What happens instead, with `install()`:
+
+* `GuardedPartitionRecords` replaces aiokafka's per-partition record iterator. When a batch
+  cannot be read it stops *before* that batch (the consumer's position stays at the first
+  unread offset, so nothing is skipped or lost) and reports the partition, the offset and the
+  error to a sink. Records of the same fetch that came before the bad batch are delivered.
+* The worker's sink (`UnreadableBatches`) logs once per partition and offset, counts it
+  (`evostream_unreadable_batches_total`), shows it in the `evostream_partition_stopped`
+  gauge and in `/readyz`, and pauses the partition in faust so it is not fetched again.
+  Every other partition keeps flowing.
+* Nothing is dead-lettered: the bytes could not be read, so there is nothing exact to keep;
+  the batch stays on the topic. After the cause is fixed (install the codec library, or let
+  retention/an operator move the group's offset past a corrupt batch), restarting the
+  worker resumes the partition from its committed offset.
+
+`disable_codecs_for_tests()` is the TEST-ONLY way to reproduce an unreadable batch on a
+healthy machine (`EVOSTREAM_FAULT_DISABLE_CODECS=zstd,lz4`): aiokafka then believes the
+library for those codecs is missing. Never set it in production.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+log = logging.getLogger(__name__)
+
+CODECS = ("gzip", "snappy", "lz4", "zstd")
+FAULT_ENV = "EVOSTREAM_FAULT_DISABLE_CODECS"
+
+Sink = Callable[[str, int, int, BaseException], None]
+"""(topic, partition, first unread offset, error)"""
+
+_sinks: list[Sink] = []
+_install_lock = threading.Lock()
+_installed = False
+
+
+@dataclass(frozen=True)
+class StoppedPartition:
+    topic: str
+    partition: int
+    offset: int
+    """First offset that could not be read (the consumer's position stays here)."""
+    error: str
+    since: float
+    """Unix time the partition was stopped."""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset,
+                "error": self.error, "since": self.since}
+
+
+def install(sink: Sink) -> None:
+    """Guard every aiokafka consumer of this process and send unreadable batches to `sink`.
+
+    Idempotent; several sinks may be registered (each is called)."""
+    global _installed
+    with _install_lock:
+        if sink not in _sinks:
+            _sinks.append(sink)
+        if _installed:
+            return
+        from aiokafka.consumer import fetcher
+
+        base = fetcher.PartitionRecords
+
+        class GuardedPartitionRecords(base):  # type: ignore[misc, valid-type]
+            """aiokafka's iterator, but a batch that cannot be read ends the iteration there
+            and is reported instead of raising into the consumer loop."""
+
+            def _unpack_records(self) -> Iterator[object]:
+                try:
+                    yield from super()._unpack_records()
+                except Exception as exc:  # noqa: BLE001 - any decode failure: stop here, report
+                    _report(self._tp.topic, self._tp.partition, self.next_fetch_offset, exc)
+
+        fetcher.PartitionRecords = GuardedPartitionRecords
+        _installed = True
+
+
+def uninstall_sink(sink: Sink) -> None:
+    with _install_lock:
+        if sink in _sinks:
+            _sinks.remove(sink)
+
+
+def _report(topic: str, partition: int, offset: int, exc: BaseException) -> None:
+    sinks = list(_sinks)
+    if not sinks:
+        log.error("unreadable record batch on %s[%d] at offset %d: %r (no sink installed)",
+                  topic, partition, offset, exc)
+    for sink in sinks:
+        try:
+            sink(topic, partition, offset, exc)
+        except Exception:  # noqa: BLE001 - reporting must never break the fetch loop
+            log.exception("unreadable-batch sink failed")
+
+
+class UnreadableBatches:
+    """The worker's record of partitions stopped on an unreadable batch.
+
+    Thread-safe: `report` runs on the consumer's thread; `on_stop` is how the owner pauses
+    the partition on its own event loop."""
+
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 on_stop: Callable[[StoppedPartition], None] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._stopped: dict[tuple[str, int], StoppedPartition] = {}
+        self.on_stop = on_stop
+        self.total = Counter("evostream_unreadable_batches_total",
+                             "record batches that could not be read (partition stopped before them)",
+                             ["partition"], registry=registry)
+        self.gauge = Gauge("evostream_partition_stopped",
+                           "1 while a partition is stopped on an unreadable record batch",
+                           ["partition"], registry=registry)
+
+    def report(self, topic: str, partition: int, offset: int, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        with self._lock:
+            known = self._stopped.get((topic, partition))
+            if known is not None and known.offset == offset:
+                return  # refetched before the pause took effect: already reported
+            stopped = StoppedPartition(topic, partition, offset, error, time.time())
+            self._stopped[(topic, partition)] = stopped
+        self.total.labels(partition=str(partition)).inc()
+        self.gauge.labels(partition=str(partition)).set(1)
+        log.error("partition %s[%d] stopped: the record batch at offset %d cannot be read (%s). The other "
+                  "partitions keep flowing; nothing was skipped. Fix the cause (e.g. install the codec "
+                  "library) and restart the worker to resume from offset %d.",
+                  topic, partition, offset, error, offset)
+        if self.on_stop is not None:
+            self.on_stop(stopped)
+
+    def forget(self, topic: str, partitions: set[int]) -> None:
+        """Partitions revoked from this worker: their new owner reports for itself."""
+        with self._lock:
+            for p in partitions:
+                if self._stopped.pop((topic, p), None) is not None:
+                    self.gauge.labels(partition=str(p)).set(0)
+
+    def stopped(self) -> list[StoppedPartition]:
+        with self._lock:
+            return sorted(self._stopped.values(), key=lambda s: (s.topic, s.partition))
+
+
+def disable_codecs_for_tests(env: dict[str, str] | None = None) -> frozenset[str]:
+    """TEST-ONLY: make aiokafka believe the libraries of the codecs named in
+    EVOSTREAM_FAULT_DISABLE_CODECS are missing (reproduces an unreadable batch)."""
+    env = os.environ if env is None else env
+    names = frozenset(n.strip() for n in env.get(FAULT_ENV, "").split(",") if n.strip())
+    unknown = names - set(CODECS)
+    if unknown:
+        raise ValueError(f"{FAULT_ENV}: unknown codec(s) {sorted(unknown)}; known: {CODECS}")
+    if names:
+        from aiokafka import codec
+
+        for name in names:
+            setattr(codec, f"has_{name}", lambda: False)
+        log.warning("TEST-ONLY fault: codecs %s reported unavailable to aiokafka", sorted(names))
+    return names
+
+
+__all__ = ["CODECS", "FAULT_ENV", "StoppedPartition", "UnreadableBatches", "disable_codecs_for_tests",
+           "install", "uninstall_sink"]
+
+
+def watch_app(app: object, registry: CollectorRegistry | None = None) -> UnreadableBatches:
+    """Guard a faust app's consumer: an unreadable batch pauses its partition in faust (on the
+    app's event loop; the report comes from the consumer thread)."""
+
+    def pause(stopped: StoppedPartition) -> None:
+        from faust.types import TP
+
+        def on_loop() -> None:
+            try:
+                app.consumer.pause_partitions({TP(stopped.topic, stopped.partition)})  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - a consumer being torn down: the batch is refetched later
+                log.exception("could not pause %s[%d]", stopped.topic, stopped.partition)
+
+        app.loop.call_soon_threadsafe(on_loop)  # type: ignore[attr-defined]
+
+    batches = UnreadableBatches(registry, on_stop=pause)
+    install(batches.report)
+    return batches
+
+
+__all__.append("watch_app")

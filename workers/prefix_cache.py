@@ -1,0 +1,128 @@
+"""Per-conversation cache of the open segment's memory prefix (what `prefix_pass` computed).
+
+Why it is safe to be lossy: an entry only saves work. A missing entry (worker restart, eviction,
+partition moved to another worker) means the next turn recomputes its segment from the snapshot,
+which gives the same numbers; so the cache is bounded by bytes and evicts least recently used.
+
+Why it is validated and not just keyed: the engine sees conversations by an opaque key
+(`TurnInput.conversation_id`; the pipeline passes a hash of tenant and conversation there), and a
+conversation's state can change behind the cache's back (a replayed or skipped turn, a reset after
+expiry or delete, a state reloaded from Redis after a rebalance). Each entry therefore records
+which state it continues: `prefix_key(state)` = (seq, snapshot length, turns and tokens in the
+segment, digest of the segment's token ids and of sampled snapshot rows). A lookup whose key does
+not match is a stale entry: it is dropped and reported, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from workers.prefix_pass import PrefixState
+from workers.state import ConversationState
+
+PrefixKey = tuple[int, int, int, int, str]
+
+CacheEvent = Callable[[str, int], None]
+"""Metric hook: called as hook(event, nbytes) with event in hit | miss | stale | store | evict | reject."""
+
+
+def prefix_key(state: ConversationState) -> PrefixKey:
+    """What a cached prefix depends on: the snapshot and the segment's token ids (plus seq, so a
+    state that moved on, or back, never matches)."""
+    h = hashlib.blake2b(digest_size=12)
+    for turn in state.segment_token_ids:
+        h.update(np.asarray(turn, dtype=np.int32).tobytes())
+        h.update(b"|")
+    snap = state.snapshot
+    if snap.shape[0]:
+        # three sampled rows: cheap, and a reset/reloaded conversation differs in all of them
+        for i in sorted({0, snap.shape[0] // 2, snap.shape[0] - 1}):
+            h.update(snap[i].float().numpy().tobytes())
+    return (state.seq, state.snapshot_len, len(state.segment_token_ids), state.segment_tokens, h.hexdigest())
+
+
+@dataclass
+class _Entry:
+    key: PrefixKey
+    prefix: PrefixState
+    nbytes: int
+
+
+@dataclass
+class PrefixCacheStats:
+    hits: int = 0
+    misses: int = 0
+    stale: int = 0
+    evictions: int = 0
+    rejected: int = 0
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int, on_event: CacheEvent | None = None):
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        self.max_bytes = max_bytes
+        self.on_event = on_event
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self.bytes = 0
+        self.stats = PrefixCacheStats()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, conv_key: str) -> bool:
+        return conv_key in self._entries
+
+    def _emit(self, event: str, nbytes: int) -> None:
+        if self.on_event is not None:
+            self.on_event(event, nbytes)
+
+    def lookup(self, conv_key: str, state: ConversationState) -> PrefixState | None:
+        """The prefix that continues `state`, or None (a miss; a stale entry is dropped)."""
+        e = self._entries.get(conv_key)
+        if e is None:
+            self.stats.misses += 1
+            self._emit("miss", 0)
+            return None
+        if e.key != prefix_key(state):
+            self.discard(conv_key)
+            self.stats.stale += 1
+            self.stats.misses += 1
+            self._emit("stale", e.nbytes)
+            return None
+        self._entries.move_to_end(conv_key)
+        self.stats.hits += 1
+        self._emit("hit", e.nbytes)
+        return e.prefix
+
+    def store(self, conv_key: str, state: ConversationState, prefix: PrefixState) -> bool:
+        """Keep `prefix` as the continuation of `state` (the state after the turn that computed it)."""
+        self.discard(conv_key)
+        n = prefix.nbytes()
+        if n > self.max_bytes:
+            self.stats.rejected += 1
+            self._emit("reject", n)
+            return False
+        while self._entries and self.bytes + n > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= old.nbytes
+            self.stats.evictions += 1
+            self._emit("evict", old.nbytes)
+        self._entries[conv_key] = _Entry(prefix_key(state), prefix, n)
+        self.bytes += n
+        self._emit("store", n)
+        return True
+
+    def discard(self, conv_key: str) -> None:
+        e = self._entries.pop(conv_key, None)
+        if e is not None:
+            self.bytes -= e.nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
