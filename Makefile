@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-all bench bench-engine bench-e2e chaos-long stack-start stack-stop clean
+.PHONY: setup demo test test-all bench bench-engine bench-e2e bench-codecs chaos-long stack-start stack-stop clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -20,13 +20,16 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q
 
-bench: bench-engine bench-e2e
+bench: bench-engine bench-e2e bench-codecs
 
 bench-engine: setup
 	$(PY) -m benchmarks.bench_engine
 
 bench-e2e: setup
 	$(PY) -m benchmarks.bench_e2e
+
+bench-codecs: setup
+	$(PY) -m benchmarks.bench_codecs
 
 chaos-long: setup
 	EVOSTREAM_CHAOS_SCALE=long $(PY) -m pytest -m chaos -q -s tests/test_chaos.py

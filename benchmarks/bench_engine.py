@@ -47,7 +47,7 @@ import torch
 from benchmarks.report import update_section
 from schemas.turns import ChatMessage, TurnInput
 from workers import reference
-from workers.engine import EvoEngine, load_engine
+from workers.engine import EngineConfig, EvoEngine, load_engine
 from workers.state import ConversationState
 from workers.tiny_checkpoint import cached_tiny_checkpoint
 
@@ -99,6 +99,7 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     verdicts: list[tuple[str, bool]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)  # free lines printed after the table (e.g. the work-ratio lines)
 
     def add(self, measure: str, value: str, target: str = "", ok: bool | None = None) -> None:
         res = "" if ok is None else ("PASS" if ok else "MISS")
@@ -263,18 +264,28 @@ def bench_batching(engine: EvoEngine, rep: Report, *, n_conv: int, history: int,
     log(f"{label} {n_conv} conversations with {history} turns of history; timing turn {history + 1} "
         f"one at a time vs batched, x{reps} (interleaved) ...")
     states, turns = build_conversations(engine, n_conv, history)
+    # with a prefix cache, both ways start from the cache the history left (entries are shared,
+    # never mutated: cloning is cheap)
+    snapshot = engine.prefix_cache.clone() if engine.prefix_cache is not None else None
+
+    def fresh_cache() -> None:
+        if snapshot is not None:
+            engine.prefix_cache = snapshot.clone()
+
     seq_s: list[float] = []
     bat_s: list[float] = []
     tokens = 0
     diff = 0.0
     for r in range(reps):
         st = {k: v.copy() for k, v in states.items()}
+        fresh_cache()
         sync()
         t0 = time.perf_counter()
         one = [engine.step(st, [t])[0] for t in turns]
         sync()
         seq_s.append(time.perf_counter() - t0)
         st = {k: v.copy() for k, v in states.items()}
+        fresh_cache()
         sync()
         t0 = time.perf_counter()
         many = engine.step(st, turns)
@@ -310,10 +321,122 @@ def bench_batching(engine: EvoEngine, rep: Report, *, n_conv: int, history: int,
             f"{1000 * statistics.median(bat_s) / n_conv:.1f} ms/turn batched (rows are right-padded without a "
             f"mask, runner padding='{engine.runner.padding}', so attention stays on its fused causal kernel; "
             "the reference's masked left padding takes the slower masked path). Batching pays where one row leaves "
-            "the device idle: a GPU (GPU mode below), and on CPU a prefix KV cache for the open memory "
-            "segment would cut the positions per turn (each memory step now re-reads its segment).")
+            "the device idle: a GPU (GPU mode below); on CPU what cuts the cost is computing fewer positions: "
+            + ("the segment-prefix cache of (d), used here." if engine.prefix_cache is not None else
+               "the segment-prefix cache of (d) (row '(b, prefix cache)'; without it each memory step re-reads "
+               "its open segment)."))
     return {"batched_s": statistics.median(bat_s), "tokens": float(tokens),
             "padded_tokens": float(engine.last_stats.padded_tokens), "speedup": speedup}
+
+
+# --------------------------------------------------------------------------------------------
+# (d): the segment-prefix cache (issue 10): work per turn against the model's minimum
+# --------------------------------------------------------------------------------------------
+TARGET_WORK_RATIO = 1.15
+
+
+def model_minimum(engine: EvoEngine, turns: list[TurnInput], outs, first_state: ConversationState) -> list[int]:
+    """Positions the model needs per turn (MODEL_SPEC): the embedding pass (queue window + the
+    turn's embedding tokens) plus the turn's share of the reference's one memory pass per segment
+    (the snapshot once, at the segment's first turn, then each turn's memory tokens + L slots)."""
+    need = []
+    queue_len = first_state.memory_len
+    for t, o in zip(turns, outs):
+        n = o.memory_len + len(engine.renderer.embedding_ids(t))
+        n += len(engine.renderer.memory_ids(t)) + engine.L
+        if o.new_segment:
+            n += queue_len  # the snapshot: the queue as this segment opens
+        need.append(n)
+        queue_len = min(engine.capacity, queue_len + engine.L)
+    return need
+
+
+def stream_counting(engine: EvoEngine, turns: list[TurnInput], state: ConversationState):
+    states = {turns[0].conversation_id: state.copy()}
+    outs, computed, ms = [], [], []
+    for t in turns:
+        t0 = time.perf_counter()
+        outs.append(engine.step(states, [t])[0])
+        ms.append(time.perf_counter() - t0)
+        computed.append(engine.last_stats.real_tokens)
+    return outs, computed, ms
+
+
+def bench_prefix_cache(rep: Report, *, family: str, size: str, n_turns: int, reps: int, timing: bool) -> None:
+    """Work ratio (positions computed / model minimum) per 16-turn segment for the uncached and
+    the cached path, and (when `timing`) ms per turn by position in a full-queue segment."""
+    plain = load_engine(cached_tiny_checkpoint(family, size))
+    cached = EvoEngine(plain.model, plain.tokenizer, config=EngineConfig(prefix_cache_max_bytes=1 << 40))
+    rng = random.Random(5)
+    cid = f"work-{family}"
+    turns = [make_turn(rng, cid, i) for i in range(n_turns)]
+    seg = plain.config.segment.max_turns
+    log(f"(d) {family}: streaming {n_turns} turns without and with the prefix cache (positions counted) ...")
+    empty = plain.new_state()
+    outs_p, comp_p, _ = stream_counting(plain, turns, empty)
+    outs_c, comp_c, _ = stream_counting(cached, turns, empty)
+    need = model_minimum(plain, turns, outs_p, empty)
+    agree = max(float(np.abs(a.embedding - b.embedding).max()) for a, b in zip(outs_p, outs_c))
+    starts = [i for i, o in enumerate(outs_p) if o.new_segment] + [n_turns]
+    segs = [(a, b) for a, b in zip(starts, starts[1:]) if b - a == seg]
+    full_from = plain.capacity // plain.L
+    steady = [s for s in segs if s[0] >= full_from] or segs
+    a, b = steady[0]
+    r_plain = sum(comp_p[a:b]) / sum(need[a:b])
+    r_cached = sum(comp_c[a:b]) / sum(need[a:b])
+    label = f"turns {a}-{b - 1}, queue {'full' if a >= full_from else 'filling'}"
+    rep.add(f"(d) {family}: work ratio, uncached path ({label})", f"{r_plain:.2f}x")
+    rep.add(f"(d) {family}: work ratio, prefix cache ({label})", f"{r_cached:.2f}x", f"<= {TARGET_WORK_RATIO}x",
+            r_cached <= TARGET_WORK_RATIO)
+    first = segs[0]
+    rp0 = sum(comp_p[first[0]:first[1]]) / sum(need[first[0]:first[1]])
+    rc0 = sum(comp_c[first[0]:first[1]]) / sum(need[first[0]:first[1]])
+    rep.lines.append(f"work ratio (positions computed / model minimum, mean over a segment): {r_plain:.2f}x "
+                     f"(today's path, {family}, {label})")
+    rep.lines.append(f"work ratio (positions computed / model minimum, mean over a segment): {r_cached:.2f}x "
+                     f"(prefix cache, {family}, {label})")
+    rep.notes.append(
+        f"(d) {family}: {n_turns} turns of one conversation, segments of {seg} turns; the model minimum of a "
+        f"segment is {sum(need[a:b]):,} positions ({label}); the uncached path computed {sum(comp_p[a:b]):,}, the "
+        f"cached one {sum(comp_c[a:b]):,}. First segment (turns {first[0]}-{first[1] - 1}, queue filling): "
+        f"{rp0:.2f}x uncached, {rc0:.2f}x cached. Embeddings with and without the cache agree to {agree:.1e}."
+        + (" Qwen3.5 keeps its prefix to a multiple of 64 positions and recomputes the rest (under 64 per turn),"
+           " so that its linear-attention kernel sees the chunks of an uncached pass (workers/prefix_pass.py)."
+           if family == "qwen3_5" else ""))
+    if r_cached > TARGET_WORK_RATIO:
+        rep.notes.append(f"(d) {family}: above {TARGET_WORK_RATIO}x: see the positions above.")
+    if not timing:
+        return
+    # ms per turn by position in a full-queue segment, both paths from the same state
+    states = {cid: plain.new_state()}
+    for t in turns[:a]:
+        plain.step(states, [t])
+    start = states[cid]
+    log(f"(d) {family}: timing every turn of segment {a}-{b - 1}, uncached and cached, x{reps} (interleaved) ...")
+    ms_p: list[list[float]] = [[] for _ in range(b - a)]
+    ms_c: list[list[float]] = [[] for _ in range(b - a)]
+    for r in range(reps):
+        _, _, mp = stream_counting(plain, turns[a:b], start)
+        cached.prefix_cache.clear()  # type: ignore[union-attr]
+        _, _, mc = stream_counting(cached, turns[a:b], start)
+        for k in range(b - a):
+            ms_p[k].append(mp[k])
+            ms_c[k].append(mc[k])
+        log(f"    repetition {r + 1}: {1000 * sum(mp):.0f} ms uncached, {1000 * sum(mc):.0f} ms cached")
+    med_p = [median_ms(x) for x in ms_p]
+    med_c = [median_ms(x) for x in ms_c]
+    rep.lines.append("")
+    rep.lines.append(f"ms per turn by position in the segment ({family}, turns {a}-{b - 1}, queue full, median of {reps}):")
+    rep.lines.append("")
+    rep.lines.append("| position | " + " | ".join(str(k + 1) for k in range(b - a)) + " |")
+    rep.lines.append("|---|" + "---|" * (b - a))
+    rep.lines.append("| uncached | " + " | ".join(f"{x:.1f}" for x in med_p) + " |")
+    rep.lines.append("| prefix cache | " + " | ".join(f"{x:.1f}" for x in med_c) + " |")
+    rep.add(f"(d) {family}: uncached ms per turn, position {b - a} / position 2", f"{med_p[-1] / med_p[1]:.2f}x")
+    rep.add(f"(d) {family}: prefix cache ms per turn, position {b - a} / position 2", f"{med_c[-1] / med_c[1]:.2f}x",
+            "(flat)")
+    rep.add(f"(d) {family}: mean ms per turn over the segment, uncached / cached",
+            f"{statistics.mean(med_p):.1f} / {statistics.mean(med_c):.1f}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,6 +538,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="GPU mode (bench1024, bf16): auto = when CUDA is available")
     ap.add_argument("--gpu-convs", type=int, default=256)
     ap.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak, for the fraction of peak")
+    ap.add_argument("--cache-turns", type=int, default=48,
+                    help="(d) length of the conversation streamed with and without the prefix cache")
+    ap.add_argument("--reps-cache", type=int, default=3, help="(d) repetitions of the timed segment")
+    ap.add_argument("--cache-families", default="qwen3,qwen3_5",
+                    help="(d) families for the work ratio (the first is also timed by position)")
+    ap.add_argument("--only-cache", action="store_true", help="run (d) only (skips (a), (b), (c) and GPU mode)")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     args = ap.parse_args(argv)
@@ -429,12 +558,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"{cfg.backbone['num_hidden_layers']} layers, LoRA r={cfg.lora_r}, float32, real Qwen3 tokenizer; "
                   f"L={cfg.num_latents}, C={cfg.buffer_capacity}")
 
-    bench_long_conversation(engine, rep, n_turns=args.turns, early=args.early, reps_inc=args.reps_inc,
-                            reps_ref=args.reps_ref, reps_seg=args.reps_seg)
-    for h in [int(x) for x in args.histories.split(",") if x.strip()]:
-        bench_batching(engine, rep, n_conv=args.convs, history=h, reps=args.reps_batch,
-                       label=f"(b) h={h}")
-    if args.gpu != "off":
+    if not args.only_cache:
+        bench_long_conversation(engine, rep, n_turns=args.turns, early=args.early, reps_inc=args.reps_inc,
+                                reps_ref=args.reps_ref, reps_seg=args.reps_seg)
+        for h in [int(x) for x in args.histories.split(",") if x.strip()]:
+            bench_batching(engine, rep, n_conv=args.convs, history=h, reps=args.reps_batch,
+                           label=f"(b) h={h}")
+        hmax = max(int(x) for x in args.histories.split(",") if x.strip())
+        if hmax > 0:
+            with_cache = EvoEngine(engine.model, engine.tokenizer, config=EngineConfig(prefix_cache_max_bytes=1 << 40))
+            bench_batching(with_cache, rep, n_conv=args.convs, history=hmax, reps=args.reps_batch,
+                           label=f"(b, prefix cache) h={hmax}")
+    for k, fam in enumerate(f.strip() for f in args.cache_families.split(",") if f.strip()):
+        bench_prefix_cache(rep, family=fam, size=args.size, n_turns=args.cache_turns, reps=args.reps_cache,
+                           timing=(k == 0))
+    if args.gpu != "off" and not args.only_cache:
         if args.gpu == "on" or torch.cuda.is_available():
             bench_gpu(rep, args)
         else:
@@ -448,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     table = rep.table()
     verdict = ", ".join(f"{'PASS' if ok else 'MISS'}: {m}" for m, ok in rep.verdicts)
     print(table)
+    for line in rep.lines:
+        print(line)
     for n in rep.notes:
         print("- " + n)
     print(verdict)
@@ -464,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
              "so load from other processes hits both sides alike"),
             "",
             table,
+            "",
+            *rep.lines,
             "",
             *("- " + n for n in rep.notes),
             "",

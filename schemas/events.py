@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from datetime import datetime
+from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -37,10 +37,12 @@ from pydantic import (
     ConfigDict,
     Field,
     TypeAdapter,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from schemas.messages import MAX_MESSAGES_PER_TURN, WireMessage
 from schemas.turns import ChatMessage, TurnInput
 from schemas.vectors import EncodedVector
 
@@ -120,6 +122,34 @@ def _iso_only(value: object) -> object:
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_iso_only)]
 """Timezone-aware; ISO 8601 on the wire (UTC is serialised with a trailing Z)."""
 
+MAX_EPOCH_MS = 253_402_300_799_999
+"""9999-12-31T23:59:59.999Z, the last instant an ISO 8601 year of four digits can write."""
+
+
+def _iso_or_epoch_ms(value: object) -> object:
+    """Inbound timestamps (issue #13): ISO 8601 strings as before, or integer Unix epoch
+    *milliseconds* (what Java/JavaScript producers and Kafka itself write). Only integers: a
+    float or a numeric string stays an error, and no seconds-vs-milliseconds guess is made
+    from the magnitude -- the unit is part of the contract."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= MAX_EPOCH_MS:
+            raise PydanticCustomError(
+                "epoch_ms_range", "epoch-millisecond timestamps must be within 0..{max}", {"max": MAX_EPOCH_MS})
+        return datetime.fromtimestamp(value / 1000, tz=timezone.utc).replace(
+            microsecond=(value % 1000) * 1000)
+    return _iso_only(value)
+
+
+InboundTimestamp = Annotated[
+    AwareDatetime,
+    BeforeValidator(_iso_or_epoch_ms),
+    WithJsonSchema({"anyOf": [
+        {"type": "string", "format": "date-time", "description": "ISO 8601 with an offset"},
+        {"type": "integer", "minimum": 0, "maximum": MAX_EPOCH_MS, "description": "Unix epoch milliseconds (UTC)"},
+    ]}, mode="validation"),
+]
+"""Timezone-aware; ISO 8601 with an offset, or integer epoch milliseconds (UTC)."""
+
 ConversationId = Annotated[
     str,
     Field(min_length=1, max_length=MAX_CONVERSATION_ID_CHARS),
@@ -164,13 +194,96 @@ class _Wire(BaseModel):
 # --------------------------------------------------------------------------- inbound
 
 
-class TurnEvent(_Wire):
+class _Inbound(BaseModel):
+    """Inbound events are read tolerantly (issue #13): a field this version does not know is
+    accepted and kept (`model_extra`, re-serialised with the event) instead of rejected, so a
+    producer that adds a field does not dead-letter every turn until evostream is redeployed.
+    `stream.decode` counts such fields; `EVOSTREAM_INPUT_STRICT=true` restores the version-1
+    contract (`TurnEventV1`: unknown fields are a `schema_violation`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    @property
+    def unknown_fields(self) -> tuple[str, ...]:
+        """Names of the fields this version does not know (`messages[i].x` for messages)."""
+        return tuple(self.model_extra or ())
+
+
+def _turn_rule_error(roles: list[str]) -> PydanticCustomError:
+    return PydanticCustomError(
+        "turn_roles",
+        "a turn is the user message(s) and/or the assistant reply to them, in that order; "
+        "got roles {roles}",
+        {"roles": roles},
+    )
+
+
+class TurnEvent(_Inbound):
     """One conversation turn as published by a chat platform.
 
-    `messages` is the user message and/or the assistant reply to it, in that order. Either
-    side may be empty (whitespace only) but not both: an empty turn would spend a model step
-    and a seq on nothing, so it is rejected (`empty_turn`) rather than embedded.
+    `messages` holds the user message and/or the assistant reply to it, in that order, in any
+    common chat format (`schemas.messages.WireMessage`): system/developer/tool/function
+    messages, OpenAI-style `name`/`tool_calls`, and content parts are accepted; what the model
+    reads of each is defined in `schemas.messages`. A turn in which no message has any
+    content is rejected (`empty_turn`): it would spend a seq on nothing. A turn whose only
+    content is in messages the model does not read (e.g. a lone system prompt) is valid but
+    has no text (`has_text` False): it is acknowledged and counted, not embedded.
+    `timestamp`: ISO 8601 with an offset, or integer epoch milliseconds (UTC).
     """
+
+    type: Literal["turn"] = "turn"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    conversation_id: ConversationId
+    seq: Seq
+    messages: list[WireMessage] = Field(min_length=1, max_length=MAX_MESSAGES_PER_TURN)
+    timestamp: InboundTimestamp
+    tenant: Tenant | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _roles_and_content(self) -> "TurnEvent":
+        # Raised with our own error types so the decoder can tell `empty_turn` apart from a
+        # malformed turn without parsing message strings.
+        said = [m.role for m in self.messages if m.read_by_model]
+        if "assistant" in said and "user" in said[said.index("assistant"):]:
+            raise _turn_rule_error([m.role for m in self.messages])
+        if not any(m.text.strip() or m.tool_calls for m in self.messages):
+            raise PydanticCustomError("empty_turn", "empty turn: every message of the turn is empty")
+        return self
+
+    @property
+    def unknown_fields(self) -> tuple[str, ...]:
+        return super().unknown_fields + tuple(
+            f"messages[{i}].{name}" for i, m in enumerate(self.messages) for name in m.unknown_fields)
+
+    @property
+    def unread_roles(self) -> tuple[str, ...]:
+        """Roles of the messages the model does not read (system, developer, tool, function)."""
+        return tuple(m.role for m in self.messages if not m.read_by_model)
+
+    def _sides(self) -> list[ChatMessage]:
+        sides = []
+        for role in ("user", "assistant"):
+            parts = [m for m in self.messages if m.role == role and m.content is not None]
+            if parts:
+                sides.append(ChatMessage(role=role, content="\n".join(m.text for m in parts)))
+        return sides
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the model has anything to read in this turn (see the class docstring)."""
+        return any(m.content.strip() for m in self._sides())
+
+    def to_turn_input(self) -> TurnInput:
+        """The engine's view of this turn: user side, assistant side (transport fields, unread
+        roles and OpenAI extras dropped). Raises ValueError when `has_text` is False."""
+        return TurnInput(conversation_id=self.conversation_id, seq=self.seq, messages=self._sides())
+
+
+class TurnEventV1(_Wire):
+    """The version-1 turn contract, exactly as it was before the tolerant reader: unknown
+    fields forbidden, roles user/assistant only, content a string, ISO timestamps only.
+    `stream.decode` checks records against it in strict mode (`EVOSTREAM_INPUT_STRICT`)."""
 
     type: Literal["turn"] = "turn"
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -182,27 +295,16 @@ class TurnEvent(_Wire):
     metadata: Metadata = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _roles_and_content(self) -> "TurnEvent":
-        # Same rule as TurnInput, but raised with our own error types so the decoder can tell
-        # `empty_turn` apart from a malformed turn without parsing message strings.
+    def _roles_and_content(self) -> "TurnEventV1":
         roles = [m.role for m in self.messages]
         if roles not in (["user"], ["assistant"], ["user", "assistant"]):
-            raise PydanticCustomError(
-                "turn_roles",
-                "a turn is one user message and/or the assistant reply to it, in that order; "
-                "got roles {roles}",
-                {"roles": roles},
-            )
+            raise _turn_rule_error(roles)
         if not any(m.content.strip() for m in self.messages):
             raise PydanticCustomError("empty_turn", "empty turn: every message of the turn is empty")
         return self
 
-    def to_turn_input(self) -> TurnInput:
-        """The engine's view of this turn (transport fields dropped)."""
-        return TurnInput(conversation_id=self.conversation_id, seq=self.seq, messages=self.messages)
 
-
-class ConversationDelete(_Wire):
+class ConversationDelete(_Inbound):
     """Request to forget a conversation (memory, checkpoints, index entries).
 
     Travels on the turns topic with the same key as the conversation's turns, so it lands on
@@ -215,6 +317,17 @@ class ConversationDelete(_Wire):
     schema_version: Literal[1] = SCHEMA_VERSION
     conversation_id: ConversationId
     seq: Seq | None = None
+    timestamp: InboundTimestamp
+    tenant: Tenant | None = None
+
+
+class ConversationDeleteV1(_Wire):
+    """The version-1 delete contract (strict mode)."""
+
+    type: Literal["delete"] = "delete"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    conversation_id: ConversationId
+    seq: Seq | None = None
     timestamp: Timestamp
     tenant: Tenant | None = None
 
@@ -222,6 +335,9 @@ class ConversationDelete(_Wire):
 InboundEvent = Annotated[TurnEvent | ConversationDelete, Field(discriminator="type")]
 INBOUND_EVENT_ADAPTER: TypeAdapter[TurnEvent | ConversationDelete] = TypeAdapter(InboundEvent)
 INBOUND_TYPES: frozenset[str] = frozenset({"turn", "delete"})
+InboundEventV1 = Annotated[TurnEventV1 | ConversationDeleteV1, Field(discriminator="type")]
+INBOUND_EVENT_V1_ADAPTER: TypeAdapter[TurnEventV1 | ConversationDeleteV1] = TypeAdapter(InboundEventV1)
+"""Strict mode: the version-1 contract, unknown fields and roles rejected."""
 
 
 # --------------------------------------------------------------------------- outbound
@@ -490,5 +606,9 @@ __all__ = [
     "SourceRef",
     "StageTimings",
     "TurnEvent",
+    "TurnEventV1",
+    "ConversationDeleteV1",
+    "INBOUND_EVENT_V1_ADAPTER",
+    "InboundTimestamp",
     "dead_letter_size_bound",
 ]

@@ -11,13 +11,21 @@ want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
   exit 0
 fi
-echo "[bootstrap] creating $VENV and installing pinned dependencies (first run: about a minute)" >&2
+t0=$SECONDS
+step() { echo "[bootstrap] ($((SECONDS - t0))s) $*" >&2; }
+# pip's own lines, shortened to one per package, so that a minute of installing is visibly moving
+progress() { sed -u -n -e 's/^Collecting \([^ ]*\).*/[bootstrap]   collecting \1/p' \
+                      -e 's/^Installing collected packages.*/[bootstrap]   installing .../p' >&2; }
+n=$(grep -cE '^[A-Za-z0-9]' requirements.lock || true)
+step "creating $VENV and installing $n pinned packages (first run: about a minute)"
 "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch==2.13.0 is pinned in the lock: pip picks the local CPU build; an unpinned torch
 # would pull gigabytes of CUDA wheels.
-"$VENV/bin/python" -m pip install -q -r requirements.lock
+"$VENV/bin/python" -m pip install --progress-bar off -r requirements.lock | progress
+step "installing evostream itself (editable)"
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+step "checking the installed set"
 "$VENV/bin/python" -m pip check
 echo "$want" > "$STAMP"
-echo "[bootstrap] ready: $VENV" >&2
+step "ready: $VENV (run commands as $VENV/bin/evostream, or: source $VENV/bin/activate)"

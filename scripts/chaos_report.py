@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ORDER = ["kill9", "rebalance_zombie", "redis_outage", "hostile_input", "memory_ttl", "broker_pause",
-         "broker_partition"]
+         "broker_partition", "production_faults"]
 
 TITLES = {
     "kill9": "1. Kill -9 at random moments and in every crash window",
@@ -31,9 +31,21 @@ TITLES = {
     "memory_ttl": "5. Memory bounds and idle expiry",
     "broker_pause": "6. Broker frozen past the session timeout",
     "broker_partition": "7. One worker partitioned from the broker",
+    "production_faults": "8. Evicted keys, deletes racing a zombie, two tenants with one id",
 }
 
 WHAT = {
+    "production_faults": (
+        "Two tenants stream conversations with the SAME ids and different content through two "
+        "workers. Mid-stream one checkpoint key (base, deltas or meta, in turn) of some "
+        "conversations is deleted by hand, as Redis' `volatile-*` eviction policies would. One "
+        "worker freezes itself right after a model step (a zombie); while it is frozen the other "
+        "takes over, finishes the stream, and some conversations of the second tenant are "
+        "deleted; then the zombie resumes and tries its stale commit. Workers commit with "
+        "`EVOSTREAM_REDIS_DURABILITY=aof` (WAITAOF). Every turn of a damaged conversation must be "
+        "either embedded exactly as offline or dead-lettered `checkpoint_corrupt`; every other "
+        "conversation of both tenants must be exact; a deleted conversation must have no state in "
+        "Redis and no embedding after its tombstone."),
     "kill9": (
         "Worker processes are SIGKILLed while a producer streams interleaved conversations: from "
         "outside at random moments, and from inside through the test-only fault hook "
@@ -76,8 +88,9 @@ WHAT = {
         "with SIGSTOP past the group session timeout while a producer streams, then resumed with "
         "SIGCONT; it keeps its in-memory data. Two workers. Each must report `/readyz` 503 "
         "(`broker: unreachable`) while the broker is frozen, never exit, become ready again and "
-        "finish the stream: produces that failed during the pause are retried, and records are "
-        "acknowledged only after their embeddings are delivered."),
+        "finish the stream: a produce that fails during the pause is retried "
+        "(`evostream_emit_retries_total`), and records are acknowledged only after their embeddings "
+        "are delivered."),
     "broker_partition": (
         "One of two workers is cut off from Kafka by the proxy (`blackhole`: connections kept, "
         "nothing forwarded; `cut`: connections closed and refused) while Redis stays reachable. "
@@ -124,10 +137,13 @@ FINDINGS = [
 LIMITS = [
     ("Exactly-once through Kafka transactions is not exercised: the tansu broker rejects "
     "InitProducerId. Effectively-once comes from the seq compare-and-set in Redis plus the outbox."),
-    ("Deletes are not part of the crash scenarios. A delete is not fenced by seq: a replay of a "
-    "partition segment that contains turns followed by a delete re-applies those turns to an "
-    "emptied memory (recomputed embeddings are re-emitted) before deleting it again; the end state "
-    "is right, but the intermediate copies are recomputed rather than replayed from the outbox."),
+    ("Deletes are tombstones (a marker with the generation and last seq): a replay of a partition "
+    "segment holding turns and then their delete no longer re-applies those turns to an emptied "
+    "memory; they are recognised as deleted and dropped. The tombstone lives `MARKER_TTL_S` "
+    "(30 days by default): a writer frozen for longer than that could still write once."),
+    ("Expiry (`STATE_TTL_S`) is not part of the chaos runs (every conversation of a run would "
+    "expire with it); it is covered by `tests/test_production_faults.py`. A Redis replica "
+    "failover (the `WAIT` durability) is not injected: the local Redis has no replica."),
     ("Broker faults are injected on one single-node broker (tansu, memory storage): a frozen broker "
     "and a worker partitioned from it. Leader changes and partial broker failures of a multi-node "
     "Kafka cluster are not reproduced here."),
@@ -248,6 +264,15 @@ def scenario_rows(r: dict) -> list[tuple[str, str]]:
                      ("the other worker took over while the victim was cut off, per round",
                       fmt(x.get("others_took_over", [])))]
         rows.append(("worker exits", "0 (asserted)"))
+    if name == "production_faults":
+        rows += [("tenants (same conversation ids, different content)", fmt(x.get("tenants", "-"))),
+                 ("checkpoint keys evicted by hand", fmt(x.get("evicted_keys", {}))),
+                 ("turns quarantined (dead-lettered `checkpoint_corrupt`)", fmt(x.get("quarantined_turns", "-"))),
+                 ("partitions stalled by one bad conversation", fmt(x.get("partitions_stalled_by_one_conversation", "-"))),
+                 ("zombies resumed after the deletes", fmt(r.get("zombies", 0))),
+                 ("conversations deleted / resurrected", f"{fmt(x.get('deletes', '-'))} / {fmt(x.get('resurrected', '-'))}"),
+                 ("cross-tenant leaks (embedding equal to the other tenant's)", fmt(x.get("cross_tenant_leaks", "-"))),
+                 ("stale commits refused (CAS conflicts, all workers)", fmt(r.get("conflicts", 0)))]
     if name == "hostile_input":
         rows += [("hostile records", fmt(r.get("hostile", 0))),
                  ("dead letters, by reason", fmt(x.get("dead_letters_by_reason", {}))),

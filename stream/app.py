@@ -25,9 +25,12 @@ from stream.broker_health import BrokerMonitor, BrokerState, apply_consumer_back
 from stream.checkpoints import CheckpointStore, UnsafeRedisConfig
 from stream.emitter import KafkaEmitter
 from stream.kafka_security import KafkaSecurity
+from stream.redis_client import RedisOptions
 from stream.api import register_api
+from stream.lag import LagGauge
 from stream.metrics import Metrics
 from stream.model_thread import ModelThread
+from stream.cold_tier import store_levers
 from stream.pipeline import InboundRecord, TurnPipeline
 from stream.unreadable import disable_codecs_for_tests, watch_app
 from stream.settings import Settings
@@ -44,6 +47,7 @@ class Worker:
         self.settings = settings
         self.engine = engine
         self.metrics = Metrics()
+        self.lag = LagGauge(self.metrics.lag, settings.turns_topic)  # issue #11: owned partitions only
         # One thread owns the model: steps and queries queue behind each other on it.
         # (stream/model_thread.py: also tells the query API whether ingestion is busy, issue #9)
         self.executor = ModelThread(thread_name_prefix="evo-model")
@@ -53,7 +57,9 @@ class Worker:
             ttl_s=settings.state_ttl_s, marker_ttl_s=settings.marker_ttl_s, compact_every=settings.compact_every,
             writer_id=settings.worker_id, durability=settings.redis_durability,
             durability_replicas=settings.redis_durability_replicas,
-            durability_timeout_ms=settings.redis_durability_timeout_ms)
+            durability_timeout_ms=settings.redis_durability_timeout_ms,
+            redis_options=RedisOptions.from_settings(settings),  # issue #8: TLS files, password file
+            **store_levers(settings))  # issue #14: storage dtype, per-tenant TTL, cold tier
         from stream.dead_letters import OversizeHandler
 
         # Kafka TLS/SASL (issue #8): one resolved object for the emitter and faust's clients.
@@ -77,6 +83,7 @@ class Worker:
         # Broker connectivity and bounded shutdown (issue #12): readiness needs the broker to
         # answer; SIGTERM stops taking batches (see stream/shutdown.py, run_worker).
         self.stopping = False
+        self.broker_unreachable_at_shutdown = False
         self.broker = BrokerMonitor(
             settings.kafka_bootstrap, settings.group_id, interval_s=settings.broker_probe_interval_s,
             timeout_s=settings.broker_probe_timeout_s, unreachable_after_s=settings.broker_unreachable_after_s,
@@ -86,7 +93,7 @@ class Worker:
         self.app = self._build_app()
         # An unreadable record batch stops its partition, not the worker (issue #13).
         disable_codecs_for_tests()
-        self.unreadable = watch_app(self.app, self.metrics.registry)
+        self.unreadable = watch_app(self.metrics.registry)
 
     # ------------------------------------------------------------------------------------------
     def _build_app(self) -> faust.App:
@@ -147,7 +154,9 @@ class Worker:
                 for e in events:
                     await stream.ack(e)
                 worker.batches += 1
-                worker._update_lag(app)
+                for r in records:
+                    worker.lag.processed(r.partition, r.offset)
+                await worker._update_lag(app)
 
         @app.on_partitions_revoked.connect
         async def on_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:
@@ -157,6 +166,7 @@ class Worker:
             worker.ready = False
             # revoke, not just drop: a batch still in flight must not put them back afterwards
             dropped = worker.pipeline.cache.revoke(mine)
+            worker.lag.revoke(mine)
             worker.unreadable.forget(s.turns_topic, mine)
             log.info("partitions revoked %s: dropped %d cached conversation states", sorted(mine), dropped)
 
@@ -165,7 +175,15 @@ class Worker:
             parts = sorted(tp.partition for tp in assigned if tp.topic == s.turns_topic)
             worker.pipeline.cache.assign(set(parts))
             log.info("partitions assigned %s (states load lazily from Redis)", parts)
+            worker.lag.assign(parts)
+            # issue #11: the line an operator waits for
+            log.info("ready: %d partition%s of %s %s, listening on http://%s:%d", len(parts),
+                     "" if len(parts) == 1 else "s", s.turns_topic, parts, s.web_host, s.web_port)
             worker.ready = True
+
+        @app.timer(interval=2.0)
+        async def lag_refresh() -> None:  # issue #11: the gauge moves while no batch arrives too
+            await worker._update_lag(app)
 
         @app.task
         async def startup() -> None:
@@ -222,6 +240,7 @@ class Worker:
         """First SIGTERM/SIGINT: take no new batch, report not ready."""
         self.stopping = True
         self.ready = False
+        self.broker_unreachable_at_shutdown = self.broker.state is BrokerState.UNREACHABLE
 
     async def close_clients(self, timeout_s: float = 5.0) -> None:
         """Close what faust does not own (probe, producer), each bounded: with the broker away
@@ -232,16 +251,16 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - best effort at shutdown
                 log.warning("closing the %s did not finish (%s: %s)", what, type(exc).__name__, exc)
 
-    def _update_lag(self, app: faust.App) -> None:
-        try:
-            for (topic, partition), off in self.pipeline.last_offsets.items():
-                from faust.types import TP
+    async def _update_lag(self, app: faust.App) -> None:
+        """Consumer lag of the partitions this worker owns (stream/lag.py, issue #11)."""
+        from faust.types import TP
 
-                hw = app.consumer.highwater(TP(topic, partition))
-                if hw is not None:
-                    self.metrics.lag.labels(partition=str(partition)).set(max(0, hw - off - 1))
+        topic = self.settings.turns_topic
+        try:
+            await self.lag.refresh(lambda p: app.consumer.highwater(TP(topic, p)),
+                                   lambda p: app.consumer.position(TP(topic, p)))
         except Exception:  # noqa: BLE001 - metrics must never break the stream
-            pass
+            log.debug("lag refresh failed", exc_info=True)
 
     # ------------------------------------------------------------------------------------------
     def _register_views(self, app: faust.App) -> None:
@@ -321,6 +340,8 @@ def run_worker(settings: Settings, engine: EvoEngine) -> None:
         BoundedWorker(w.app, loglevel=settings.log_level.lower(), quiet=True, logging_config=logging_config,
                       redirect_stdouts=False).execute_from_commandline()
     except SystemExit as exc:
-        if exc.code in (0, None):
-            guard.finished()
+        if exc.code in (0, None) and guard.stopping:
+            unreachable = w.broker_unreachable_at_shutdown or w.broker.state is BrokerState.UNREACHABLE
+            code = guard.finished(clean=not unreachable, why="the broker was unreachable")
+            raise SystemExit(code) from None
         raise

@@ -48,7 +48,7 @@ with one id never share state:
                                 until the first compaction)
     <ns>:{<tag>}:deltas  list   StateDelta.to_bytes(), one per turn since the base
     <ns>:{<tag>}:outbox  hash   seq -> encoded embedding event (until acked)
-    <ns>:{<tag>}:mark    hash   gen, seq, status (live | deleted | reset), tenant, cid, at_ms,
+    <ns>:{<tag>}:mark    hash   gen, seq, status (live | deleted | reset | cold), tenant, cid, at_ms,
                                 gap_rejects; TTL = state TTL + marker_ttl_s
 
 The four state keys' TTL is refreshed on each commit, so idle conversations expire together.
@@ -80,12 +80,13 @@ from schemas.events import DeadLetterReason, MemoryOrigin
 from stream.identity import ConversationRef, RefLike, as_ref
 from stream.settings import Durability
 from stream.recovery import Backoff, StoreUnavailable, is_unavailable, unavailable_as, wait_until
-from workers.state import NO_SEQ, ConversationState, StateDelta, StateFormatError, rebuild
+from stream.redis_client import RedisOptions, describe_url, make_redis
+from workers.state import _CODE_DTYPES, NO_SEQ, ConversationState, StateDelta, StateFormatError, rebuild
 
 __all__ = [
     "CheckpointCorrupt", "CheckpointError", "CheckpointProblem", "CheckpointStore", "CommitResult",
     "CommitStatus", "ConversationKeys", "ConversationRef", "Durability", "FingerprintMismatch",
-    "LoadedCheckpoint", "SourceOffset", "StoreUnavailable", "TurnCommit", "UnsafeRedisConfig",
+    "LoadedCheckpoint", "SourceOffset", "StaleDelete", "StoreUnavailable", "TurnCommit", "UnsafeRedisConfig",
     "conversation_keys",
 ]
 
@@ -124,7 +125,7 @@ end
 # ARGV: expected_gen, expected_seq, new_seq, fp, writer, digest, mode ("d" append | "c" compact),
 #       ttl_ms (0 = persist), src_topic ("" = none), src_partition, src_offset,
 #       n_payload, n_outbox, mark_ttl_ms (0 = persist), tenant ("" = default), cid,
-#       payload..., outbox (seq, event)...
+#       gen_start_partition ("" = unknown), gen_start_offset, payload..., outbox (seq, event)...
 # Reply: {status, stored_seq, n_deltas, compacted, gen}
 _COMMIT_LUA = _VIEW_LUA + """
 local meta, base, deltas, outbox, mark = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -158,9 +159,18 @@ end
 if kind ~= 'live' then
   redis.call('DEL', outbox)  -- a previous generation's undelivered events never leak into this one
 end
-local i = 17
+local i = 19
 local compacted = 0
 local base_seq = redis.call('HGET', meta, 'base_seq') or '-1'
+if kind == 'live' and mode ~= 'c' then
+  -- appending to a chain that lost a piece (a key evicted since the writer read it) would
+  -- store a checkpoint that can never load; a compaction (the writer's full state at this
+  -- very (gen, seq)) replaces the chain instead, which repairs it
+  local n_meta = tonumber(redis.call('HGET', meta, 'n_deltas') or '0')
+  if n_meta ~= redis.call('LLEN', deltas) or (tonumber(base_seq) >= 0 and redis.call('EXISTS', base) == 0) then
+    return {4, stored, 0, 0, gen}
+  end
+end
 if mode == 'c' then
   redis.call('SET', base, ARGV[i])
   redis.call('DEL', deltas)
@@ -182,6 +192,10 @@ local t = redis.call('TIME')
 local now_ms = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
 redis.call('HSET', meta, 'seq', new_seq, 'gen', gen, 'base_seq', base_seq, 'n_deltas', n, 'fp', fp,
            'writer', writer, 'digest', digest, 'updated_at_ms', now_ms, 'tenant', ARGV[15], 'cid', ARGV[16])
+if kind ~= 'live' and ARGV[17] ~= '' then
+  -- where this generation began in the partition: older records belong to an earlier one
+  redis.call('HSET', meta, 'gsp', ARGV[17], 'gso', ARGV[18])
+end
 if ARGV[9] ~= '' then
   redis.call('HSET', meta, 'src_topic', ARGV[9], 'src_partition', ARGV[10], 'src_offset', ARGV[11])
 else
@@ -210,10 +224,17 @@ return {kind, gen, seq, {}, '', {}, {}, m}
 
 # End a conversation's memory (delete, or an operator's reset): drop its state keys and leave
 # a marker (gen, last seq, status) that refuses every commit computed before it.
-# KEYS: meta, base, deltas, outbox, mark. ARGV: status, mark_ttl_ms (0 = persist), tenant, cid.
-# Reply: {existed (0|1), last_seq, gen}
+# KEYS: meta, base, deltas, outbox, mark. ARGV: status, mark_ttl_ms (0 = persist), tenant, cid,
+# partition ("" = unknown) and offset of the delete record.
+# Reply: {existed (0|1, or -1: a replayed delete older than the live generation, ignored), last_seq, gen}
 _END_LUA = _VIEW_LUA + """
 local kind, gen, seq = view(KEYS[1], KEYS[2], KEYS[3], KEYS[5])
+if kind == 'live' and ARGV[5] ~= '' then
+  local g = redis.call('HMGET', KEYS[1], 'gsp', 'gso')
+  if g[1] == ARGV[5] and tonumber(g[2]) > tonumber(ARGV[6]) then
+    return {-1, seq, gen}
+  end
+end
 local existed = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 local mark_gen = gen
 if kind ~= 'live' and kind ~= 'corrupt' then mark_gen = gen - 1 end
@@ -226,6 +247,11 @@ local t = redis.call('TIME')
 local now_ms = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
 redis.call('HSET', KEYS[5], 'gen', mark_gen, 'seq', seq, 'status', ARGV[1], 'tenant', ARGV[3],
            'cid', ARGV[4], 'at_ms', now_ms, 'gap_rejects', 0)
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[5], 'del_p', ARGV[5], 'del_o', ARGV[6])
+else
+  redis.call('HDEL', KEYS[5], 'del_p', 'del_o')
+end
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[5], ttl) else redis.call('PERSIST', KEYS[5]) end
 if existed > 0 then existed = 1 end
@@ -244,6 +270,11 @@ class CheckpointError(RuntimeError):
 class CheckpointCorrupt(CheckpointError):
     """Stored bytes do not rebuild a consistent state (missing base or deltas, truncated,
     foreign shape, seq skew, another conversation's identity)."""
+
+
+class StaleDelete(CheckpointError):
+    """A replayed delete record older than the conversation's current generation (which began
+    after it): applying it again would erase turns published after the delete."""
 
 
 class UnsafeRedisConfig(CheckpointError):
@@ -296,6 +327,7 @@ class CheckpointMeta(BaseModel):
     tenant: str | None = None
     conversation_id: str | None = None  # None: written before identities were recorded
     source: SourceOffset | None = None
+    gen_start: tuple[int, int] | None = None  # (partition, offset) of this generation's first record
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> "CheckpointMeta":
@@ -310,7 +342,8 @@ class CheckpointMeta(BaseModel):
                        n_deltas=int(h.get("n_deltas", 0)),
                        fingerprint=h.get("fp", ""), writer=h.get("writer", ""),
                        updated_at_ms=int(h.get("updated_at_ms", 0)), tenant=h.get("tenant") or None,
-                       conversation_id=h.get("cid"), source=source)
+                       conversation_id=h.get("cid"), source=source,
+                       gen_start=(int(h["gsp"]), int(h["gso"])) if h.get("gsp") else None)
         except (KeyError, ValueError) as exc:
             raise CheckpointCorrupt(f"unreadable checkpoint meta {h!r}: {exc}") from exc
 
@@ -323,6 +356,7 @@ class MarkerInfo(BaseModel):
     status: str
     at_ms: int = 0
     gap_rejects: int = 0
+    deleted_at: tuple[int, int] | None = None  # (partition, offset) of the delete record
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> "MarkerInfo | None":
@@ -331,7 +365,8 @@ class MarkerInfo(BaseModel):
         h = {k.decode(): v.decode() for k, v in raw.items()}
         try:
             return cls(gen=int(h.get("gen", 0)), seq=int(h.get("seq", NO_SEQ)), status=h.get("status", "live"),
-                       at_ms=int(h.get("at_ms", 0)), gap_rejects=int(h.get("gap_rejects", 0)))
+                       at_ms=int(h.get("at_ms", 0)), gap_rejects=int(h.get("gap_rejects", 0)),
+                       deleted_at=(int(h["del_p"]), int(h["del_o"])) if h.get("del_p") else None)
         except ValueError:
             return None
 
@@ -397,6 +432,7 @@ class TurnCommit:
     source: SourceOffset | None = None
     expected_gen: int = 1  # generation of the view the writer started from
     fresh: bool = False  # the view had no live state (new, or after a delete/expiry/reset)
+    gen_start: tuple[int, int] | None = None  # fresh: (partition, offset) of the generation's first record
 
     @property
     def conversation_id(self) -> str:
@@ -411,7 +447,8 @@ class TurnCommit:
             raise ValueError(f"{self.ref}: delta seqs not increasing: {seqs}")
         if seqs[-1] != self.state.seq:
             raise ValueError(f"{self.ref}: last delta seq {seqs[-1]} != state seq {self.state.seq}")
-        if self.expected_seq < NO_SEQ or seqs[0] <= self.expected_seq:
+        # (a fresh generation after a delete may restart its seqs below the deleted ones)
+        if self.expected_seq < NO_SEQ or (seqs[0] <= self.expected_seq and not self.fresh):
             raise ValueError(f"{self.ref}: deltas start at {seqs[0]} but expected_seq is {self.expected_seq}")
 
 
@@ -454,6 +491,8 @@ class LoadedCheckpoint:
     n_deltas: int
     updated_at_ms: int = 0
     gap_rejects: int = 0
+    gen_start: tuple[int, int] | None = None  # live: where this generation began in the partition
+    deleted_at: tuple[int, int] | None = None  # after a delete: where the delete record was
 
     @property
     def conversation_id(self) -> str:
@@ -525,6 +564,13 @@ def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2]))
 
 
+def _stored_dtype(base: bytes, deltas: Sequence[bytes]) -> torch.dtype | None:
+    """Latent dtype a stored chain was written in (byte 4 of a state's or delta's header),
+    so a store whose storage_dtype setting changed still reads what is there (issue #14)."""
+    raw = base or (deltas[0] if deltas else b"")
+    return _CODE_DTYPES.get(raw[4]) if len(raw) > 4 else None
+
+
 # --------------------------------------------------------------------------------------------
 # The store
 
@@ -554,6 +600,10 @@ class CheckpointStore:
         durability: Durability = Durability.REPLY,
         durability_replicas: int = 1,
         durability_timeout_ms: int = 2000,
+        storage_dtype: torch.dtype | None = None,
+        ttl_by_tenant: dict[str, float | None] | None = None,
+        cold: Any = None,
+        redis_options: RedisOptions | None = None,
     ) -> None:
         if not namespace or "{" in namespace or "}" in namespace:
             raise ValueError(f"namespace must be non-empty and brace-free, got {namespace!r}")
@@ -565,6 +615,17 @@ class CheckpointStore:
             raise ValueError("compact_every must be >= 0")
         if not fingerprint:
             raise ValueError("fingerprint must be non-empty")
+        # --- capacity levers (issue #14) ---
+        # storage_dtype: latents kept in Redis in this dtype (bfloat16 halves a float32 state);
+        # states handed out round each turn's latents to it (ConversationState.storage_dtype),
+        # so what is in memory is exactly what is stored.
+        self.storage_dtype = storage_dtype if storage_dtype not in (None, dtype) else None
+        # ttl_by_tenant: a tenant's own idle TTL (None = never); "" names the default tenant.
+        for t, v in (ttl_by_tenant or {}).items():
+            if v is not None and v <= 0:
+                raise ValueError(f"ttl_by_tenant[{t!r}] must be positive or None")
+        self.ttl_by_tenant = dict(ttl_by_tenant or {})
+        self.cold = cold  # stream.cold_tier.ColdTier: idle conversations moved out of Redis
         self.fingerprint = fingerprint
         self.hidden_size = hidden_size
         self.capacity = capacity
@@ -581,12 +642,13 @@ class CheckpointStore:
         # applied" (writer ids are configurable and need not be unique).
         self._digest_key = uuid.uuid4().bytes
         self._backoff = backoff
-        u = urlsplit(redis_url)
-        self._where = f"redis {u.hostname}:{u.port or 6379}{u.path or ''}"  # no credentials
+        self._where = describe_url(redis_url)  # no credentials
         # A short client-level retry absorbs one dropped connection; longer outages surface
         # as StoreUnavailable so the pipeline can pause instead of hanging inside redis-py.
-        self._redis: Redis = Redis.from_url(
-            redis_url,
+        # make_redis (issue #8): standalone, rediss:// (TLS, ACL user), Sentinel or Cluster by
+        # the URL scheme, through redis-py's own classes.
+        self._redis: Redis = make_redis(
+            redis_url, redis_options,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,
             retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 2),
@@ -599,14 +661,20 @@ class CheckpointStore:
     def keys(self, ref: RefLike) -> ConversationKeys:
         return conversation_keys(self.namespace, ref)
 
-    def _ttl_ms(self) -> int:
-        return 0 if self.ttl_s is None else max(1, round(self.ttl_s * 1000))
+    def ttl_for(self, tenant: str | None) -> float | None:
+        """Idle TTL of a tenant's conversations (issue #14: per-tenant policy)."""
+        return self.ttl_by_tenant.get(tenant or "", self.ttl_s)
 
-    def _mark_ttl_ms(self, ending: bool = False) -> int:
+    def _ttl_ms(self, tenant: str | None = None) -> int:
+        ttl = self.ttl_for(tenant)
+        return 0 if ttl is None else max(1, round(ttl * 1000))
+
+    def _mark_ttl_ms(self, ending: bool = False, tenant: str | None = None) -> int:
         """A live marker outlives the state by marker_ttl_s; a tombstone lives marker_ttl_s."""
-        if self.marker_ttl_s is None or (self.ttl_s is None and not ending):
+        ttl = self.ttl_for(tenant)
+        if self.marker_ttl_s is None or (ttl is None and not ending):
             return 0
-        extra = 0 if ending else self.ttl_s or 0
+        extra = 0 if ending else ttl or 0
         return max(1, round((self.marker_ttl_s + extra) * 1000))
 
     def _durability_tail(self) -> list[tuple[str, ...]]:
@@ -626,6 +694,8 @@ class CheckpointStore:
         d = self.durability
         for reply in replies:
             if isinstance(reply, Exception):
+                if is_unavailable(reply):  # e.g. the primary was just demoted (Sentinel failover, issue #8)
+                    raise StoreUnavailable(f"durability wait ({d.value}) on {self._where}: {reply}") from reply
                 raise CheckpointError(f"durability wait ({d.value}) failed on {self._where}: {reply}") from reply
             local, replicas = (int(reply[0]), int(reply[1])) if isinstance(reply, list) else (1, int(reply))
             need_local = d in (Durability.AOF, Durability.AOF_AND_REPLICAS)
@@ -708,6 +778,13 @@ class CheckpointStore:
             return {}
         replies = await self._run_script(
             self._load_script, [(self.keys(r), ()) for r in unique], "load")
+        cold = [i for i, r in enumerate(replies) if r[0] in (b"cold", "cold")]
+        if cold and self.cold is not None:  # issue #14: bring idle conversations back, exactly
+            await self.cold.thaw(self, [unique[i] for i in cold])
+            again = await self._run_script(
+                self._load_script, [(self.keys(unique[i]), ()) for i in cold], "load")
+            for i, r in zip(cold, again):
+                replies[i] = r
         out: dict[Any, LoadedCheckpoint | CheckpointProblem] = {}
         for key, ref, reply in zip(given, unique, replies):
             try:
@@ -722,6 +799,21 @@ class CheckpointStore:
                     str(exc))
         return out
 
+    # --- storage dtype (issue #14): conversion at the store boundary ------------------------
+    def _state_bytes(self, st: ConversationState) -> bytes:
+        if self.storage_dtype is None:
+            return st.to_bytes()
+        return ConversationState(
+            hidden_size=st.hidden_size, capacity=st.capacity, dtype=self.storage_dtype,
+            latents=st.latents.to(self.storage_dtype), snapshot_len=st.snapshot_len,
+            segment_token_ids=st.segment_token_ids, seq=st.seq).to_bytes()
+
+    def _delta_bytes(self, d: StateDelta) -> bytes:
+        if self.storage_dtype is None:
+            return d.to_bytes()
+        return StateDelta(seq=d.seq, new_segment=d.new_segment, token_ids=d.token_ids,
+                          latents=d.latents.to(self.storage_dtype), prev_seq=d.prev_seq).to_bytes()
+
     def _decode(self, ref: ConversationRef, reply: list[Any]) -> LoadedCheckpoint:
         kind, gen, seq, meta_flat, base, deltas, outbox_flat, mark_flat = reply
         kind = kind.decode() if isinstance(kind, bytes) else str(kind)
@@ -730,13 +822,19 @@ class CheckpointStore:
         if kind == "corrupt":
             raise CheckpointCorrupt(
                 f"conversation {ref}: state keys without their meta (meta evicted or deleted by hand)")
+        if kind == "cold":  # issue #14: moved to the cold tier; never mistake it for a new one
+            raise CheckpointCorrupt(
+                f"conversation {ref}: its state was moved to the cold tier and could not be brought "
+                f"back (no cold tier configured: EVOSTREAM_COLD_TIER_PATH, or its copy is gone)")
         if kind != "live":
             self._counts.drop(ref)
-            empty = ConversationState(hidden_size=self.hidden_size, capacity=self.capacity, dtype=self.dtype)
+            empty = ConversationState(hidden_size=self.hidden_size, capacity=self.capacity, dtype=self.dtype,
+                                      storage_dtype=self.storage_dtype)
             empty.seq = seq
             origin = _ORIGIN_BY_KIND.get(kind, MemoryOrigin.NEW)
             return LoadedCheckpoint(ref=ref, state=empty, seq=seq, gen=gen, origin=origin, outbox={},
-                                    source=None, n_deltas=0, gap_rejects=marker.gap_rejects if marker else 0)
+                                    source=None, n_deltas=0, gap_rejects=marker.gap_rejects if marker else 0,
+                                    deleted_at=marker.deleted_at if marker and kind == "deleted" else None)
         meta = CheckpointMeta.from_hash(_pairs(meta_flat))
         if meta.conversation_id is not None and (meta.conversation_id, meta.tenant) != (ref.conversation_id, ref.tenant):
             raise CheckpointCorrupt(
@@ -745,9 +843,10 @@ class CheckpointStore:
             raise FingerprintMismatch(ref.conversation_id, meta.fingerprint, self.fingerprint)
         if meta.base_seq >= 0 and not base:
             raise CheckpointCorrupt(f"conversation {ref}: base at seq {meta.base_seq} is missing (evicted?)")
+        stored_dtype = _stored_dtype(base, deltas) or self.storage_dtype or self.dtype
         try:
             state = rebuild(base or None, list(deltas), hidden_size=self.hidden_size,
-                            capacity=self.capacity, dtype=self.dtype)
+                            capacity=self.capacity, dtype=stored_dtype)
         except StateFormatError as exc:
             raise CheckpointCorrupt(f"conversation {ref}: {exc}") from exc
         if base and state.seq < meta.base_seq:
@@ -755,17 +854,24 @@ class CheckpointStore:
         if state.seq != meta.seq:
             raise CheckpointCorrupt(
                 f"conversation {ref}: rebuilt seq {state.seq} != stored seq {meta.seq} (deltas missing?)")
-        if (state.hidden_size, state.capacity, state.dtype) != (
-                self.hidden_size, self.capacity, self.dtype):
+        widening = self.dtype == torch.float32 and state.dtype in (torch.bfloat16, torch.float16)  # exact
+        if (state.hidden_size, state.capacity) != (self.hidden_size, self.capacity) or not (
+                state.dtype in (self.dtype, self.storage_dtype) or widening):
             raise CheckpointCorrupt(
                 f"conversation {ref}: stored shape (hidden={state.hidden_size}, "
                 f"capacity={state.capacity}, {state.dtype}) does not match this store")
-        self._counts.put(ref, meta.seq, len(deltas))
+        if state.dtype != self.dtype:  # stored in storage_dtype: compute in self.dtype (exact widening)
+            state.latents, state.dtype = state.latents.to(self.dtype), self.dtype
+        state.storage_dtype = self.storage_dtype
+        if stored_dtype == (self.storage_dtype or self.dtype):
+            self._counts.put(ref, meta.seq, len(deltas))
+        else:  # stored under the other dtype setting: the next commit rewrites it whole (compacts)
+            self._counts.drop(ref)
         return LoadedCheckpoint(
             ref=ref, state=state, seq=meta.seq, gen=meta.gen, origin=MemoryOrigin.CONTINUED,
             outbox={int(k): v for k, v in _pairs(outbox_flat).items()},
             source=meta.source, n_deltas=len(deltas), updated_at_ms=meta.updated_at_ms,
-            gap_rejects=marker.gap_rejects if marker else 0,
+            gap_rejects=marker.gap_rejects if marker else 0, gen_start=meta.gen_start,
         )
 
     async def inspect(self, ref: RefLike) -> dict | None:
@@ -818,7 +924,7 @@ class CheckpointStore:
             raise ValueError(
                 f"{c.ref}: state (hidden={st.hidden_size}, capacity={st.capacity}, "
                 f"{st.dtype}) does not match this store")
-        delta_bytes = [d.to_bytes() for d in c.deltas]
+        delta_bytes = [self._delta_bytes(d) for d in c.deltas]
         # Identifies this exact commit BY THIS WRITER, so a retry whose first reply was lost is
         # recognised. Another writer whose deltas happen to be bit-identical (a zombie that
         # computed the same turn in a batch of the same shape) must not pass as that retry: it
@@ -833,13 +939,14 @@ class CheckpointStore:
         # a generation that restarts after seq s (delete/expiry/reset) is anchored by a base.
         known = 0 if c.expected_seq == NO_SEQ else None if c.fresh else self._counts.get(c.ref, c.expected_seq)
         compact = known is None or known + len(delta_bytes) > self.compact_every
-        payload = [st.to_bytes()] if compact else delta_bytes
+        payload = [self._state_bytes(st)] if compact else delta_bytes
         src = c.source
         head: list[str | int] = [
             c.expected_gen, c.expected_seq, st.seq, self.fingerprint, self.writer_id, digest.hexdigest(),
-            "c" if compact else "d", self._ttl_ms(),
+            "c" if compact else "d", self._ttl_ms(c.ref.tenant),
             src.topic if src else "", src.partition if src else 0, src.offset if src else 0,
-            len(payload), len(c.outbox), self._mark_ttl_ms(), c.ref.tenant or "", c.ref.conversation_id,
+            len(payload), len(c.outbox), self._mark_ttl_ms(tenant=c.ref.tenant), c.ref.tenant or "", c.ref.conversation_id,
+            c.gen_start[0] if c.gen_start else "", c.gen_start[1] if c.gen_start else 0,
         ]
         args = [str(a).encode() for a in head] + payload
         for seq, event in sorted(c.outbox.items()):
@@ -895,24 +1002,34 @@ class CheckpointStore:
                 pipe.hdel(self.keys(ref).outbox, *(str(int(s)) for s in seqs))
             await pipe.execute()
 
-    async def _end(self, ref: RefLike, status: str) -> tuple[bool, int]:
+    async def _end(self, ref: RefLike, status: str, at: tuple[int, int] | None = None) -> tuple[int, int]:
         ref = as_ref(ref)
         self._counts.drop(ref)
         args = [status.encode(), str(self._mark_ttl_ms(ending=True)).encode(),
-                (ref.tenant or "").encode(), ref.conversation_id.encode()]
+                (ref.tenant or "").encode(), ref.conversation_id.encode(),
+                str(at[0]).encode() if at else b"", str(at[1] if at else 0).encode()]
         existed, last_seq, _gen = (await self._run_script(
             self._end_script, [(self.keys(ref), args)], status, durable=True))[0]
-        return bool(int(existed)), int(last_seq)
+        existed = int(existed)
+        if existed >= 0 and self.cold is not None:  # issue #14: a cold copy must not outlive a delete/reset
+            existed = int(await self.cold.discard(ref)) or existed
+        return existed, int(last_seq)
 
-    async def delete(self, ref: RefLike) -> tuple[bool, int]:
+    async def delete(self, ref: RefLike, at: tuple[int, int] | None = None) -> tuple[bool, int]:
         """End the conversation's memory for good: drop its state, leave a tombstone that no
-        writer (stale or not) can commit past. Returns (anything existed, last applied seq)."""
-        return await self._end(ref, "deleted")
+        writer (stale or not) can commit past. `at` = (partition, offset) of the delete record:
+        a replayed delete older than the conversation's live generation changes nothing and
+        raises StaleDelete. Returns (anything existed, last applied seq)."""
+        existed, last_seq = await self._end(ref, "deleted", at)
+        if existed < 0:
+            raise StaleDelete(f"delete of {as_ref(ref)} at {at} is older than its live generation")
+        return bool(existed), last_seq
 
     async def reset(self, ref: RefLike) -> tuple[bool, int]:
         """Operator repair of a quarantined (or any) conversation: drop its state; its next
         turn starts an empty memory (`memory: reset_by_operator`)."""
-        return await self._end(ref, "reset")
+        existed, last_seq = await self._end(ref, "reset")
+        return existed > 0, last_seq
 
     async def note_gap_rejected(self, ref: RefLike) -> int:
         """Count one more turn dead-lettered for a seq gap; returns the count since the last

@@ -84,15 +84,16 @@ def fit_dead_letter(event: DeadLetterEvent, key: bytes | None, limit: int) -> De
                   "without the original bytes", limit)
         return empty
     raw_room = room // 4 * 3  # base64: 4 chars per 3 bytes
-    nv = min(len(oval or b""), raw_room)
-    nk = min(len(okey or b""), raw_room - nv)
+    # the key first: it is usually small and it is what identifies the conversation
+    nk = min(len(okey or b""), raw_room)
+    nv = min(len(oval or b""), raw_room - nk)
     out = build(nk, nv)
     # the estimate is exact for this shape, but shrink defensively rather than trust arithmetic
     while record_size(key, out.model_dump_json().encode()) > limit and (nk or nv):
         if nv:
             nv = max(0, nv - max(3, nv // 50))
         else:
-            nk = max(0, nk - max(3, nk // 50))
+            nk = max(0, nk - max(3, nk // 50))  # only when the key alone is too large
         out = build(nk, nv)
     return out
 

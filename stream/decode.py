@@ -9,6 +9,8 @@ expensive and never parses what it has not bounded first:
 1. value null/absent            -> invalid_json (a null value is not a JSON document)
 2. key null or empty            -> missing_key  (we could not route or order it)
 3. len(value) > max_bytes       -> too_large    (before touching the content)
+   Confluent wire framing (magic 0x00 + 4-byte schema id, as schema-registry serializers
+   write it) is then stripped from the value (and from the key): JSON never starts with 0x00
 4. strict UTF-8                 -> invalid_utf8
 5. nesting depth > max_depth    -> too_deep     (linear scan, no recursion, before parsing)
 6. JSON syntax                  -> invalid_json (also NaN/Infinity, duplicate names,
@@ -17,6 +19,12 @@ expensive and never parses what it has not bounded first:
 8. schema (strict JSON mode)    -> unknown_role | empty_turn | seq_out_of_range | schema_violation
 9. key != body conversation_id  -> key_mismatch
 Anything unexpected             -> processing_error
+
+Step 8 is the tolerant reader (issue #13, `schemas.events.TurnEvent`): unknown fields are
+accepted and kept on the event (`unknown_fields`), the roles and message shapes of the common
+chat formats are accepted (`schemas.messages`), timestamps may be epoch milliseconds. With
+`strict=True` a record must first satisfy the version-1 contract (`TurnEventV1`), which
+rejects all of that exactly as before.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from schemas.events import (
     INBOUND_EVENT_ADAPTER,
+    INBOUND_EVENT_V1_ADAPTER,
     INBOUND_TYPES,
     ConversationDelete,
     DeadLetterEvent,
@@ -43,6 +52,10 @@ MAX_DEPTH_LIMIT = 128
 stops at 200, and staying well below keeps the stdlib parser far from the recursion limit."""
 
 _MAX_ERRORS_SHOWN = 8
+
+CONFLUENT_MAGIC = 0
+CONFLUENT_HEADER_BYTES = 5
+"""Magic byte 0 + big-endian 4-byte schema id, before the serialized payload."""
 
 R = DeadLetterReason
 
@@ -64,25 +77,25 @@ class _JsonRejected(ValueError):
 
 
 def decode_inbound(
-    key: bytes | None, value: bytes | None, *, max_bytes: int, max_depth: int
+    key: bytes | None, value: bytes | None, *, max_bytes: int, max_depth: int, strict: bool = False
 ) -> DecodeResult:
     """Decode one record of the turns topic. Total over key/value: never raises for them.
 
     `max_bytes` bounds the value; `max_depth` bounds JSON nesting (1..MAX_DEPTH_LIMIT).
     Invalid settings raise ValueError: that is a deployment bug to fail fast on, not a record
-    to dead-letter.
+    to dead-letter. `strict`: also require the version-1 contract (see the module docstring).
     """
     if not isinstance(max_bytes, int) or max_bytes < 1:
         raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
     if not isinstance(max_depth, int) or not 1 <= max_depth <= MAX_DEPTH_LIMIT:
         raise ValueError(f"max_depth must be an int in 1..{MAX_DEPTH_LIMIT}, got {max_depth!r}")
     try:
-        return _decode(key, value, max_bytes, max_depth)
+        return _decode(key, value, max_bytes, max_depth, strict)
     except Exception as exc:  # noqa: BLE001 - the point is that nothing escapes
         return Rejection(reason_code=R.PROCESSING_ERROR, reason=_describe_exception(exc))
 
 
-def _decode(key: object, value: object, max_bytes: int, max_depth: int) -> DecodeResult:
+def _decode(key: object, value: object, max_bytes: int, max_depth: int, strict: bool) -> DecodeResult:
     if value is None:
         return Rejection(reason_code=R.INVALID_JSON, reason="record value is null (tombstone)")
     if key is None or (isinstance(key, (bytes, bytearray, memoryview)) and len(key) == 0):
@@ -101,6 +114,8 @@ def _decode(key: object, value: object, max_bytes: int, max_depth: int) -> Decod
         return Rejection(
             reason_code=R.TOO_LARGE, reason=f"value is {len(value)} bytes; limit is {max_bytes}"
         )
+    value = strip_confluent_framing(value)
+    key = _unframe_key(key)
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -138,6 +153,8 @@ def _decode(key: object, value: object, max_bytes: int, max_depth: int) -> Decod
     try:
         # Re-parse in pydantic's strict JSON mode rather than validating `document` (lax):
         # strict keeps "5" or 1.0 from becoming a seq. The cost is one more C-speed parse.
+        if strict:  # the version-1 contract first: its errors are the ones to report
+            INBOUND_EVENT_V1_ADAPTER.validate_json(value, strict=True)
         event = INBOUND_EVENT_ADAPTER.validate_json(value, strict=True)
     except ValidationError as exc:
         return _classify_validation_error(exc)
@@ -158,6 +175,28 @@ def _decode(key: object, value: object, max_bytes: int, max_depth: int) -> Decod
             ),
         )
     return event
+
+
+def strip_confluent_framing(value: bytes) -> bytes:
+    """The payload of a value written by a schema-registry serializer (magic byte 0 + 4-byte
+    schema id + JSON), else `value` unchanged. The schema id is not looked up: the event's
+    own `type`/`schema_version` say what it is, and no registry is needed to read JSON."""
+    if len(value) >= CONFLUENT_HEADER_BYTES and value[0] == CONFLUENT_MAGIC:
+        return value[CONFLUENT_HEADER_BYTES:]
+    return value
+
+
+def _unframe_key(key: bytes) -> bytes:
+    """A key written by a schema-registry JSON serializer is a framed JSON string
+    (`\\x00<id>"c1"`): its payload string. Plain (string-serialized) keys are unchanged."""
+    if len(key) <= CONFLUENT_HEADER_BYTES or key[0] != CONFLUENT_MAGIC:
+        return key
+    payload = key[CONFLUENT_HEADER_BYTES:]
+    try:
+        text = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return payload
+    return text.encode("utf-8") if isinstance(text, str) else payload
 
 
 def nesting_depth(raw: bytes) -> int:
@@ -315,4 +354,5 @@ __all__ = [
     "decode_inbound",
     "make_dead_letter",
     "nesting_depth",
+    "strip_confluent_framing",
 ]

@@ -4,7 +4,7 @@
 2. topics for this run, 3. the tiny seeded checkpoint (generated once into the cache),
 4. an `evostream worker` subprocess, 5. the sample conversations produced into the turns
 topic, 6. every embedding read back from the embeddings topic, 7. a search per sample
-question (`evostream search`: index the topic + `POST /v1/query` + cosine ranking),
+question (`evostream search`: index the topic + `POST /v1/embeddings` + cosine ranking),
 then the worker and the stack are stopped again (unless --keep-running).
 
 Each run uses its own topics, consumer group and Redis namespace (`demo.<run id>.*`), so a
@@ -226,6 +226,8 @@ class _Run:
             "EVOSTREAM_TURNS_PARTITIONS": str(PARTITIONS),
             "EVOSTREAM_GROUP_ID": f"demo-{self.run_id}",
             "EVOSTREAM_REDIS_NAMESPACE": f"demo-{self.run_id}",
+            # a local demo on loopback: the query API without keys, explicitly (issue #9)
+            "EVOSTREAM_API_AUTH": "off",
         }
         try:
             ensure_topics_sync(self.stack.kafka_bootstrap, {self.env["EVOSTREAM_TURNS_TOPIC"]: PARTITIONS,
@@ -405,7 +407,7 @@ class _Run:
         if not questions:
             questions = [(ids[0], "what was the customer's problem?")]
         self.say("\nSearch, as `evostream search` does it: index the embeddings topic, embed the question against\n"
-                 "the conversation's live memory (POST /v1/query on the worker), rank its turns by cosine:")
+                 "the conversation's live memory (POST /v1/embeddings on the worker), rank its turns by cosine:")
         for cid, q in questions:
             try:
                 hits = asyncio.run(search_end_to_end(self.stack.kafka_bootstrap, self.env["EVOSTREAM_EMBEDDINGS_TOPIC"],
@@ -433,7 +435,7 @@ class _Run:
         for name in ("broker", "redis"):
             self.say(f"  {name:<7} {_show(self.run_dir / f'{name}.log')}")
         self.say(f"  settings of this run (topics, group, Redis namespace): {rd}/demo.env")
-        body = json.dumps({"conversation_id": cid, "query": question})
+        body = json.dumps({"model": "evoembedding", "input": question, "conversation_id": cid})
         cli = _cli()
         if self.keep_running:
             self.say(f"\nThe stack and the worker (pid {self.worker.pid if self.worker else '?'}) are still running. "
@@ -441,7 +443,7 @@ class _Run:
         else:
             self.say(f"\nTo try it by hand, run `{cli} demo --keep-running`: it leaves the stack and the worker up\n"
                      "and prints these commands for them (the worker's port changes per run):")
-        self.say(f"  curl -s -X POST {self.url}/v1/query -H 'Content-Type: application/json' \\\n"
+        self.say(f"  curl -s -X POST {self.url}/v1/embeddings -H 'Content-Type: application/json' \\\n"
                  f"       -d {shlex.quote(body)}")
         self.say(f"  set -a; . {rd}/demo.env; set +a    # point the {cli} commands below at this run")
         self.say(f"  {cli} query  --url {self.url} --conversation {cid} --text {shlex.quote(question)}")

@@ -13,7 +13,7 @@
   (offsets committed after each applied batch: what an indexer with a *durable* index does).
   Records it cannot parse are logged, counted and skipped; it never crashes on input.
 * `search_end_to_end`: consume the topic into a fresh index, ask a worker for the query
-  vector (`POST /v1/query`), search. This is `evostream search`.
+  vector (`POST /v1/embeddings`), search. This is `evostream search`.
 
 Ordering note: the embeddings topic is keyed by conversation id, so a conversation's
 embeddings and its tombstone share a partition and arrive in the order they were emitted.
@@ -316,15 +316,19 @@ async def build_index(bootstrap: str, embeddings_topic: str, *, idle_ms: int = 1
 
 async def search_end_to_end(bootstrap: str, embeddings_topic: str, worker_url: str, conversation_id: str, text: str,
                             k: int = 5, texts: TextMap | None = None, *, idle_ms: int = 1000,
-                            timeout: float = 30.0, security: KafkaSecurity | None = None) -> list[SearchHit]:
+                            timeout: float = 30.0, security: KafkaSecurity | None = None,
+                            api_key: str | None = None, tenant: str | None = None) -> list[SearchHit]:
     """Index the embeddings topic (from the beginning), embed `text` against the conversation's
-    live memory on the worker, and return the conversation's `k` best turns."""
+    live memory on the worker, and return the conversation's `k` best turns. A conversation
+    without memory (unknown, deleted) has no turns in the index either: [] rather than an error."""
     from stream.query_client import query_worker_async
 
     # Both at once; whichever fails first cancels the other.
     index_task = asyncio.ensure_future(build_index(bootstrap, embeddings_topic, idle_ms=idle_ms, max_wait_s=timeout,
                                                  security=security))
-    query_task = asyncio.ensure_future(query_worker_async(worker_url, conversation_id, text, k=k, timeout=timeout))
+    query_task = asyncio.ensure_future(query_worker_async(worker_url, conversation_id, text, k=k, timeout=timeout,
+                                                          api_key=api_key, tenant=tenant,
+                                                          unknown_conversation="memoryless"))
     try:
         done, _ = await asyncio.wait({index_task, query_task}, return_when=asyncio.FIRST_EXCEPTION)
         for t in done:

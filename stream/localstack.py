@@ -500,6 +500,7 @@ class RedisServer(ManagedService):
         *,
         binary: Path | None = None,
         appendfsync: str = "always",
+        appendonly: bool = True,
         die_with_parent: bool = False,
     ) -> None:
         super().__init__(run_dir, port, die_with_parent=die_with_parent)
@@ -507,6 +508,7 @@ class RedisServer(ManagedService):
             raise ValueError(f"appendfsync must be always|everysec|no, not {appendfsync!r}")
         self._binary = binary
         self.appendfsync = appendfsync
+        self.appendonly = appendonly  # False: no persistence at all (a cache-only Redis)
 
     @property
     def binary(self) -> Path:
@@ -543,7 +545,7 @@ class RedisServer(ManagedService):
                     "daemonize no",
                     'logfile ""',
                     f"dir {self.data_dir.resolve()}",
-                    "appendonly yes",
+                    f"appendonly {'yes' if self.appendonly else 'no'}",
                     f"appendfsync {self.appendfsync}",
                     'save ""',
                     "",
@@ -722,6 +724,12 @@ class LocalStack:
             if any(s.port is None for s in self.services):
                 for service, port in zip(self.services, free_ports(len(self.services))):
                     service.port = port
+            if self.broker is not None and self.redis is not None:
+                # issue #11: the broker keeps nothing across a stop (memory storage), so a stack
+                # start is a clean slate for Redis too: checkpoints that outlived their topics
+                # made re-produced turns look like duplicates and `search` find nothing.
+                # (Restarting the Redis service alone, as the chaos tests do, keeps its data.)
+                shutil.rmtree(self.redis.data_dir, ignore_errors=True)
             started: list[ManagedService] = []
             try:
                 for service in self.services:
@@ -750,8 +758,9 @@ class LocalStack:
     def stop(self, grace: float = 5.0) -> None:
         """Stop every service (SIGTERM, SIGKILL after ``grace``) and remove ``env``.
 
-        ``state.json`` and the Redis data stay, so a later ``start()`` reuses the ports and
-        Redis comes back with its data; delete the run dir for a clean slate.
+        ``state.json`` stays, so a later ``start()`` reuses the ports. The data does not
+        survive a stack stop: the broker keeps topics in memory only, and ``start()`` clears
+        the Redis data of a stack that has both, so the two always restart consistent (empty).
         """
         with self._locked():
             errors: list[str] = []

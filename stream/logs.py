@@ -8,6 +8,19 @@ import sys
 import time
 
 
+#: Context a log call may attach with `extra=fields(...)`; emitted as top-level JSON keys so
+#: that a log store can filter one conversation, partition or record (issue #11).
+CONTEXT_FIELDS = ("conversation_id", "tenant", "seq", "topic", "partition", "offset", "reason_code", "worker")
+
+
+def fields(**kw: object) -> dict[str, object]:
+    """`extra=` for a log call: only the known context fields, None values dropped."""
+    unknown = set(kw) - set(CONTEXT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown log fields {sorted(unknown)}; known: {CONTEXT_FIELDS}")
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -16,6 +29,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        for key in CONTEXT_FIELDS:
+            value = record.__dict__.get(key)
+            if value is not None:
+                out[key] = value if isinstance(value, (int, float, bool)) else str(value)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)

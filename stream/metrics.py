@@ -3,7 +3,16 @@ do not collide)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 _LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -11,6 +20,10 @@ _LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # issue #11: the default registry's process/platform/GC views, on our own registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.turns = Counter("evostream_turns_applied_total", "turns applied to memory and embedded", registry=r)
         self.records = Counter("evostream_records_consumed_total", "records read from the turns topic", registry=r)
         self.duplicates = Counter("evostream_turns_duplicate_total", "turns skipped as already applied (replays)", registry=r)

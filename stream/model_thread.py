@@ -26,6 +26,7 @@ class ModelThread(Executor):
         self.ingest_busy_s = 0.0         # model-thread seconds spent on ingestion
         self.query_busy_s = 0.0          # ... on queries
         self.last_ingest_end = float("-inf")  # time.monotonic()
+        self.query_passes = 0            # query passes started on the thread (tests count interleaving)
 
     # -- ingestion (the standard Executor interface) --------------------------------------
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -55,6 +56,8 @@ class ModelThread(Executor):
         """Run a query pass; the future's result is (fn's result, seconds it ran)."""
 
         def run() -> tuple[T, float]:
+            with self._lock:
+                self.query_passes += 1
             t0 = time.perf_counter()
             try:
                 out = fn(*args)

@@ -42,8 +42,17 @@ from schemas.events import (
 )
 from schemas.turns import TurnInput
 from schemas.vectors import encode_vector
-from stream.checkpoints import CheckpointProblem, CheckpointStore, CommitStatus, SourceOffset, TurnCommit
+from stream.logs import fields as log_fields
+from stream.checkpoints import (
+    CheckpointProblem,
+    CheckpointStore,
+    CommitStatus,
+    SourceOffset,
+    StaleDelete,
+    TurnCommit,
+)
 from stream.decode import Rejection, decode_inbound, make_dead_letter
+from stream.input_shapes import InputShapes
 from stream.emitter import OutMessage
 from stream.faults import fault_point
 from stream.identity import ConversationRef
@@ -104,11 +113,14 @@ class _View:
 
     state: ConversationState
     gen: int
-    seq: int
+    seq: int  # the (gen, seq) a commit must name (compare-and-set)
     origin: MemoryOrigin
     fresh: bool  # no live state: the first commit starts generation `gen`
     outbox: dict[int, bytes] = field(default_factory=dict)
     gap_rejects: int = 0
+    gen_start: tuple[int, int] | None = None  # (partition, offset) where the live generation began
+    deleted_at: tuple[int, int] | None = None  # (partition, offset) of the delete that ended it
+    restarted: bool = False  # a turn published after the delete restarted the seqs
 
 
 def conversation_ref(ev: TurnEvent | ConversationDelete) -> ConversationRef:
@@ -125,6 +137,7 @@ class TurnPipeline:
         self.executor = executor
         self.metrics = metrics or Metrics()
         self.cache = cache if cache is not None else StateCache(settings.cache_max_bytes)
+        self.input_shapes = InputShapes(self.metrics.registry)  # tolerant reader counters (issue #13)
         self.paused = False
         self.last_offsets: dict[tuple[str, int], int] = {}
 
@@ -141,16 +154,21 @@ class TurnPipeline:
         pending: set[ConversationRef] = set()
         for rec in records:
             ev = decode_inbound(rec.key, rec.value, max_bytes=self.settings.max_record_bytes,
-                                max_depth=self.settings.max_json_depth)
+                                max_depth=self.settings.max_json_depth, strict=self.settings.input_strict)
             if isinstance(ev, Rejection):
                 out.append(self._dead_letter(rec, ev, rep))
                 continue
+            self.input_shapes.observe(ev)
             ref = conversation_ref(ev)
             if isinstance(ev, ConversationDelete):
                 if ref in pending:  # keep a delete ordered after its turns
                     await self._apply_turns(phase, out, acks, rep)
                     phase, pending = [], set()
-                out.append(await self._delete(ev, ref, rep))
+                tomb = await self._delete(ev, ref, rec, rep)
+                if tomb is not None:
+                    out.append(tomb)
+            elif not ev.has_text:  # only messages the model does not read (issue #13)
+                self.input_shapes.turn_without_text(ev)
             else:
                 phase.append(_Due(rec, ev, ref))
                 pending.add(ref)
@@ -212,6 +230,21 @@ class TurnPipeline:
                 self._quarantined(d, problems[ref], out, rep)
                 continue
             view = views[ref]
+            pos = (d.record.partition, d.record.offset)
+            if view.gen_start and pos[0] == view.gen_start[0] and pos[1] < view.gen_start[1]:
+                # published before the live generation began (before its delete): a replay of
+                # an earlier generation, never applied to this one
+                self.metrics.after_delete.inc()
+                rep.duplicates += 1
+                self.metrics.duplicates.inc()
+                continue
+            if (view.fresh and view.deleted_at and not view.restarted and pos[0] == view.deleted_at[0]
+                    and pos[1] > view.deleted_at[1] and ev.seq <= last_seq[ref]):
+                # published after the delete under the same id, restarting its seqs: a new
+                # conversation (replays of the deleted turns sit before the delete, not after)
+                view.restarted = True
+                view.state.seq = NO_SEQ
+                last_seq[ref] = NO_SEQ
             if ev.seq <= last_seq[ref]:
                 stored = view.outbox.get(ev.seq)
                 if stored is not None:
@@ -231,7 +264,7 @@ class TurnPipeline:
                     reason_code=DeadLetterReason.TURN_TOO_LONG,
                     reason=f"turn has {n_tok} tokens; the limit (max_turn_tokens) is {self.settings.max_turn_tokens}"), rep))
                 continue
-            if ev.seq > last_seq[ref] + 1 and not self._gap_is_start(view, ev.seq):
+            if ev.seq > last_seq[ref] + 1 and not (view.fresh and last_seq[ref] == NO_SEQ):
                 if self.settings.gap_policy is GapPolicy.DEAD_LETTER:
                     rejected = await self._with_store(lambda r=ref: self.store.note_gap_rejected(r), "gap count")
                     if rejected <= self.settings.gap_max_dead_letters:
@@ -246,7 +279,10 @@ class TurnPipeline:
                                 "turns %d..%d", ref, rejected - 1, ev.seq, last_seq[ref] + 1, ev.seq - 1)
                 rep.gaps += 1
                 self.metrics.gaps.inc()
-                log.warning("conversation %s: seq gap, applying %d after %d", ref, ev.seq, last_seq[ref])
+                log.warning("conversation %s: seq gap, applying %d after %d", ref, ev.seq, last_seq[ref],
+                            extra=log_fields(conversation_id=ref.conversation_id, tenant=ref.tenant, seq=ev.seq,
+                                             topic=d.record.topic, partition=d.record.partition,
+                                             offset=d.record.offset))
             last_seq[ref] = ev.seq
             todo.append(d)
         if not todo:
@@ -271,10 +307,11 @@ class TurnPipeline:
             by_ref[d.ref].append((d, o, self._embedding_bytes(d, o, origin, view.gen, step_ms, rep.load_s * 1000)))
         commits = []
         for ref, items in by_ref.items():
-            last_rec = items[-1][0].record
+            first_rec, last_rec = items[0][0].record, items[-1][0].record
             v = views[ref]
             commits.append(TurnCommit(
                 ref=ref, expected_seq=v.seq, expected_gen=v.gen, fresh=v.fresh, state=states[ref.tag],
+                gen_start=(first_rec.partition, first_rec.offset) if v.fresh else None,
                 deltas=[o.delta for _, o, _ in items], outbox={o.seq: b for _, o, b in items},
                 source=SourceOffset(topic=last_rec.topic, partition=last_rec.partition, offset=last_rec.offset)))
         t = time.perf_counter()
@@ -296,7 +333,9 @@ class TurnPipeline:
                     self.metrics.memory_origin.labels(memory=MemoryOrigin.CONTINUED.value).inc(len(by_ref[ref]) - 1)
                 rep.applied += len(by_ref[ref])
                 self.metrics.turns.inc(len(by_ref[ref]))
-                self.cache.put(ref, states[ref.tag], partitions[ref], gen=res.gen)
+                v = views[ref]
+                gen_start = (by_ref[ref][0][0].record.partition, by_ref[ref][0][0].record.offset) if v.fresh else v.gen_start
+                self.cache.put(ref, states[ref.tag], partitions[ref], gen=res.gen, gen_start=gen_start)
             elif res.status in (CommitStatus.FINGERPRINT, CommitStatus.CORRUPT):
                 self.cache.discard(ref)
                 code = (DeadLetterReason.FINGERPRINT_MISMATCH if res.status is CommitStatus.FINGERPRINT
@@ -308,12 +347,6 @@ class TurnPipeline:
                 self.cache.discard(ref)
                 conflicted.add(ref)
         return conflicted
-
-    @staticmethod
-    def _gap_is_start(view: _View, seq: int) -> bool:
-        """A conversation we know nothing about may start at any seq (its earlier turns were
-        before our time, or its marker expired): that is not a gap."""
-        return view.origin is MemoryOrigin.NEW and view.seq == NO_SEQ
 
     async def _step(self, states: dict[str, ConversationState], todo: list[_Due], out: list[OutMessage],
                     rep: BatchReport) -> list[tuple[_Due, TurnOutput]]:
@@ -380,7 +413,8 @@ class TurnPipeline:
                 missing.append(ref)
                 self.metrics.cache_misses.inc()
             else:
-                views[ref] = _View(e.state, e.gen, e.state.seq, MemoryOrigin.CONTINUED, fresh=False)
+                views[ref] = _View(e.state, e.gen, e.state.seq, MemoryOrigin.CONTINUED, fresh=False,
+                                   gen_start=e.gen_start)
                 self.metrics.cache_hits.inc()
         problems: dict[ConversationRef, CheckpointProblem] = {}
         if missing:
@@ -392,7 +426,8 @@ class TurnPipeline:
                     # a cached state has no pending outbox we do not already know about:
                     # events are emitted in the batch that commits them
                     views[ref] = _View(got.state, got.gen, got.seq, got.origin, fresh=not got.live,
-                                       outbox=got.outbox, gap_rejects=got.gap_rejects)
+                                       outbox=got.outbox, gap_rejects=got.gap_rejects, gen_start=got.gen_start,
+                                       deleted_at=got.deleted_at)
         return views, problems
 
     async def _with_store(self, op: Callable[[], Awaitable[T]], what: str) -> T:
@@ -413,11 +448,19 @@ class TurnPipeline:
                 self.metrics.paused.set(1)
                 await self.store.wait_until_available()
 
-    async def _delete(self, ev: ConversationDelete, ref: ConversationRef, rep: BatchReport) -> OutMessage:
+    async def _delete(self, ev: ConversationDelete, ref: ConversationRef, rec: InboundRecord,
+                      rep: BatchReport) -> OutMessage | None:
         """Tombstone the conversation (see stream/checkpoints.py): its state is dropped and no
-        writer that computed a turn before the delete can commit it afterwards."""
+        writer that computed a turn before the delete can commit it afterwards. A replayed
+        delete older than the conversation's live generation is ignored (None)."""
         self.cache.discard(ref)
-        _existed, through = await self._with_store(lambda: self.store.delete(ref), "delete")
+        try:
+            _existed, through = await self._with_store(
+                lambda: self.store.delete(ref, at=(rec.partition, rec.offset)), "delete")
+        except StaleDelete:
+            log.info("conversation %s: replayed delete at %s/%d@%d predates its live generation; ignored",
+                     ref, rec.topic, rec.partition, rec.offset)
+            return None
         self.cache.discard(ref)
         rep.deleted += 1
         self.metrics.deletes.inc()
@@ -439,7 +482,9 @@ class TurnPipeline:
         code = rej.reason_code.value
         rep.dead_letters[code] = rep.dead_letters.get(code, 0) + 1
         self.metrics.dead_letters.labels(reason=code).inc()
-        log.warning("dead-letter %s/%d@%d: %s: %s", rec.topic, rec.partition, rec.offset, code, rej.reason[:200])
+        log.warning("dead-letter %s/%d@%d: %s: %s", rec.topic, rec.partition, rec.offset, code, rej.reason[:200],
+                    extra=log_fields(topic=rec.topic, partition=rec.partition, offset=rec.offset, reason_code=code,
+                                     conversation_id=rec.key.decode("utf-8", "replace") if rec.key else None))
         dl = make_dead_letter(rej, rec.key, rec.value, rec.topic, rec.partition, rec.offset, rec.timestamp_ms,
                               self.settings.worker_id, broker_limit=self.settings.kafka_max_message_bytes)
         return OutMessage(self.settings.dead_letter_topic, rec.key if rec.key else None, dl.model_dump_json().encode())

@@ -1,23 +1,29 @@
-"""Client for a worker's `POST /v1/query`: embed a query against a conversation's live memory.
+"""Client for a worker's query API (`POST /v1/embeddings`, stream/api/): embed a query
+against a conversation's live memory.
 
 `query_worker` (stdlib urllib, for CLIs and scripts) and `query_worker_async` (aiohttp, for
-async callers such as the indexer) send a `QueryRequest` and return the validated
-`QueryResponse`. Every failure is a `QueryError` whose message names the URL and, for an
-HTTP error, the status and the server's own error body, e.g.
+async callers such as the indexer) send an OpenAI-shaped embeddings request with evostream's
+extension fields (`conversation_id`, `tenant`, `unknown_conversation`) and return the answer
+as a validated `QueryResponse` (vector, `applied_seq`, `memory_len`, checkpoint fingerprint).
+Every failure is a `QueryError` whose message names the URL and, for an HTTP error, the status
+and the server's own error message, e.g.
 
-    cannot reach the evostream worker at http://127.0.0.1:6066/v1/query: connection refused
+    cannot reach the evostream worker at http://127.0.0.1:6066/v1/embeddings: connection refused
     (is `evostream worker` running, and on this port?)
-    worker at http://127.0.0.1:6066/v1/query rejected the query (HTTP 400): invalid query request ...
+    worker at http://127.0.0.1:6066/v1/embeddings rejected the query (HTTP 401): missing or unknown API key ...
 
-`url` is the worker's base URL (`http://host:port`); a URL that already ends in `/v1/query`
-is used as is.
+`url` is the worker's base URL (`http://host:port`); a URL that already ends in
+`/v1/embeddings` (or the older `/v1/query`) is reduced to its base. `api_key` defaults to the
+EVOSTREAM_API_KEY environment variable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import json
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -25,9 +31,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.events import QueryRequest, QueryResponse
+from schemas.events import QueryResponse
+from schemas.vectors import EncodedVector
 
-QUERY_PATH = "/v1/query"
+QUERY_PATH = "/v1/embeddings"
+_OLD_PATH = "/v1/query"
+API_KEY_ENV = "EVOSTREAM_API_KEY"
 _MAX_BODY_CHARS = 2000
 
 
@@ -48,16 +57,31 @@ def query_url(url: str) -> str:
     if "://" not in u:
         u = "http://" + u
     u = u.rstrip("/")
-    return u if u.endswith(QUERY_PATH) else u + QUERY_PATH
+    for suffix in (QUERY_PATH, _OLD_PATH):
+        if u.endswith(suffix):
+            u = u[: -len(suffix)]
+    return u + QUERY_PATH
 
 
-def _request_body(conversation_id: str, text: str, k: int) -> bytes:
+def _request_body(conversation_id: str, text: str, tenant: str | None, unknown_conversation: str) -> bytes:
     # Validate here so that a bad argument fails with pydantic's message, before any I/O.
-    return QueryRequest(conversation_id=conversation_id, query=text, k=k).model_dump_json().encode()
+    from stream.api.models import EmbeddingsRequest
+
+    req = EmbeddingsRequest(input=text, model="evoembedding", encoding_format="base64", conversation_id=conversation_id,
+                            tenant=tenant, unknown_conversation=unknown_conversation)
+    return req.model_dump_json(exclude_none=True).encode()
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    h = {"Content-Type": "application/json", "Accept": "application/json"}
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    return h
 
 
 def _error_detail(raw: bytes) -> str:
-    """The server's error body, shortened: the `error` (+ `detail`) of a JSON body, else the text."""
+    """The server's error message, shortened: `error` of a JSON error body, else the text."""
     text = raw.decode("utf-8", errors="replace").strip()
     try:
         obj: Any = json.loads(text)
@@ -65,7 +89,7 @@ def _error_detail(raw: bytes) -> str:
         obj = None
     if isinstance(obj, dict) and "error" in obj:
         msg = str(obj["error"])
-        if obj.get("detail") is not None:
+        if obj.get("detail") is not None:  # workers before the error_type shape
             msg += ": " + json.dumps(obj["detail"], ensure_ascii=False)
         text = msg
     if len(text) > _MAX_BODY_CHARS:
@@ -99,20 +123,34 @@ def _unreachable(endpoint: str, reason: object) -> QueryError:
     return QueryError(msg, url=endpoint)
 
 
-def _parse_response(endpoint: str, status: int, raw: bytes) -> QueryResponse:
+def _parse_response(endpoint: str, status: int, raw: bytes, conversation_id: str) -> QueryResponse:
+    from stream.api.models import EmbeddingsResponse
+
     try:
-        return QueryResponse.model_validate_json(raw)
-    except ValidationError as exc:
-        raise QueryError(f"worker at {endpoint} answered HTTP {status} with a body that is not a QueryResponse: "
-                         f"{str(exc)[:_MAX_BODY_CHARS]}", url=endpoint, status=status,
+        resp = EmbeddingsResponse.model_validate_json(raw)
+        if len(resp.data) != 1 or not isinstance(resp.data[0].embedding, str) or resp.memory is None:
+            raise ValueError("expected one base64 embedding and the memory it was computed against")
+        b64 = resp.data[0].embedding
+        dim = len(base64.b64decode(b64)) // 4
+        return QueryResponse(conversation_id=conversation_id, vector=EncodedVector(dtype="f32", dim=dim, b64=b64),
+                             dim=dim, memory_len=resp.memory.memory_len, applied_seq=resp.memory.applied_seq,
+                             checkpoint=resp.checkpoint, model=resp.model[:256] or "evoembedding")
+    except (ValidationError, ValueError) as exc:
+        raise QueryError(f"worker at {endpoint} answered HTTP {status} with a body that is not an embeddings "
+                         f"response: {str(exc)[:_MAX_BODY_CHARS]}", url=endpoint, status=status,
                          body=raw.decode("utf-8", errors="replace")) from None
 
 
-def query_worker(url: str, conversation_id: str, text: str, k: int = 5, timeout: float = 30) -> QueryResponse:
-    """Embed `text` against the live memory of `conversation_id` on the worker at `url`."""
+def query_worker(url: str, conversation_id: str, text: str, k: int = 5, timeout: float = 30, *,
+                 api_key: str | None = None, tenant: str | None = None,
+                 unknown_conversation: str = "error") -> QueryResponse:
+    """Embed `text` against the live memory of `conversation_id` on the worker at `url`.
+    `unknown_conversation="memoryless"` answers a conversation without memory with an
+    empty-memory vector (`applied_seq` -1) instead of an error. (`k` is kept for callers of
+    the older API; the worker does not search.)"""
     endpoint = query_url(url)
-    req = urllib.request.Request(endpoint, data=_request_body(conversation_id, text, k), method="POST",
-                                 headers={"Content-Type": "application/json", "Accept": "application/json"})
+    req = urllib.request.Request(endpoint, data=_request_body(conversation_id, text, tenant, unknown_conversation),
+                                 method="POST", headers=_headers(api_key))
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, raw = resp.status, resp.read()
@@ -126,21 +164,22 @@ def query_worker(url: str, conversation_id: str, text: str, k: int = 5, timeout:
         raise _unreachable(endpoint, exc.reason) from None
     except (OSError, TimeoutError) as exc:  # timeouts while reading, resets
         raise _unreachable(endpoint, exc) from None
-    return _parse_response(endpoint, status, raw)
+    return _parse_response(endpoint, status, raw, conversation_id)
 
 
 async def query_worker_async(url: str, conversation_id: str, text: str, k: int = 5, timeout: float = 30, *,
-                             session: Any = None) -> QueryResponse:
+                             session: Any = None, api_key: str | None = None, tenant: str | None = None,
+                             unknown_conversation: str = "error") -> QueryResponse:
     """`query_worker` on the event loop (aiohttp). Pass an `aiohttp.ClientSession` to reuse one."""
     import aiohttp
 
     endpoint = query_url(url)
-    body = _request_body(conversation_id, text, k)
+    body = _request_body(conversation_id, text, tenant, unknown_conversation)
     own = session is None
     sess = aiohttp.ClientSession() if own else session
     try:
         async with sess.post(endpoint, data=body, timeout=aiohttp.ClientTimeout(total=timeout),
-                             headers={"Content-Type": "application/json", "Accept": "application/json"}) as resp:
+                             headers=_headers(api_key)) as resp:
             status, raw = resp.status, await resp.read()
     except aiohttp.ClientConnectorError as exc:
         raise _unreachable(endpoint, exc.os_error) from None
@@ -153,7 +192,7 @@ async def query_worker_async(url: str, conversation_id: str, text: str, k: int =
             await sess.close()
     if status >= 400:
         raise _http_error(endpoint, status, raw)
-    return _parse_response(endpoint, status, raw)
+    return _parse_response(endpoint, status, raw, conversation_id)
 
 
 __all__ = ["QueryError", "query_url", "query_worker", "query_worker_async"]

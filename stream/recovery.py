@@ -41,12 +41,17 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
     rex.OutOfMemoryError,
     rex.TryAgainError,
     rex.ClusterDownError,
+    # Redis Cluster (issue #8): a slot moving or a failover in progress that redis-py's own
+    # MOVED/ASK handling did not absorb within its retries; the next attempt finds the new owner.
+    rex.AskError,  # MovedError is a subclass
+    rex.ClusterError,  # "TTL exhausted" while following redirections
+    rex.SlotNotCoveredError,
     asyncio.TimeoutError,
     ConnectionError,  # builtin: OSError family raised by the socket layer
 )
 # Reply error codes that mean the same thing when they arrive as a generic ResponseError
 # (redis-py maps only some of them to a subclass).
-_RETRYABLE_PREFIXES = ("LOADING", "READONLY", "OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+_RETRYABLE_PREFIXES = ("LOADING", "READONLY", "OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "MOVED", "ASK")
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -55,6 +60,10 @@ def is_unavailable(exc: BaseException) -> bool:
         return True
     if isinstance(exc, rex.ResponseError):
         msg = str(exc.args[0]) if exc.args else ""
+        # WAIT/WAITAOF sent to a primary that a failover just turned into a replica (issue #8):
+        # the next attempt reaches the new primary.
+        if "cannot be used with replica instances" in msg:
+            return True
         return msg.split(" ", 1)[0] in _RETRYABLE_PREFIXES
     return False
 

@@ -14,9 +14,10 @@ What happens on the first signal:
 
 Nothing is lost either way: a batch in flight is not acknowledged, so the next owner of its
 partition replays it (turns already checkpointed are skipped, their events re-emitted from the
-outbox). Exit codes: 0 = clean (offsets committed, group left, clients closed);
-EXIT_GRACE_EXCEEDED (75, EX_TEMPFAIL) = the grace ran out (typically the broker is away);
-70 = a batch failed unexpectedly (stream/app.py).
+outbox). Exit codes: 0 = clean (the orderly shutdown finished with the broker reachable:
+offsets committed, group left, clients closed); EXIT_UNCLEAN (75, EX_TEMPFAIL) = the grace ran
+out, or the shutdown finished while the broker was unreachable (its last offsets could not be
+committed: expect replays); 70 = a batch failed unexpectedly (stream/app.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 EXIT_CLEAN = 0
-EXIT_GRACE_EXCEEDED = 75
+EXIT_UNCLEAN = 75
+EXIT_GRACE_EXCEEDED = EXIT_UNCLEAN
 
 
 class ShutdownGuard:
@@ -64,13 +66,18 @@ class ShutdownGuard:
             except Exception:  # noqa: BLE001 - the shutdown must go on
                 log.exception("shutdown hook failed")
 
-    def finished(self) -> None:
-        """The orderly shutdown completed: cancel the watchdog."""
+    def finished(self, clean: bool = True, why: str = "") -> int:
+        """The orderly shutdown completed: cancel the watchdog; returns the exit code."""
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
-        if self.started_at is not None:
-            log.info("shutdown complete in %.1f s", time.monotonic() - self.started_at)
+        took = time.monotonic() - self.started_at if self.started_at is not None else 0.0
+        if clean:
+            log.info("shutdown complete in %.1f s", took)
+            return EXIT_CLEAN
+        log.warning("shutdown finished in %.1f s but not cleanly (%s): exiting with %d; records not committed "
+                    "will be replayed by the partition's next owner", took, why, EXIT_UNCLEAN)
+        return EXIT_UNCLEAN
 
     def _expire(self) -> None:
         log.critical("shutdown did not finish within %.0f s (shutdown_grace_s; broker or Redis unreachable?): "

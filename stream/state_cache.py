@@ -27,6 +27,7 @@ class CachedState:
     gen: int
     partition: int
     nbytes: int
+    gen_start: tuple[int, int] | None = None
 
 
 class StateCache:
@@ -59,7 +60,8 @@ class StateCache:
         self.hits += 1
         return e
 
-    def put(self, ref: ConversationRef, state: ConversationState, partition: int, gen: int = 1) -> bool:
+    def put(self, ref: ConversationRef, state: ConversationState, partition: int, gen: int = 1,
+            gen_start: tuple[int, int] | None = None) -> bool:
         """Cache a state that was just committed; False if refused (partition not assigned,
         or larger than the whole budget)."""
         self.discard(ref)
@@ -69,7 +71,7 @@ class StateCache:
         n = state.nbytes()
         if n > self.max_bytes:
             return False  # larger than the whole budget: not cached, always loaded
-        self._entries[ref] = CachedState(state, gen, partition, n)
+        self._entries[ref] = CachedState(state, gen, partition, n, gen_start)
         self.bytes += n
         while self.bytes > self.max_bytes and self._entries:
             _, old = self._entries.popitem(last=False)

@@ -14,8 +14,9 @@ What happens instead, with `install()`:
   error to a sink. Records of the same fetch that came before the bad batch are delivered.
 * The worker's sink (`UnreadableBatches`) logs once per partition and offset, counts it
   (`evostream_unreadable_batches_total`), shows it in the `evostream_partition_stopped`
-  gauge and in `/readyz`, and pauses the partition in faust so it is not fetched again.
-  Every other partition keeps flowing.
+  gauge and in `/readyz`; the guard pauses the partition in the consumer (after handing out
+  the records before the bad batch) so it is not fetched again. Every other partition keeps
+  flowing. A rebalance un-pauses it; whoever owns it then stops at the same offset again.
 * Nothing is dead-lettered: the bytes could not be read, so there is nothing exact to keep;
   the batch stays on the topic. After the cause is fixed (install the codec library, or let
   retention/an operator move the group's offset past a corrupt batch), restarting the
@@ -48,6 +49,7 @@ Sink = Callable[[str, int, int, BaseException], None]
 _sinks: list[Sink] = []
 _install_lock = threading.Lock()
 _installed = False
+_originals: tuple[type, type] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def install(sink: Sink) -> None:
     """Guard every aiokafka consumer of this process and send unreadable batches to `sink`.
 
     Idempotent; several sinks may be registered (each is called)."""
-    global _installed
+    global _installed, _originals
     with _install_lock:
         if sink not in _sinks:
             _sinks.append(sink)
@@ -77,19 +79,48 @@ def install(sink: Sink) -> None:
             return
         from aiokafka.consumer import fetcher
 
-        base = fetcher.PartitionRecords
-
-        class GuardedPartitionRecords(base):  # type: ignore[misc, valid-type]
+        class GuardedPartitionRecords(fetcher.PartitionRecords):  # type: ignore[misc, valid-type]
             """aiokafka's iterator, but a batch that cannot be read ends the iteration there
-            and is reported instead of raising into the consumer loop."""
+            (`next_fetch_offset` stays at its first offset) instead of raising into the
+            consumer loop; the error is kept for `GuardedFetchResult`."""
+
+            unreadable: BaseException | None = None
 
             def _unpack_records(self) -> Iterator[object]:
                 try:
                     yield from super()._unpack_records()
-                except Exception as exc:  # noqa: BLE001 - any decode failure: stop here, report
-                    _report(self._tp.topic, self._tp.partition, self.next_fetch_offset, exc)
+                except Exception as exc:  # noqa: BLE001 - any decode failure: stop here
+                    self.unreadable = exc
 
+        class GuardedFetchResult(fetcher.FetchResult):  # type: ignore[misc, valid-type]
+            """Hands out the records before an unreadable batch, then pauses the partition in
+            the consumer itself (so it is not fetched again) and reports it. Pausing here,
+            after the records were taken, matters: a pause seen by faust *before* it yields
+            them would drop records the consumer's position has already moved past."""
+
+            def _guarded(self, take: Callable[[], object]) -> object:
+                records = self._partition_records
+                out = take()
+                exc = getattr(records, "unreadable", None)
+                if exc is not None:
+                    records.unreadable = None
+                    tp = self._topic_partition
+                    try:
+                        self._assignment.state_value(tp).pause()
+                    except Exception:  # noqa: BLE001 - unassigned meanwhile: the new owner sees it
+                        pass
+                    _report(tp.topic, tp.partition, records.next_fetch_offset, exc)
+                return out
+
+            def getone(self):  # type: ignore[no-untyped-def]
+                return self._guarded(super().getone)
+
+            def getall(self, max_records=None):  # type: ignore[no-untyped-def]
+                return self._guarded(lambda: super(GuardedFetchResult, self).getall(max_records))
+
+        _originals = (fetcher.PartitionRecords, fetcher.FetchResult)
         fetcher.PartitionRecords = GuardedPartitionRecords
+        fetcher.FetchResult = GuardedFetchResult
         _installed = True
 
 
@@ -97,6 +128,18 @@ def uninstall_sink(sink: Sink) -> None:
     with _install_lock:
         if sink in _sinks:
             _sinks.remove(sink)
+
+
+def uninstall() -> None:
+    """Restore aiokafka's own classes and drop every sink (tests: compare with and without)."""
+    global _installed, _originals
+    with _install_lock:
+        if _originals is not None:
+            from aiokafka.consumer import fetcher
+
+            fetcher.PartitionRecords, fetcher.FetchResult = _originals
+        _originals, _installed = None, False
+        _sinks.clear()
 
 
 def _report(topic: str, partition: int, offset: int, exc: BaseException) -> None:
@@ -176,25 +219,13 @@ def disable_codecs_for_tests(env: dict[str, str] | None = None) -> frozenset[str
 
 
 __all__ = ["CODECS", "FAULT_ENV", "StoppedPartition", "UnreadableBatches", "disable_codecs_for_tests",
-           "install", "uninstall_sink"]
+           "install", "uninstall", "uninstall_sink"]
 
 
-def watch_app(app: object, registry: CollectorRegistry | None = None) -> UnreadableBatches:
-    """Guard a faust app's consumer: an unreadable batch pauses its partition in faust (on the
-    app's event loop; the report comes from the consumer thread)."""
-
-    def pause(stopped: StoppedPartition) -> None:
-        from faust.types import TP
-
-        def on_loop() -> None:
-            try:
-                app.consumer.pause_partitions({TP(stopped.topic, stopped.partition)})  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001 - a consumer being torn down: the batch is refetched later
-                log.exception("could not pause %s[%d]", stopped.topic, stopped.partition)
-
-        app.loop.call_soon_threadsafe(on_loop)  # type: ignore[attr-defined]
-
-    batches = UnreadableBatches(registry, on_stop=pause)
+def watch_app(registry: CollectorRegistry | None = None) -> UnreadableBatches:
+    """Guard this process's consumers and record unreadable batches for the worker
+    (metrics in `registry`). The partition itself is paused by the guard, in the consumer."""
+    batches = UnreadableBatches(registry)
     install(batches.report)
     return batches
 

@@ -9,6 +9,8 @@ Public:
     conversation_ids(), valid_turn_events(), valid_delete_events(), valid_inbound_events()
     encode_record(event) -> (key, value)
     hostile_records(max_bytes=, max_depth=, reasons=) -> (key, value, expected reason | None)
+        (the same outcome in the tolerant and the strict reader)
+    strict_only_records() -> (key, value, reason): accepted by the tolerant reader only
     fuzzed_records() -> (key, value): structurally plausible junk, no expected outcome
 """
 
@@ -295,13 +297,13 @@ def _schema_violation(draw: st.DrawFn, limits: Limits) -> Record:
                 ("messages", [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                               {"role": "user", "content": "c"}]),
                 ("messages", [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]),
-                ("messages", [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]),
                 ("messages", [{"role": "user"}]), ("messages", [{"content": "x"}]),
                 ("messages", [{"role": "user", "content": 5}]),
-                ("messages", [{"role": "user", "content": None}]),
-                ("messages", [{"role": "user", "content": "x", "name": "bob"}]),
-                ("timestamp", "2024-01-01T00:00:00"), ("timestamp", 1_700_000_000),
-                ("timestamp", "yesterday"),
+                ("messages", [{"role": "user", "content": [{"text": "no part type"}]}]),
+                ("messages", [{"role": "user", "content": "x", "name": 5}]),
+                ("messages", [{"role": "assistant", "content": "x", "tool_calls": "call"}]),
+                ("timestamp", "2024-01-01T00:00:00"), ("timestamp", -1), ("timestamp", 1.7e12),
+                ("timestamp", 10**16), ("timestamp", "yesterday"),
                 ("timestamp", "1714564800"), ("timestamp", "2024-05-01"),
                 ("timestamp", None), ("timestamp", ""),
                 ("schema_version", 0), ("schema_version", 2), ("schema_version", "1"),
@@ -310,18 +312,12 @@ def _schema_violation(draw: st.DrawFn, limits: Limits) -> Record:
                 ("metadata", {"a": {"b": 1}}), ("metadata", {"a": "v" * 300}),
                 ("metadata", {"a": 2**60}), ("metadata", {"": 1}),
                 ("@missing", "conversation_id"), ("@missing", "seq"), ("@missing", "messages"),
-                ("@missing", "timestamp"), ("@extra", None), ("@extra_in_message", None),
+                ("@missing", "timestamp"),
             ]
         )
     )
     if field == "@missing":
         del document[bad]
-    elif field == "@extra":
-        document[draw(st.text(min_size=1, max_size=12).map(lambda s: "x_" + s))] = draw(
-            st.none() | st.integers() | st.text(max_size=8)
-        )
-    elif field == "@extra_in_message":
-        message["x_" + draw(st.text(max_size=8))] = 1
     else:
         document[field] = bad
     return key, _dumps(draw, document), R.SCHEMA_VIOLATION
@@ -332,11 +328,49 @@ def _unknown_role(draw: st.DrawFn, limits: Limits) -> Record:
     message = draw(st.sampled_from(document["messages"]))
     message["role"] = draw(
         st.one_of(
-            st.sampled_from(["system", "tool", "User", "ASSISTANT", "", 5, None, True, ["user"]]),
-            st.text(max_size=12).filter(lambda r: r not in ("user", "assistant")),
+            st.sampled_from(["robot", "User", "ASSISTANT", "", 5, None, True, ["user"]]),
+            st.text(max_size=12).filter(lambda r: r not in KNOWN_ROLES),
         )
     )
     return key, _dumps(draw, document), R.UNKNOWN_ROLE
+
+
+KNOWN_ROLES = ("user", "assistant", "system", "developer", "tool", "function")
+"""Roles of the common chat formats: accepted by the tolerant reader (issue #13)."""
+
+
+@st.composite
+def strict_only_records(draw: st.DrawFn) -> Record:
+    """(key, value, reason) that the tolerant reader accepts but strict mode (the version-1
+    contract) rejects with `reason`: unknown fields, the other chat roles, OpenAI-style
+    message fields, content parts, several messages per side, epoch-millisecond timestamps."""
+    key, document = _base(draw, turns_only=True)
+    message = document["messages"][0]
+    kind = draw(st.sampled_from(["extra", "extra_in_message", "name", "tool_calls", "parts", "two_users",
+                                 "epoch_ms", "system", "tool", "developer"]))
+    reason = R.SCHEMA_VIOLATION
+    if kind == "extra":
+        document[draw(st.text(min_size=1, max_size=12).map(lambda s: "x_" + s))] = draw(
+            st.none() | st.integers(-10, 10) | st.text(max_size=8) | st.just({"nested": [1]}))
+    elif kind == "extra_in_message":
+        message["x_" + draw(st.text(max_size=8))] = 1
+    elif kind == "name":
+        message["name"] = "bob"
+    elif kind == "tool_calls":
+        document["messages"] = [{"role": "user", "content": "weather?"},
+                                {"role": "assistant", "content": None,
+                                 "tool_calls": [{"id": "c1", "type": "function",
+                                                 "function": {"name": "get", "arguments": "{}"}}]}]
+    elif kind == "parts":
+        message["content"] = [{"type": "text", "text": message["content"]}]
+    elif kind == "two_users":
+        document["messages"] = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    elif kind == "epoch_ms":
+        document["timestamp"] = draw(st.integers(0, 4_102_444_800_000))
+    else:
+        document["messages"] = [{"role": kind, "content": "context"}, {"role": "user", "content": "hi"}]
+        reason = R.UNKNOWN_ROLE
+    return key, _dumps(draw, document), reason
 
 
 def _empty_turn(draw: st.DrawFn, limits: Limits) -> Record:

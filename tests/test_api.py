@@ -350,7 +350,8 @@ def test_invalid_is_422_without_echo(live: Live) -> None:
     cases = [b"{not json", b"[1, 2]", b"", json.dumps({"input": [[1, 2, 3]], "model": "m"}).encode(),
              json.dumps({"input": "x", "model": "m", "encoding_format": "int8"}).encode(),
              json.dumps({"input": "x", "model": "m", "secret_field_name": 1}).encode(),
-             json.dumps({"input": "x", "model": "m", "conversation_id": "bad\u0001id"}).encode()]
+             json.dumps({"input": "x", "model": "m", "conversation_id": "bad\u0001id"}).encode(),
+             b'{"input": ["ok", "bad \\ud800 text"], "model": "m"}']  # unpaired surrogate: not text
     for raw in cases:
         status, body, _ = call(live.worker, "POST", "/v1/embeddings", raw=raw)
         assert_error(status, body, 422, "invalid_request")
@@ -410,26 +411,37 @@ def test_store_unavailable_is_503(live: Live, kafka_bootstrap: str, tmp_path) ->
 
 # --------------------------------------------------------------------------- property-based (schemathesis)
 
-import schemathesis  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
 
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_openapi_properties(live: Live, mode: str) -> None:
+    """schemathesis generates requests from the worker's own /openapi.json (valid ones, then
+    invalid ones) for every documented operation and checks each answer: no 5xx, only
+    documented status codes and content types, bodies matching the documented schemas (errors
+    included), invalid data refused. Key of the default tenant; generated conversations mostly
+    do not exist, so 404 is a documented answer. Bounded: 10 examples per operation and mode.
 
-@pytest.fixture(scope="module")
-def api_schema(live: Live):
-    """The worker's own OpenAPI document, loaded from the live worker."""
-    return schemathesis.openapi.from_url(live.worker.url + "/openapi.json")
+    (Driven through hypothesis directly: schemathesis' pytest plugin does not run under this
+    pytest version, `'Function' object has no attribute '_nodeid'`.)"""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
 
+    # 413 is a right answer to schema-valid data: the token limit per text cannot be stated in
+    # JSON Schema (the document states the character and item limits).
+    config = schemathesis.Config.from_dict({"checks": {"positive_data_acceptance": {
+        "expected-statuses": ["2xx", "401", "403", "404", "409", "413", "429"]}}})
+    schema = schemathesis.openapi.from_url(live.worker.url + "/openapi.json", config=config)
+    gen_mode = schemathesis.GenerationMode(mode)
+    operations = [r.ok() for r in schema.get_all_operations()]
+    assert len(operations) >= 6
+    if mode == "negative":  # GET operations take no input that could be made invalid
+        operations = [op for op in operations if op.method.upper() == "POST"]
+        assert len(operations) >= 4
+    for op in operations:
+        @given(case=op.as_strategy(generation_mode=gen_mode))
+        @settings(max_examples=10, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def run(case) -> None:
+            case.call_and_validate(base_url=live.worker.url, timeout=60,
+                                   headers={"Authorization": f"Bearer {KEY_DEFAULT}"})
 
-schema = schemathesis.pytest.from_fixture("api_schema")
-
-
-@schema.parametrize()
-@settings(max_examples=12, deadline=None, derandomize=True,
-          suppress_health_check=list(HealthCheck))
-def test_openapi_properties(case, live: Live) -> None:
-    """Generated requests (valid and invalid) against every documented operation: no 5xx,
-    only documented status codes, bodies matching the documented schemas (errors included),
-    invalid data refused. Keys of the default tenant; generated conversations mostly do not
-    exist, so 404 is a documented, expected answer."""
-    case.call_and_validate(base_url=live.worker.url, headers={"Authorization": f"Bearer {KEY_DEFAULT}"},
-                           timeout=60)
+        run()

@@ -417,7 +417,10 @@ def test_redis_outage_pauses_and_resumes(local_stack: LocalStack, kafka_bootstra
     with scenario("redis_outage") as s:
         traffic = generate_traffic(SCALE.outage_conversations, SCALE.outage_turns, seed=SCALE.seed, prefix="out")
         exp = expected_for(traffic)
-        penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=PARTITIONS)
+        # commits wait for the AOF fsync (WAITAOF) before the batch is acknowledged, so a
+        # Redis SIGKILL cannot take a committed turn with it (tests/test_durability.py)
+        penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=PARTITIONS,
+                            extra={"EVOSTREAM_REDIS_DURABILITY": "aof"})
         probe = RedisProbe(redis_url, penv.namespace)
         fleet = Fleet(penv, tmp_path)
         producer = StreamingProducer(kafka_bootstrap, penv.turns_topic, traffic.records(), tags(traffic),
@@ -845,6 +848,7 @@ def test_broker_paused_past_session_timeout(tmp_path: Path, redis_url) -> None:
                 wait_until(lambda b=base: (probe.applied(last_seqs(traffic)) or 0) >= min(total, b + 8),
                            timeout=SCALE.timeout, tick=fleet.poll, what="progress before the pause")
                 broker.pause()
+                fleet._event("broker-pause", "-")
                 s.outages += 1
                 s.outage_kinds.append("broker_pause")
                 end = time.monotonic() + session_s + SCALE.broker_pause_extra_s * rng.uniform(0.8, 1.2)
@@ -856,6 +860,7 @@ def test_broker_paused_past_session_timeout(tmp_path: Path, redis_url) -> None:
                         time.sleep(0.5)
                 finally:
                     broker.resume()
+                    fleet._event("broker-resume", "-")
                 for w in fleet.alive_workers():
                     w.wait_ready(SCALE.timeout)
             producer.set_rate(1000.0)
@@ -940,3 +945,197 @@ def test_worker_partitioned_from_broker_others_take_over(tmp_path: Path, redis_u
             fleet.stop_all()
             probe.close()
         assert len(took_over) == len(SCALE.broker_partitions)
+
+
+# --------------------------------------------------------------------------- 7. production faults
+
+
+def test_production_faults_eviction_deletes_zombie_tenants(local_stack: LocalStack, kafka_bootstrap, redis_url,
+                                                           topic_factory, tmp_path: Path) -> None:
+    """Faults of a real deployment (issue #7), through real workers, broker and Redis:
+
+    * two tenants stream conversations with the SAME ids and different content;
+    * mid-stream, one checkpoint key (base, deltas or meta, in turn) of some conversations is
+      deleted by hand, as a `volatile-*` eviction policy would;
+    * a worker freezes itself right after a model step (a zombie); while it is frozen the
+      other worker takes over and some conversations are deleted; then the zombie resumes;
+    * workers commit with EVOSTREAM_REDIS_DURABILITY=aof (WAITAOF) on the AOF-always Redis.
+
+    Must hold: every turn of a damaged conversation is either embedded exactly as offline or
+    dead-lettered `checkpoint_corrupt` (none lost); every other conversation of both tenants is
+    embedded and checkpointed exactly as offline (no partition stalled by one bad
+    conversation, no cross-tenant leak); a deleted conversation has no state in Redis and no
+    embedding after its tombstone (no resurrection)."""
+    import redis as redis_py
+
+    from schemas.events import EmbeddingEvent, OUTBOUND_EVENT_ADAPTER
+    from schemas.vectors import decode_vector
+    from stream.checkpoints import conversation_keys
+    from stream.identity import ConversationRef
+    from tests.support.oracle import load_states, state_difference
+    from tests.support.traffic import encode as encode_event
+    from tests.support.workers import read_topic_sync
+
+    rng = random.Random(SCALE.seed * 307)
+    with scenario("production_faults") as s:
+        n, m = SCALE.prod_conversations, SCALE.prod_turns
+        tenants = {"acme": generate_traffic(n, m, seed=SCALE.seed, prefix="pf", tenant="acme"),
+                   "globex": generate_traffic(n, m, seed=SCALE.seed, prefix="pf", tenant="globex", words=(2, 30))}
+        exp = {t: expected_for(tr) for t, tr in tenants.items()}
+        ids = tenants["acme"].conversation_ids
+        assert ids == tenants["globex"].conversation_ids
+        victims = {("acme", c) for c in rng.sample(ids, SCALE.prod_victims)}
+        deleted = {("globex", c) for c in rng.sample(ids, SCALE.prod_deletes)}
+        # one publish order for both tenants: a seeded merge that keeps each stream's order
+        streams = {t: list(zip(tr.records(), tags(tr))) for t, tr in tenants.items()}
+        merged: list = []
+        while any(streams.values()):
+            t = rng.choices(list(streams), weights=[len(v) for v in streams.values()])[0]
+            rec, tag = streams[t].pop(0)
+            merged.append((rec, (t, *tag)))
+        records = [r for r, _ in merged]
+        penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=PARTITIONS,
+                            extra={**COMPACTING, "EVOSTREAM_REDIS_DURABILITY": "aof"})
+        r = redis_py.Redis.from_url(redis_url)
+        fleet = Fleet(penv, tmp_path)
+        producer = StreamingProducer(kafka_bootstrap, penv.turns_topic, records, rate=SCALE.prod_rate)
+        evicted: dict[tuple[str, str], str] = {}
+
+        def seq_of(tenant: str, cid: str) -> int:
+            v = r.hget(conversation_keys(penv.namespace, ConversationRef(tenant, cid)).meta, "seq")
+            return int(v) if v is not None else -1
+
+        def all_applied() -> bool:
+            return all(seq_of(t, c) >= tr.by_id[c].last_seq for t, tr in tenants.items() for c in ids
+                       if (t, c) not in victims | deleted)
+
+        try:
+            fleet.start("p0")
+            fleet.start("p1", fault_env("in_step", action="stop", skip=rng.randint(1, 2)))
+            for w in ("p0", "p1"):
+                fleet.workers[w].wait_ready(SCALE.timeout)
+            _wait_group_stable(fleet)
+            producer.start()
+            # -- eviction, once the victims have a checkpoint to lose --------------------------
+            wait_until(lambda: all(seq_of(*v) >= 2 for v in victims) or producer.done, timeout=SCALE.timeout,
+                       tick=fleet.poll, what="victims checkpointed")
+            kinds = ["base", "deltas", "meta"]
+            for i, (t, c) in enumerate(sorted(victims)):
+                keys = conversation_keys(penv.namespace, ConversationRef(t, c))
+                order = kinds[i % 3:] + kinds[: i % 3]
+                kind = next((k for k in order if r.exists(getattr(keys, k))), "meta")
+                r.delete(getattr(keys, kind))
+                evicted[(t, c)] = kind
+            s.extra["evicted_keys"] = dict(sorted(f"{t}/{c}={k}".split("=") for (t, c), k in evicted.items()))
+            # -- the zombie, and deletes while it is frozen ------------------------------------
+            frozen = wait_until(lambda: fleet.frozen("p1") or (producer.done and "drained"), timeout=SCALE.timeout,
+                                tick=fleet.poll, what="p1 frozen after a model step")
+            producer.join(SCALE.timeout)
+            if frozen != "drained":
+                s.zombies += 1
+                sleep_ticking(float(penv.env()["EVOSTREAM_SESSION_TIMEOUT_S"]) + 3, fleet.poll)
+            wait_until(all_applied, timeout=SCALE.timeout, tick=fleet.poll,
+                       what="every undamaged conversation checkpointed at its last turn")
+            from tests.support.traffic import produce
+            from schemas.events import ConversationDelete
+            from datetime import UTC, datetime
+
+            produce(kafka_bootstrap, penv.turns_topic, [
+                encode_event(ConversationDelete(conversation_id=c, tenant=t, timestamp=datetime.now(UTC)))
+                for t, c in sorted(deleted)])
+            wait_until(lambda: all(r.hget(conversation_keys(penv.namespace, ConversationRef(t, c)).mark, "status")
+                                   == b"deleted" for t, c in deleted), timeout=SCALE.timeout, tick=fleet.poll,
+                       what="deletes applied")
+            if fleet.frozen("p1"):
+                fleet.resume("p1")
+                sleep_ticking(8.0, fleet.poll)  # let the zombie try its stale commit
+            s.conflicts = fleet.metric_sum(CONFLICTS)
+            # -- accounting --------------------------------------------------------------------
+            out = [(msg.partition, msg.offset, OUTBOUND_EVENT_ADAPTER.validate_json(msg.value))
+                   for msg in read_topic_sync(kafka_bootstrap, penv.embeddings_topic)]
+            dls = read_dead_letters(kafka_bootstrap, penv.dead_letter_topic)
+            corrupt_dl = set()
+            for dl in dls:
+                ev = TurnEvent.model_validate_json(base64.b64decode(dl.original_value_b64 or ""))
+                if dl.reason_code is DeadLetterReason.CHECKPOINT_CORRUPT:
+                    corrupt_dl.add((ev.tenant, ev.conversation_id, ev.seq))
+                else:
+                    s.problems.append(f"unexpected dead letter {dl.reason_code.value} for {ev.tenant}/{ev.conversation_id}")
+            got: dict[tuple, list[EmbeddingEvent]] = defaultdict(list)
+            tomb_at: dict[tuple, tuple[int, int]] = {}
+            for part, off, ev in out:
+                if isinstance(ev, EmbeddingEvent):
+                    got[(ev.tenant, ev.conversation_id, ev.seq)].append(ev)
+                else:
+                    tomb_at[(ev.tenant, ev.conversation_id)] = (part, off)
+            lost = leaks = mismatched = 0
+            for t, tr in tenants.items():
+                for c in ids:
+                    for seq in range(tr.by_id[c].last_seq + 1):
+                        k = (t, c, seq)
+                        if not got.get(k):
+                            if (t, c) in victims and k in corrupt_dl:
+                                continue
+                            lost += 1
+                            continue
+                        want = exp[t].embeddings[(c, seq)]
+                        other = exp["globex" if t == "acme" else "acme"].embeddings.get((c, seq))
+                        for ev in got[k]:
+                            d = float(abs(decode_vector(ev.vector) - want).max())
+                            s.max_abs_diff = max(s.max_abs_diff, d)
+                            if d > TOL:
+                                mismatched += 1
+                                if other is not None and float(abs(decode_vector(ev.vector) - other).max()) <= TOL:
+                                    leaks += 1
+            resurrected = 0
+            for t, c in deleted:
+                keys = conversation_keys(penv.namespace, ConversationRef(t, c))
+                if r.exists(keys.meta, keys.base, keys.deltas, keys.outbox):
+                    resurrected += 1
+                    continue
+                if (t, c) not in tomb_at:
+                    s.problems.append(f"no tombstone for {t}/{c}")
+                    continue
+                tp, toff = tomb_at[(t, c)]
+                if any(p == tp and o > toff and isinstance(ev, EmbeddingEvent) and (ev.tenant, ev.conversation_id) == (t, c)
+                       for p, o, ev in out):
+                    resurrected += 1
+            states_differing = checked = 0
+            for t, tr in tenants.items():
+                refs = [ConversationRef(t, c) for c in ids if (t, c) not in victims | deleted]
+                loaded = load_states(penv, refs)
+                for ref in refs:
+                    checked += 1
+                    if state_difference(loaded[ref], exp[t].states[ref.conversation_id], TOL):
+                        states_differing += 1
+            # a partition is stalled by a bad conversation if an undamaged conversation that
+            # shares it with a victim misses turns
+            part_of = {msg.key.decode(): msg.partition for msg in read_topic_sync(kafka_bootstrap, penv.turns_topic)}
+            victim_parts = {part_of[c] for _, c in victims}
+            stalled = {part_of[c] for t, tr in tenants.items() for c in ids
+                       if (t, c) not in victims and part_of[c] in victim_parts
+                       and any(not got.get((t, c, q)) for q in range(tr.by_id[c].last_seq + 1))}
+            s.turns = sum(len(tr) for tr in tenants.values())
+            s.conversations = 2 * n
+            s.records = producer.sent.count + len(deleted)
+            s.lost, s.states_checked, s.states_differing = lost, checked, states_differing
+            s.dead_letters = len(dls)
+            s.extra.update(quarantined_turns=len(corrupt_dl), victims=len(victims), deletes=len(deleted),
+                           victim_partitions=sorted(victim_parts),
+                           resurrected=resurrected, cross_tenant_leaks=leaks, vectors_differing=mismatched,
+                           partitions_stalled_by_one_conversation=len(stalled), tenants=2)
+            if lost:
+                s.problems.append(f"{lost} turns neither embedded nor dead-lettered")
+            if mismatched:
+                s.problems.append(f"{mismatched} embeddings differ from their tenant's offline replay ({leaks} equal the other tenant's)")
+            if resurrected:
+                s.problems.append(f"{resurrected} deleted conversations came back")
+            if states_differing:
+                s.problems.append(f"{states_differing} checkpoints differ from offline")
+            s.ok = not s.problems
+            if not s.ok:
+                raise ScenarioFailed("; ".join(s.problems) + "\n" + fleet.logs(40))
+        finally:
+            fleet_numbers(s, fleet)
+            fleet.stop_all()
+            r.close()

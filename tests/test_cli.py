@@ -227,3 +227,10 @@ def test_debug_shows_the_traceback() -> None:
     p = run_cli("--debug", "settings", EVOSTREAM_TURNS_PARTITIONS="many")
     assert p.returncode == int(ExitCode.USAGE)
     assert "Traceback" in p.stderr and "error: EVOSTREAM_TURNS_PARTITIONS" in p.stderr
+
+
+def test_reset_needs_yes_and_says_when_nothing_is_stored(redis_url: str) -> None:
+    one_error(run_cli("reset", "c-none", EVOSTREAM_REDIS_URL=redis_url), ExitCode.USAGE, "rerun with --yes")
+    one_error(run_cli("reset", "c-none", "--tenant", "acme", "--yes", EVOSTREAM_REDIS_URL=redis_url,
+                      EVOSTREAM_REDIS_NAMESPACE="t-reset"),
+              ExitCode.FAILED, "nothing stored for conversation acme/c-none")

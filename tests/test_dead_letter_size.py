@@ -84,12 +84,14 @@ def test_small_dead_letters_stay_whole() -> None:
     assert not dl.truncated and dl.original_value() == b'{"broken json' and dl.original_value_sha256 is None
 
 
-def test_fit_cuts_key_too_when_the_value_is_gone() -> None:
+def test_fit_cuts_the_key_too_when_the_key_alone_is_too_large() -> None:
     key, value = b"K" * 30_000, b"V" * 30_000
-    dl = fit_dead_letter(_too_large_letter(key, value), key, 20_000)
-    assert record_size(key, dl.model_dump_json().encode()) <= 20_000
+    # (the dead-letter record itself unkeyed: a 30 KB record key could not fit 20 KB anyway)
+    dl = fit_dead_letter(_too_large_letter(key, value), None, 20_000)
+    assert record_size(None, dl.model_dump_json().encode()) <= 20_000
     assert dl.original_value() == b"" and dl.original_value_len == 30_000
     assert dl.original_key_len == 30_000 and dl.original_key_sha256 == hashlib.sha256(key).hexdigest()
+    assert 0 < len(dl.original_key()) < 30_000 and key.startswith(dl.original_key())
 
 
 def _embedding_bytes(cid: str, seq: int, dim: int) -> bytes:
@@ -173,9 +175,9 @@ def test_broker_refusal_is_replaced_not_retried_for_ever() -> None:
         return prod
 
     prod = asyncio.run(go())
-    topics = [m.topic for m in prod.sent]
-    assert topics == ["dlq", "emb"] and handler.dropped == 1
-    assert DeadLetterEvent.model_validate_json(prod.sent[0].value).truncated
+    assert sorted(m.topic for m in prod.sent) == ["dlq", "emb"] and handler.dropped == 1
+    (dl,) = [m for m in prod.sent if m.topic == "dlq"]
+    assert DeadLetterEvent.model_validate_json(dl.value).truncated and len(dl.value) <= 5000
 
 
 def test_worker_dead_letters_fit_a_small_broker_limit_and_the_stream_flows(kafka_bootstrap: str, redis_url: str,

@@ -30,6 +30,8 @@ from stream.decode import (
 # `tests` is a namespace package under `python -m pytest` (cwd on sys.path); plain `pytest`
 # puts tests/ itself on the path instead.
 from strategies import (
+    KNOWN_ROLES,
+    strict_only_records,
     DECODER_REASONS,
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_DEPTH,
@@ -46,10 +48,10 @@ MAX_DEPTH = DEFAULT_MAX_DEPTH
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def decode(key: bytes | None, value: bytes | None, **limits: int):
+def decode(key: bytes | None, value: bytes | None, *, strict: bool = False, **limits: int):
     max_bytes = limits.get("max_bytes", MAX_BYTES)
     max_depth = limits.get("max_depth", MAX_DEPTH)
-    return decode_inbound(key, value, max_bytes=max_bytes, max_depth=max_depth)
+    return decode_inbound(key, value, max_bytes=max_bytes, max_depth=max_depth, strict=strict)
 
 
 def turn(**overrides: object) -> dict:
@@ -91,11 +93,14 @@ DECODER_EXAMPLES: list[tuple[str, bytes | None, bytes | None, DeadLetterReason]]
     ("too deep", b"conv-1", b"[" * 100_000, R.TOO_DEEP),
     ("too large", b"conv-1", b"x" * (MAX_BYTES + 1), R.TOO_LARGE),
     ("wrong type for seq", b"conv-1", raw(turn(seq="0")), R.SCHEMA_VIOLATION),
-    ("unknown field", b"conv-1", raw(turn(priority=1)), R.SCHEMA_VIOLATION),
+    ("content part without a type", b"conv-1", raw(turn(messages=[{"role": "user", "content": [{"text": "x"}]}])),
+     R.SCHEMA_VIOLATION),
+    ("float epoch timestamp", b"conv-1", raw(turn(timestamp=1714564800000.5)), R.SCHEMA_VIOLATION),
+    ("negative epoch timestamp", b"conv-1", raw(turn(timestamp=-1)), R.SCHEMA_VIOLATION),
     ("naive timestamp", b"conv-1", raw(turn(timestamp="2024-05-01T12:00:00")), R.SCHEMA_VIOLATION),
     ("roles out of order", b"conv-1", raw(turn(messages=msgs(("assistant", "a"), ("user", "b")))),
      R.SCHEMA_VIOLATION),
-    ("unknown role", b"conv-1", raw(turn(messages=msgs(("system", "be nice")))), R.UNKNOWN_ROLE),
+    ("unknown role", b"conv-1", raw(turn(messages=msgs(("robot", "beep")))), R.UNKNOWN_ROLE),
     ("empty turn", b"conv-1", raw(turn(messages=msgs(("user", "  "), ("assistant", "")))), R.EMPTY_TURN),
     ("key mismatch", b"conv-2", raw(turn()), R.KEY_MISMATCH),
     ("key not UTF-8", b"\xffconv-1", raw(turn()), R.KEY_MISMATCH),
@@ -116,10 +121,11 @@ DECODER_EXAMPLES: list[tuple[str, bytes | None, bytes | None, DeadLetterReason]]
     [case[1:] for case in DECODER_EXAMPLES],
     ids=[case[0] for case in DECODER_EXAMPLES],
 )
+@pytest.mark.parametrize("strict", [False, True], ids=["tolerant", "strict"])
 def test_decoder_example(
-    key: bytes | None, value: bytes | None, expected: DeadLetterReason
+    key: bytes | None, value: bytes | None, expected: DeadLetterReason, strict: bool
 ) -> None:
-    result = decode(key, value)
+    result = decode(key, value, strict=strict)
     assert isinstance(result, Rejection), result
     assert result.reason_code is expected, result.reason
     assert result.reason  # always says why
@@ -183,7 +189,7 @@ def test_check_order() -> None:
 
 
 def test_mixed_errors_are_a_schema_violation_listing_all() -> None:
-    result = decode(b"conv-1", raw(turn(seq=-1, extra=1)))
+    result = decode(b"conv-1", raw(turn(seq=-1, extra=1)), strict=True)
     assert result.reason_code is R.SCHEMA_VIOLATION
     assert "seq" in result.reason and "extra" in result.reason
 
@@ -258,7 +264,8 @@ def test_valid_events_round_trip(event: TurnEvent | ConversationDelete) -> None:
     decoded = decode(key, value)
     assert decoded == event
     if isinstance(decoded, TurnEvent):
-        assert decoded.to_turn_input().messages == event.messages
+        got = [(m.role, m.content) for m in decoded.to_turn_input().messages]
+        assert got == [(m.role, m.content) for m in event.messages]
 
 
 @PROPERTY
@@ -267,12 +274,13 @@ def test_hostile_records_get_the_expected_reason(
     record: tuple[bytes | None, bytes | None, DeadLetterReason | None],
 ) -> None:
     key, value, expected = record
-    result = decode(key, value)
-    if expected is None:
-        assert not isinstance(result, Rejection), result
-    else:
-        assert isinstance(result, Rejection), f"expected {expected}, decoded {result!r}"[:500]
-        assert result.reason_code is expected, result.reason
+    for strict in (False, True):  # the same outcome in both readers
+        result = decode(key, value, strict=strict)
+        if expected is None:
+            assert not isinstance(result, Rejection), result
+        else:
+            assert isinstance(result, Rejection), f"expected {expected}, decoded {result!r}"[:500]
+            assert result.reason_code is expected, result.reason
 
 
 @settings(max_examples=30, deadline=None)
@@ -305,3 +313,128 @@ def _reference_depth(value: object) -> int:
 def test_nesting_depth_matches_a_parser(value: object, ascii_only: bool) -> None:
     text = json.dumps(value, ensure_ascii=ascii_only)
     assert nesting_depth(text.encode()) == _reference_depth(value)
+
+
+# --------------------------------------------------------------------------- tolerant reader (issue #13)
+
+CHAT_FORMAT_EXAMPLES: list[tuple[str, dict, list[tuple[str, str]]]] = [
+    # name, turn fields, what the model reads: [(role, text)]
+    ("extra top-level field", {"channel_id": "web-7"}, [("user", "hi"), ("assistant", "hello")]),
+    ("extra message field (OpenAI name)", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]},
+     [("user", "hi")]),
+    ("system message first", {"messages": msgs(("system", "be nice"), ("user", "hi"), ("assistant", "hello"))},
+     [("user", "hi"), ("assistant", "hello")]),
+    ("developer message", {"messages": msgs(("developer", "terse"), ("user", "hi"))}, [("user", "hi")]),
+    ("epoch millisecond timestamp", {"timestamp": 1714564800123}, [("user", "hi"), ("assistant", "hello")]),
+    ("assistant tool call, tool result, answer", {"messages": [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 21}"},
+        {"role": "assistant", "content": "It is 21 degrees."}]},
+     [("user", "weather in Paris?"), ("assistant", "It is 21 degrees.")]),
+    ("legacy function result", {"messages": [
+        {"role": "user", "content": "2+2?"}, {"role": "function", "name": "calc", "content": "4"},
+        {"role": "assistant", "content": "4"}]}, [("user", "2+2?"), ("assistant", "4")]),
+    ("content parts", {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "what is"}, {"type": "image_url", "image_url": {"url": "x"}},
+                                     {"type": "text", "text": "this?"}]}]}, [("user", "what is\nthis?")]),
+    ("two user messages", {"messages": msgs(("user", "hi"), ("user", "again"), ("assistant", "yes"))},
+     [("user", "hi\nagain"), ("assistant", "yes")]),
+]
+
+
+@pytest.mark.parametrize("fields, reads", [c[1:] for c in CHAT_FORMAT_EXAMPLES], ids=[c[0] for c in CHAT_FORMAT_EXAMPLES])
+def test_common_chat_shapes_are_accepted_and_mapped(fields: dict, reads: list[tuple[str, str]]) -> None:
+    result = decode(b"conv-1", raw(turn(**fields)))
+    assert isinstance(result, TurnEvent), result
+    assert result.has_text
+    assert [(m.role, m.content) for m in result.to_turn_input().messages] == reads
+    # ... and each of them is exactly what strict mode (the version-1 contract) still refuses.
+    assert isinstance(decode(b"conv-1", raw(turn(**fields)), strict=True), Rejection)
+
+
+def test_plain_v1_turn_is_read_identically_by_both_readers() -> None:
+    value = raw(turn(tenant="acme", metadata={"n": 1}))
+    tolerant, strict = decode(b"conv-1", value), decode(b"conv-1", value, strict=True)
+    assert isinstance(tolerant, TurnEvent) and tolerant == strict
+    assert tolerant.unknown_fields == () and tolerant.unread_roles == ()
+    assert tolerant.model_dump_json().encode() == TurnEvent.model_validate_json(value).model_dump_json().encode()
+
+
+def test_unknown_fields_are_kept_and_named() -> None:
+    msg = {"role": "user", "content": "hi", "x_lang": "fr", "name": "bob"}
+    result = decode(b"conv-1", raw(turn(channel_id="web-7", priority={"level": 2}, messages=[msg])))
+    assert isinstance(result, TurnEvent)
+    assert set(result.unknown_fields) == {"channel_id", "priority", "messages[0].x_lang"}
+    assert result.model_extra == {"channel_id": "web-7", "priority": {"level": 2}}
+    # Kept: re-serialising the event gives them back to whoever reads it next.
+    again = json.loads(result.model_dump_json())
+    assert again["channel_id"] == "web-7" and again["messages"][0]["x_lang"] == "fr"
+    assert again["messages"][0]["name"] == "bob"
+
+
+def test_epoch_milliseconds_are_utc_and_exact() -> None:
+    result = decode(b"conv-1", raw(turn(timestamp=1714564800123)))
+    assert result.timestamp == datetime(2024, 5, 1, 12, 0, 0, 123000, tzinfo=timezone.utc)
+    assert decode(b"conv-1", raw(turn(timestamp=0))).timestamp == datetime(1970, 1, 1, tzinfo=timezone.utc)
+    for bad in ("1714564800123", 1714564800123.0, True, 10**16):
+        assert decode(b"conv-1", raw(turn(timestamp=bad))).reason_code is R.SCHEMA_VIOLATION, bad
+
+
+def test_turn_with_only_unread_roles_is_valid_without_text() -> None:
+    result = decode(b"conv-1", raw(turn(messages=msgs(("system", "You are a helpful assistant.")))))
+    assert isinstance(result, TurnEvent) and not result.has_text and result.unread_roles == ("system",)
+    with pytest.raises(ValueError):
+        result.to_turn_input()
+    # Nothing at all in any message is still an empty turn, whatever the roles.
+    assert decode(b"conv-1", raw(turn(messages=msgs(("system", " "), ("user", ""))))).reason_code is R.EMPTY_TURN
+    assert decode(b"conv-1", raw(turn(messages=[{"role": "assistant", "content": None}]))).reason_code is R.EMPTY_TURN
+
+
+def test_turn_order_still_enforced_over_read_roles() -> None:
+    for roles in ((("assistant", "a"), ("user", "b")), (("user", "a"), ("assistant", "b"), ("user", "c"))):
+        assert decode(b"conv-1", raw(turn(messages=msgs(*roles)))).reason_code is R.SCHEMA_VIOLATION
+    # Unread roles may sit anywhere (a tool result between the call and the answer).
+    assert isinstance(decode(b"conv-1", raw(turn(messages=msgs(("user", "a"), ("tool", "t"), ("assistant", "b"))))),
+                      TurnEvent)
+
+
+def test_every_known_role_is_accepted() -> None:
+    for role in KNOWN_ROLES:
+        result = decode(b"conv-1", raw(turn(messages=msgs(("user", "hi"), (role, "text")))))
+        assert isinstance(result, TurnEvent), (role, result)
+
+
+@PROPERTY
+@given(strict_only_records())
+def test_strict_only_shapes(record: tuple[bytes, bytes, DeadLetterReason]) -> None:
+    key, value, reason = record
+    assert isinstance(decode(key, value), TurnEvent)
+    result = decode(key, value, strict=True)
+    assert isinstance(result, Rejection) and result.reason_code is reason, result
+
+
+# --------------------------------------------------------------------------- Confluent framing (issue #13)
+
+
+def _framed(payload: bytes, schema_id: int = 7) -> bytes:
+    return b"\x00" + schema_id.to_bytes(4, "big") + payload
+
+
+def test_confluent_framed_value_and_key_are_unwrapped() -> None:
+    value = raw(turn())
+    for key in (b"conv-1", _framed(b'"conv-1"')):
+        result = decode(key, _framed(value, 100_001))
+        assert isinstance(result, TurnEvent) and result == decode(b"conv-1", value), result
+    # Framing is transport, not schema: strict mode reads it too.
+    assert isinstance(decode(b"conv-1", _framed(value), strict=True), TurnEvent)
+
+
+def test_confluent_framing_does_not_hide_bad_payloads() -> None:
+    assert decode(b"conv-1", _framed(b"not json")).reason_code is R.INVALID_JSON
+    assert decode(b"conv-1", _framed(b"\xff")).reason_code is R.INVALID_UTF8
+    assert decode(b"conv-1", b"\x00\x00").reason_code is R.INVALID_JSON  # too short to be framing
+    assert decode(b"conv-2", _framed(raw(turn()))).reason_code is R.KEY_MISMATCH
+    dead = make_dead_letter(decode(b"conv-1", _framed(b"{")), b"conv-1", _framed(b"{"), "turns", 0, 1, None, "w")
+    assert dead.original_value() == _framed(b"{")  # the exact original bytes, framing included

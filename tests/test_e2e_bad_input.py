@@ -90,8 +90,11 @@ CASES: dict[str, tuple[bytes | None, bytes | None, DeadLetterReason]] = {
     "too_deep": (b"bad-deep", b"[" * (MAX_JSON_DEPTH + 8) + b"]" * (MAX_JSON_DEPTH + 8), R.TOO_DEEP),
     "too_large": (b"bad-large", turn_record("bad-large", 0, "x" * (MAX_RECORD_BYTES + 1000))[1], R.TOO_LARGE),
     "schema_violation": (b"bad-schema", _turn_json(conversation_id="bad-schema", seq="5"), R.SCHEMA_VIOLATION),
-    "unknown_field": (b"bad-field", _turn_json(conversation_id="bad-field", metdata={}), R.SCHEMA_VIOLATION),
-    "unknown_role": (b"bad-role", _turn_json(conversation_id="bad-role", messages=[{"role": "system", "content": "hi"}]),
+    # Unknown fields and the common chat roles are accepted (issue #13, tests/test_interop_formats.py);
+    # a known field of the wrong shape and a role no chat format defines are still refused.
+    "metadata_not_flat": (b"bad-field", _turn_json(conversation_id="bad-field", metadata={"a": {"b": 1}}),
+                          R.SCHEMA_VIOLATION),
+    "unknown_role": (b"bad-role", _turn_json(conversation_id="bad-role", messages=[{"role": "robot", "content": "hi"}]),
                      R.UNKNOWN_ROLE),
     "empty_turn": (b"bad-empty", _turn_json(conversation_id="bad-empty", messages=[{"role": "user", "content": " \n "}]),
                    R.EMPTY_TURN),
@@ -103,6 +106,11 @@ CASES: dict[str, tuple[bytes | None, bytes | None, DeadLetterReason]] = {
     "turn_too_long": (b"bad-long", turn_record("bad-long", 0, _LONG_TEXT)[1], R.TURN_TOO_LONG),
     # A conversation checkpointed under another model fingerprint (seeded in Redis below).
     "foreign_fingerprint": (b"foreign-conv", turn_record("foreign-conv", 1, "continue please")[1], R.FINGERPRINT_MISMATCH),
+    # A conversation whose checkpoint lost its meta key (as an eviction would; seeded below).
+    "checkpoint_corrupt": (b"corrupt-conv", turn_record("corrupt-conv", 1, "continue please")[1], R.CHECKPOINT_CORRUPT),
+    # Keys of tenant acme's conversation copied under tenant globex's names (seeded below).
+    "tenant_mismatch": (b"copied-conv", _turn_json(conversation_id="copied-conv", seq=1, tenant="globex"),
+                        R.TENANT_MISMATCH),
 }
 GAP_DL_CASE = "seq_gap_dead_letter"  # the gap_policy=dead_letter worker's case (R.SEQ_GAP)
 FOREIGN_FP = "foreign-model-fingerprint"
@@ -181,6 +189,44 @@ def _seed_foreign_checkpoint(penv: PipelineEnv, cid: str) -> None:
     run_sync(run)
 
 
+def _seed_damaged_checkpoints(penv: PipelineEnv) -> None:
+    """`corrupt-conv`: a real checkpoint whose meta key is then deleted (state keys without
+    their meta). `copied-conv`: tenant acme's checkpoint copied under tenant globex's keys."""
+    import redis
+
+    from stream.checkpoints import conversation_keys
+    from stream.identity import ConversationRef
+
+    engine = offline_engine()
+    refs = {"corrupt-conv": ConversationRef(None, "corrupt-conv"), "copied-conv": ConversationRef("acme", "copied-conv")}
+    states = {ref.tag: engine.new_state() for ref in refs.values()}
+    outs = {ref.tag: engine.step(states, [TurnInput(conversation_id=ref.tag, seq=0,
+                                                    messages=[{"role": "user", "content": "hi"}])])[0]
+            for ref in refs.values()}
+
+    async def run() -> None:
+        store = CheckpointStore(penv.redis_url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
+                                capacity=engine.capacity, dtype=engine.state_dtype, namespace=penv.namespace)
+        try:
+            res = await store.commit([TurnCommit(ref=ref, expected_seq=-1, state=states[ref.tag],
+                                                 deltas=[outs[ref.tag].delta]) for ref in refs.values()])
+            assert all(r.applied for r in res)
+        finally:
+            await store.close()
+
+    run_sync(run)
+    client = redis.Redis.from_url(penv.redis_url)
+    try:
+        client.delete(conversation_keys(penv.namespace, refs["corrupt-conv"]).meta)
+        src = conversation_keys(penv.namespace, refs["copied-conv"])
+        dst = conversation_keys(penv.namespace, ConversationRef("globex", "copied-conv"))
+        for a, b in zip(src, dst):
+            if client.exists(a):
+                client.copy(a, b)
+    finally:
+        client.close()
+
+
 def _redis_keys(penv: PipelineEnv) -> list[bytes]:
     import redis
 
@@ -217,6 +263,7 @@ def run(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathF
         good_records = good.records()
         half = len(good_records) // 2
         _seed_foreign_checkpoint(penv, "foreign-conv")
+        _seed_damaged_checkpoints(penv)
         before = produce(kafka_bootstrap, penv.turns_topic, good_records[:half])
         dup = [turn_record("dup-conv", s, f"duplicate test turn {s}") for s in range(3)]
         gap = [turn_record("gap-conv", s, f"gap test turn {s}") for s in (0, 1, 3)]
@@ -303,7 +350,10 @@ def _check_dead_letter(run: Run, sent: Sent, dls: list[DeadLetterEvent], topic: 
 
 
 def test_cases_cover_every_input_reason() -> None:
-    covered = {r for _, _, r in CASES.values()} | {R.SEQ_GAP}
+    # processing_error is the answer to an unexpected failure (the model step raising on a
+    # turn); a worker cannot be made to fail that way from the outside, so it is covered at
+    # the pipeline level: tests/test_production_faults.py::test_a_turn_the_model_fails_on_*
+    covered = {r for _, _, r in CASES.values()} | {R.SEQ_GAP, R.PROCESSING_ERROR}
     assert covered == set(DeadLetterReason), f"no end-to-end case for {set(DeadLetterReason) - covered}"
 
 
@@ -372,9 +422,34 @@ def test_workers_still_alive_and_healthy(run: Run) -> None:
         assert code == 200 and body["ready"], body
 
 
-def test_foreign_fingerprint_state_left_untouched(run: Run) -> None:
+def test_foreign_and_damaged_checkpoints_left_untouched(run: Run) -> None:
+    from stream.checkpoints import CheckpointProblem
+    from stream.identity import ConversationRef
+    from support.oracle import checkpoint_store
+
+    async def go() -> dict:
+        store = checkpoint_store(run.penv)
+        try:
+            return await store.load_many(["foreign-conv", "corrupt-conv", ConversationRef("globex", "copied-conv")])
+        finally:
+            await store.close()
+
+    got = run_sync(go)
+    codes = {str(k): (v.code if isinstance(v, CheckpointProblem) else None) for k, v in got.items()}
+    assert codes == {"foreign-conv": R.FINGERPRINT_MISMATCH, "corrupt-conv": R.CHECKPOINT_CORRUPT,
+                     "globex/copied-conv": R.TENANT_MISMATCH}
     with pytest.raises(FingerprintMismatch):
-        load_states(run.penv, ["foreign-conv"])
+        run_sync(lambda: _load_one(run.penv, "foreign-conv"))
+
+
+async def _load_one(penv: PipelineEnv, cid: str):
+    from support.oracle import checkpoint_store
+
+    store = checkpoint_store(penv)
+    try:
+        return await store.load(cid)
+    finally:
+        await store.close()
 
 
 # --------------------------------------------------------------------------- pipeline outcomes

@@ -120,9 +120,9 @@ def test_checkpoints_equal_offline_states(big_run: BigRun) -> None:
         assert float((got.latents - want.latents).abs().max()) <= TOL
 
 
-def _post_query(worker: WorkerProc, cid: str, query: str) -> QueryResponse:
+def _post_query(worker: WorkerProc, cid: str, query: str, **extra: str) -> QueryResponse:
     req = urllib.request.Request(worker.url + "/v1/query", method="POST",
-                                 data=json.dumps({"conversation_id": cid, "query": query}).encode(),
+                                 data=json.dumps({"conversation_id": cid, "query": query, **extra}).encode(),
                                  headers={"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         assert r.status == 200
@@ -143,8 +143,9 @@ def test_query_after_turns_matches_offline(big_run: BigRun) -> None:
         assert resp.memory_len == state.memory_len
         assert resp.checkpoint == engine.fingerprint
         assert float(np.abs(got - want).max()) <= TOL, (cid, float(np.abs(got - want).max()))
-    # A conversation the worker never saw: the query is embedded against no memory.
-    resp = _post_query(big_run.worker, "never-seen", "hello")
+    # A conversation the worker never saw: 404 (tests/test_api.py), or, when asked for, the
+    # query is embedded against no memory.
+    resp = _post_query(big_run.worker, "never-seen", "hello", unknown_conversation="memoryless")
     assert resp.applied_seq == -1 and resp.memory_len == 0
     want = engine.embed_queries([(None, "hello")])[0]
     assert float(np.abs(decode_vector(resp.vector) - want).max()) <= TOL

@@ -201,41 +201,52 @@ def stub_server():
         srv.server_close()
 
 
+def _embeddings_reply(resp: QueryResponse) -> bytes:
+    """What a worker's POST /v1/embeddings answers for `resp` (stream/api/models.py)."""
+    return json.dumps({"object": "list", "model": resp.model, "checkpoint": resp.checkpoint,
+                       "data": [{"object": "embedding", "index": 0, "embedding": resp.vector.b64}],
+                       "usage": {"prompt_tokens": 3, "total_tokens": 3},
+                       "memory": {"conversation_id": resp.conversation_id, "tenant": None,
+                                  "applied_seq": resp.applied_seq, "memory_len": resp.memory_len}}).encode()
+
+
 def test_query_url() -> None:
-    assert query_url("http://h:1") == "http://h:1/v1/query"
-    assert query_url("http://h:1/") == "http://h:1/v1/query"
-    assert query_url("h:1/v1/query") == "http://h:1/v1/query"
+    assert query_url("http://h:1") == "http://h:1/v1/embeddings"
+    assert query_url("http://h:1/") == "http://h:1/v1/embeddings"
+    assert query_url("h:1/v1/query") == "http://h:1/v1/embeddings"  # the older endpoint's URL
+    assert query_url("h:1/v1/embeddings") == "http://h:1/v1/embeddings"
 
 
 def test_query_connection_refused_names_the_url() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(QueryError, match="connection refused") as ei:
         query_worker(url, "c", "q", timeout=5)
-    assert f"{url}/v1/query" in str(ei.value) and ei.value.status is None
+    assert f"{url}/v1/embeddings" in str(ei.value) and ei.value.status is None
     with pytest.raises(QueryError, match="connection refused") as ei:
         asyncio.run(query_worker_async(url, "c", "q", timeout=5))
-    assert f"{url}/v1/query" in str(ei.value)
+    assert f"{url}/v1/embeddings" in str(ei.value)
 
 
 def test_query_http_errors_carry_status_and_server_body(stub_server: str) -> None:
     ok = QueryResponse(conversation_id="c", vector=encode_vector(np.ones(4, np.float32)), dim=4, memory_len=16,
                        applied_seq=0, checkpoint="ck", model="m")
     _Stub.replies = {
-        "/v1/query": (400, json.dumps({"error": "invalid query request", "detail": [{"loc": ["query"]}]}).encode()),
-        "/a/v1/query": (503, b'{"error": "checkpoint store unavailable: redis down"}'),
-        "/b/v1/query": (500, b"Internal Server Error"),
-        "/c/v1/query": (200, b'{"not": "a response"}'),
-        "/ok/v1/query": (200, ok.model_dump_json().encode()),
+        "/v1/embeddings": (422, json.dumps({"error": "invalid request: input: bad", "error_type": "invalid_request"}
+                                           ).encode()),
+        "/a/v1/embeddings": (503, b'{"error": "checkpoint store unavailable; retry later", "error_type": "unavailable"}'),
+        "/b/v1/embeddings": (500, b"Internal Server Error"),
+        "/c/v1/embeddings": (200, b'{"not": "a response"}'),
+        "/ok/v1/embeddings": (200, _embeddings_reply(ok)),
     }
-    cases = [(stub_server, 400, "rejected the query (HTTP 400): invalid query request"),
-             (stub_server + "/a", 503, "HTTP 503): checkpoint store unavailable: redis down"),
+    cases = [(stub_server, 422, "rejected the query (HTTP 422): invalid request: input: bad"),
+             (stub_server + "/a", 503, "HTTP 503): checkpoint store unavailable; retry later"),
              (stub_server + "/b", 500, "failed to answer the query (HTTP 500): Internal Server Error"),
-             (stub_server + "/c", 200, "not a QueryResponse")]
+             (stub_server + "/c", 200, "not an embeddings response")]
     for url, status, text in cases:
         for call in (lambda: query_worker(url, "c", "q"), lambda: asyncio.run(query_worker_async(url, "c", "q"))):
             with pytest.raises(QueryError) as ei:
                 call()
-            assert text in str(ei.value) and url + "/v1/query" in str(ei.value) and ei.value.status == status
+            assert text in str(ei.value) and url + "/v1/embeddings" in str(ei.value) and ei.value.status == status
     assert query_worker(stub_server + "/ok", "c", "q") == ok
     assert asyncio.run(query_worker_async(stub_server + "/ok", "c", "q")) == ok
 
@@ -333,7 +344,7 @@ def test_search_end_to_end_with_a_stub_worker(kafka_bootstrap: str, topic_factor
     q = np.array([0.0, 1.0, 0.0, 0.0], np.float32)
     resp = QueryResponse(conversation_id="c", vector=encode_vector(q), dim=4, memory_len=32, applied_seq=2,
                          checkpoint="ck", model="m")
-    _Stub.replies = {"/v1/query": (200, resp.model_dump_json().encode())}
+    _Stub.replies = {"/v1/embeddings": (200, _embeddings_reply(resp))}
     evs = [emb("c", 0, [1, 0, 0, 0], checkpoint="ck"), emb("c", 1, [0, 1, 0, 0], checkpoint="ck"),
            emb("c", 2, [0, 1, 1, 0], checkpoint="ck"), emb("c", 3, [0, 1, 0, 0], checkpoint="older"),
            emb("d", 0, [0, 1, 0, 0], checkpoint="ck")]
@@ -439,7 +450,10 @@ def test_search_end_to_end_matches_offline_engine(kafka_bootstrap: str, redis_ur
         assert set(idx.conversations()) == others
         assert asyncio.run(search_end_to_end(kafka_bootstrap, penv.embeddings_topic, worker.url, cid,
                                              question, k=5)) == []
-        after = query_worker(worker.url, cid, question)
+        with pytest.raises(QueryError) as gone:  # no memory any more: 404 unless memory-less is asked for
+            query_worker(worker.url, cid, question)
+        assert gone.value.status == 404
+        after = query_worker(worker.url, cid, question, unknown_conversation="memoryless")
         assert after.applied_seq == -1 and after.memory_len == 0
     finally:
         worker.stop()

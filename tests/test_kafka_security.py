@@ -171,8 +171,9 @@ def test_wrong_ca_is_one_clear_error_line_not_a_traceback(tls_kafka: TlsKafka, p
     env = _env(**{**tls_kafka.env(), "EVOSTREAM_KAFKA_SSL_CAFILE": str(pki.other_ca_cert)})
     for args in (["topics", "--wait", "5"], ["produce", "--quiet", str(_conversations(tmp_path))]):
         r = _run(args, env)
-        assert r.returncode == 1, (args, r.stdout, r.stderr)
-        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode != 0, (args, r.stdout, r.stderr)
+        # progress notes ("[evostream] waiting ...") aside, the failure is exactly one line
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("[evostream]")]
         assert len(lines) == 1, (args, r.stderr)
         assert lines[0].startswith("error: ") and "TLS certificate not trusted" in lines[0], lines[0]
         assert "Traceback" not in r.stderr
@@ -181,8 +182,9 @@ def test_wrong_ca_is_one_clear_error_line_not_a_traceback(tls_kafka: TlsKafka, p
 def test_plaintext_client_against_tls_listener_fails_clearly(tls_kafka: TlsKafka) -> None:
     env = _env(EVOSTREAM_KAFKA_BOOTSTRAP=tls_kafka.bootstrap)
     r = _run(["topics", "--wait", "3"], env)
-    assert r.returncode == 1
-    assert "Traceback" not in r.stderr and r.stderr.startswith("error: "), r.stderr
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("[evostream]")]
+    assert "Traceback" not in r.stderr and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
 
 
 def test_worker_exits_naming_a_missing_topic(kafka_bootstrap: str, tmp_path: Path) -> None:
@@ -194,7 +196,7 @@ def test_worker_exits_naming_a_missing_topic(kafka_bootstrap: str, tmp_path: Pat
                EVOSTREAM_EMBEDDINGS_TOPIC=existing, EVOSTREAM_DEAD_LETTER_TOPIC=missing,
                EVOSTREAM_WEB_PORT="0")
     r = _run(["worker"], env, timeout=120)
-    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.returncode != 0, r.stderr[-2000:]
     assert f"topic(s) {missing} missing" in r.stderr and "evostream topics" in r.stderr
     assert "Traceback" not in r.stderr
     # and the check created nothing (a by-name metadata request would have, on tansu)

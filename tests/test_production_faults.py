@@ -116,7 +116,8 @@ class Harness:
                                      hidden_size=self.engine.hidden_size, capacity=self.engine.capacity,
                                      dtype=self.engine.state_dtype, namespace=namespace, ttl_s=s.state_ttl_s,
                                      marker_ttl_s=s.marker_ttl_s, compact_every=s.compact_every,
-                                     writer_id=s.worker_id)
+                                     writer_id=s.worker_id, durability=s.redis_durability,
+                                     durability_replicas=s.redis_durability_replicas)
         self.emitter = RecordingEmitter()
         self.executor = ThreadPoolExecutor(max_workers=1)
         self.metrics = Metrics()
@@ -124,13 +125,17 @@ class Harness:
         self.pipeline = TurnPipeline(engine, self.store, self.emitter, s, self.executor, self.metrics,
                                      cache=StateCache(s.cache_max_bytes))
 
-    async def feed(self, *values: tuple[str, bytes], partition: int = 0) -> None:
+    async def feed(self, *values: tuple[str, bytes], partition: int = 0, offset: int | None = None) -> list[int]:
+        """Process the records as one batch; returns their offsets (`offset`: replay at a
+        given position instead of the next one)."""
         recs = []
         for key, value in values:
-            Harness._offset += 1
-            recs.append(InboundRecord(TURNS, partition, Harness._offset, key.encode(), value,
-                                      int(datetime.now(UTC).timestamp() * 1000)))
+            if offset is None:
+                Harness._offset += 1
+            recs.append(InboundRecord(TURNS, partition, offset if offset is not None else Harness._offset,
+                                      key.encode(), value, int(datetime.now(UTC).timestamp() * 1000)))
         await self.pipeline.process(recs)
+        return [r.offset for r in recs]
 
     async def turns(self, cid: str, seqs, tenant: str | None = None, partition: int = 0) -> None:
         await self.feed(*[(cid, turn_value(cid, s, tenant)) for s in seqs], partition=partition)
@@ -225,6 +230,29 @@ def test_one_evicted_key_quarantines_that_conversation_only(redis_url: str, ns: 
     run(go())
 
 
+def test_a_cached_writer_never_extends_a_chain_that_lost_a_piece(redis_url: str, ns: str, r: redis.Redis) -> None:
+    """The owner still holds the state in its cache when a key is evicted: appending its next
+    delta would leave a checkpoint that can never load again. The commit refuses (the turn is
+    dead-lettered, the conversation quarantined) instead of writing past the hole."""
+
+    async def go() -> None:
+        h = Harness(redis_url, ns)
+        try:
+            await h.turns("c", range(5))
+            await h.turns("c", [5])
+            r.delete(h.store.keys("c").deltas)
+            h.emitter.clear()
+            await h.turns("c", [6])  # cache hit, append mode
+            assert h.emitter.embeddings() == []
+            (dl,) = h.emitter.dead_letters()
+            assert dl.reason_code is DeadLetterReason.CHECKPOINT_CORRUPT
+            assert (await h.store.inspect("c"))["whole"] is False
+        finally:
+            await h.close()
+
+    run(go())
+
+
 def test_evicted_outbox_loses_nothing(redis_url: str, ns: str, r: redis.Redis) -> None:
     """The outbox only holds already-committed events until the broker confirmed them: losing
     it costs at most a re-emit, never a turn."""
@@ -267,8 +295,8 @@ def test_delete_racing_a_paused_writer_never_resurrects(redis_url: str, ns: str,
             task = asyncio.create_task(a.turns("gone", [0]))
             while not in_step.is_set():
                 await asyncio.sleep(0.01)
-            await b.turns("gone", [0])
-            await b.feed(("gone", delete_value("gone")))
+            (turn_at,) = await b.feed(("gone", turn_value("gone", 0)))
+            (delete_at,) = await b.feed(("gone", delete_value("gone")))
             assert [t.deleted_through_seq for t in b.emitter.tombstones()] == [0]
             release.set()
             await task
@@ -277,12 +305,24 @@ def test_delete_racing_a_paused_writer_never_resurrects(redis_url: str, ns: str,
             assert r.exists(keys.meta, keys.base, keys.deltas, keys.outbox) == 0
             assert r.hget(keys.mark, "status") == b"deleted"
             assert a.metric("evostream_checkpoint_conflicts_total") >= 1
-            # a replay of the deleted turn is dropped; a later turn starts a new generation
+            # a replay of the deleted turn (its old position, before the delete) is dropped
+            await b.feed(("gone", turn_value("gone", 0)), offset=turn_at)
+            assert len(b.emitter.embeddings()) == 1 and b.metric("evostream_turns_after_delete_total") == 1
+            # a turn published after the delete starts a new conversation under the old id,
+            # even if its producer restarts the seqs
             await b.turns("gone", [0])
-            assert len(b.emitter.embeddings()) == 1
-            await b.turns("gone", [1])
             e = b.emitter.embeddings()[-1]
-            assert (e.seq, e.memory, e.generation, e.memory_len) == (1, MemoryOrigin.RESET_AFTER_DELETE, 2, 0)
+            assert (e.seq, e.memory, e.generation, e.memory_len) == (0, MemoryOrigin.RESET_AFTER_DELETE, 2, 0)
+            await b.turns("gone", [1])
+            assert b.emitter.embeddings()[-1].memory is MemoryOrigin.CONTINUED
+            # a replay of the old delete (before the new generation began) leaves it alone,
+            # and so does a replay of the deleted generation's turn
+            await b.feed(("gone", delete_value("gone")), offset=delete_at)
+            b.pipeline.cache.clear()
+            await b.feed(("gone", turn_value("gone", 0)), offset=turn_at)
+            assert len(b.emitter.tombstones()) == 1
+            now = await b.store.load("gone")
+            assert now is not None and (now.gen, now.seq) == (2, 1)
         finally:
             release.set()
             await a.close()
@@ -434,6 +474,36 @@ def test_all_keys_of_a_conversation_share_one_cluster_slot(cid: str) -> None:
     for tenant in (None, "acme", "t}x"):
         keys = conversation_keys("evostream", ConversationRef(tenant, cid))
         assert len({key_slot(k.encode()) for k in keys}) == 1, keys
+
+
+# ------------------------------------------------------------------ a failing model step
+
+
+def test_a_turn_the_model_fails_on_is_dead_lettered_and_the_rest_applies(redis_url: str, ns: str) -> None:
+    """processing_error: the batch is retried turn by turn; only the failing turn (and any
+    later turn of its conversation in the batch) is dead-lettered."""
+
+    def boom(turns) -> None:
+        if any("EXPLODE" in m.content for t in turns for m in t.messages):
+            raise RuntimeError("the model step failed on purpose")
+
+    async def go() -> None:
+        h = Harness(redis_url, ns, engine_step_hook=boom)
+        try:
+            import json
+
+            bad = json.loads(turn_value("bad", 0))
+            bad["messages"][0]["content"] = "EXPLODE now"
+            await h.feed(("ok", turn_value("ok", 0)), ("bad", json.dumps(bad).encode()), ("ok", turn_value("ok", 1)))
+            assert [(e.conversation_id, e.seq) for e in h.emitter.embeddings()] == [("ok", 0), ("ok", 1)]
+            (dl,) = h.emitter.dead_letters()
+            assert dl.reason_code is DeadLetterReason.PROCESSING_ERROR and "on purpose" in dl.reason
+            exp = compute_expected({"ok": [turn_input("ok", s) for s in range(2)]})
+            assert np.abs(vec(h.emitter.embeddings()[1]) - exp.embeddings[("ok", 1)]).max() < TOL
+        finally:
+            await h.close()
+
+    run(go())
 
 
 # ------------------------------------------------------------------ eviction policy

@@ -136,6 +136,11 @@ class ConversationState:
     snapshot_len: int = 0
     segment_token_ids: list[list[int]] = field(default_factory=list)
     seq: int = NO_SEQ
+    # Issue #14: latents are stored in this dtype (e.g. bfloat16) while the model computes in
+    # `dtype`. Each turn's latents are rounded to it as they are applied, so the state in
+    # memory is exactly what the store keeps, and a reload, a replay or another batching gives
+    # the same numbers as an uninterrupted run. None: no rounding.
+    storage_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.latents is None:
@@ -186,6 +191,8 @@ class ConversationState:
                 f"seq {self.seq}: part of the stored chain is missing")
         if delta.seq <= self.seq:
             raise StateFormatError(f"delta for seq {delta.seq} does not advance the state at seq {self.seq}")
+        if self.storage_dtype is not None and self.storage_dtype != self.dtype:
+            delta.latents = delta.latents.to(self.storage_dtype).to(self.dtype)  # issue #14
         if delta.new_segment:
             self.latents = self.queue.clone()
             self.snapshot_len = self.latents.shape[0]
@@ -203,6 +210,7 @@ class ConversationState:
             snapshot_len=self.snapshot_len,
             segment_token_ids=[list(t) for t in self.segment_token_ids],
             seq=self.seq,
+            storage_dtype=self.storage_dtype,
         )
 
     def equals(self, other: "ConversationState", atol: float = 0.0) -> bool:

@@ -25,12 +25,22 @@ SIZES: dict[str, dict[str, int]] = {
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=768),
     # the GPU benchmark size of issue 2: hidden 1024, 24 layers
     "bench1024": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8, head_dim=64, intermediate_size=3072),
+    # shaped like the released Qwen3.5-0.8B text backbone (issue 10's realistic-size figures): hidden
+    # 1024, 24 layers (3 linear-attention : 1 full-attention), 8 query / 2 kv heads of 256, gated
+    # delta net with 16 key and 16 value heads of 128, MLP 3584. Random weights: for timing, cache
+    # sizes and dtype drift only. Dimensions as we read them from that model's published config.json;
+    # this machine cannot fetch it to check.
+    "qwen35_08b": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+                       intermediate_size=3584, linear_num_key_heads=16, linear_num_value_heads=16,
+                       linear_key_head_dim=128, linear_value_head_dim=128),
 }
+_LINEAR_KEYS = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim")
 
 
 def backbone_config(family: str, size: str = "tiny", vocab_size: int | None = None) -> dict[str, Any]:
     tok = load_qwen_tokenizer(family)
     dims = dict(SIZES[size])
+    linear = {k: dims.pop(k) for k in _LINEAR_KEYS if k in dims}
     cfg: dict[str, Any] = dict(
         vocab_size=vocab_size or _round_up(tok.vocab_size, 64),
         max_position_embeddings=8192,
@@ -39,6 +49,8 @@ def backbone_config(family: str, size: str = "tiny", vocab_size: int | None = No
         **dims,
     )
     if family == "qwen3":
+        if linear:
+            raise ValueError(f"size {size!r} is a qwen3_5 shape")
         cfg.update(model_type="qwen3", rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
     else:
         hd = dims["head_dim"]
@@ -49,6 +61,7 @@ def backbone_config(family: str, size: str = "tiny", vocab_size: int | None = No
             linear_num_value_heads=dims["num_attention_heads"],
             rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25},
         )
+        cfg.update(linear)
     return cfg
 
 

@@ -66,7 +66,8 @@ def unavailable(message: str) -> ApiError:
 
 
 def _describe(err: dict[str, Any]) -> str:
-    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith("function-")]
+    # keep field names and list indexes; drop pydantic's union-branch tags ("list[str]", "function-after[...]")
+    loc = [str(p) for p in err.get("loc", ()) if "[" not in str(p) and not str(p).startswith("function-")]
     if err.get("type") == "extra_forbidden":
         # the location's last element is the caller's field name: input, so not shown
         where = ".".join(loc[:-1]) or "body"

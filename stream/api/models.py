@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from schemas.events import (
     MAX_CONVERSATION_ID_CHARS,
@@ -43,7 +44,19 @@ TenantField = Annotated[
           description="the conversation's tenant; omitted: the API key's only tenant, else the default tenant"),
     AfterValidator(_no_control_chars),
 ]
-InputText = Annotated[str, Field(max_length=MAX_QUERY_CHARS)]
+
+
+def _no_lone_surrogates(value: str) -> str:
+    """JSON can carry an unpaired surrogate escape (\\ud800); such a string cannot be encoded
+    to UTF-8, so it cannot be tokenised: refuse it here (422) instead of failing in the model."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError("lone_surrogate", "text contains an unpaired surrogate (not valid Unicode)") from None
+    return value
+
+
+InputText = Annotated[str, Field(max_length=MAX_QUERY_CHARS), AfterValidator(_no_lone_surrogates)]
 
 
 class InputType(StrEnum):
@@ -126,6 +139,7 @@ class EmbeddingsResponse(_Body):
     data: list[EmbeddingData]
     model: str
     usage: Usage
+    checkpoint: str = Field(description="fingerprint of the model checkpoint: vectors from different ones are not comparable")
     memory: MemoryInfo | None = None
 
 
@@ -201,7 +215,7 @@ class QueryRequest(_Body):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     conversation_id: ConversationIdField
-    query: Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
+    query: Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS), AfterValidator(_no_lone_surrogates)]
     k: int = Field(default=5, ge=1, le=100)
     tenant: TenantField | None = None
     unknown_conversation: UnknownConversation = UnknownConversation.ERROR

@@ -58,12 +58,29 @@ def _get(summary: str, ok: dict[str, Any], op_id: str, extra: list[str] = ()) ->
                     "responses": {"200": {"description": "OK", "content": _json(ok)}, **_errors(["500", *extra])}}}
 
 
-def build_openapi(*, auth: bool, version: str) -> dict[str, Any]:
+def _limit_items(schema: dict[str, Any], max_items: int) -> None:
+    """Put the configured input-count limit into every array of texts (runtime settings the
+    model classes cannot state)."""
+    if schema.get("type") == "array" and schema.get("items", {}).get("type") == "string":
+        schema["maxItems"] = max_items
+    for key in ("anyOf", "oneOf"):
+        for sub in schema.get(key, []):
+            _limit_items(sub, max_items)
+
+
+def build_openapi(*, auth: bool, version: str, embedding_dim: int, max_inputs: int) -> dict[str, Any]:
     requests = [m.EmbeddingsRequest, m.EmbedRequest, m.RerankRequest, m.QueryRequest]
     responses = [m.EmbeddingsResponse, m.RerankHit, m.InfoResponse, m.HealthResponse, m.ErrorBody, m.QueryResponse]
     _, defs = models_json_schema([(x, "validation") for x in requests] + [(x, "serialization") for x in responses],
                                  ref_template=_REF)
     schemas = defs.get("$defs", {})
+    # `dimensions` is only accepted when it is the model's own (a runtime value the model
+    # class cannot state): say so in the document, so generated clients know it.
+    for name, prop in (("EmbeddingsRequest", "input"), ("EmbedRequest", "inputs"), ("RerankRequest", "texts")):
+        _limit_items(schemas[name]["properties"][prop], max_inputs)
+    schemas["EmbeddingsRequest"]["properties"]["dimensions"] = {
+        "anyOf": [{"const": embedding_dim, "type": "integer"}, {"type": "null"}], "default": None,
+        "description": f"only {embedding_dim} (the model's dimension) is accepted; vectors cannot be shortened"}
     vectors = TypeAdapter(list[list[float]]).json_schema()
     doc: dict[str, Any] = {
         "openapi": "3.1.0",

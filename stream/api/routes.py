@@ -71,7 +71,8 @@ class QueryApi:
         self.service = QueryService(self.engine, worker.store, worker.pipeline.cache, self.batcher,
                                     max_inputs=s.api_max_inputs, max_input_tokens=s.api_max_input_tokens)
         self.version = _version()
-        self.openapi = build_openapi(auth=self.keys.required, version=self.version)
+        self.openapi = build_openapi(auth=self.keys.required, version=self.version,
+                                     embedding_dim=self.engine.embedding_dim, max_inputs=s.api_max_inputs)
         self.model_name = (self.engine.model_name or "evoembedding")[:256]
 
     # -- wiring ------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ class QueryApi:
         self.worker.metrics.queries.inc(len(texts))
         return _json_response(m.EmbeddingsResponse(
             data=data, model=self.model_name, usage=m.Usage(prompt_tokens=prepared.tokens, total_tokens=prepared.tokens),
-            memory=memory.info))
+            checkpoint=self.engine.fingerprint, memory=memory.info))
 
     async def embed(self, request: web.Request) -> web.Response:
         principal = self._principal(request)

@@ -7,6 +7,7 @@ Every expected failure ends as `error: <one line>` on stderr and a documented ex
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return int(exc.code)
     STATE.debug = debug or STATE.debug
+    # Operator commands print their own lines; library log records (a reconnect, a reloaded
+    # script) only with --debug. `worker` installs its own logging from the settings.
+    logging.basicConfig(level=logging.DEBUG if STATE.debug else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
     if config:
         os.environ["EVOSTREAM_CONFIG"] = config
     command = typer.main.get_command(app)

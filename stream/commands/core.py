@@ -199,18 +199,25 @@ def produce(file: Path = typer.Argument(..., exists=True, dir_okay=False, readab
 
 
 URL_HELP = "the worker's base URL"
+TENANT_HELP = "the conversation's tenant (default: the API key's only tenant, else none)"  # issue #9
+KEY_HELP = "API key of the worker's query API (Authorization: Bearer)"  # issue #9
 
 
 @app.command()
 def query(conversation: str = typer.Option(..., "--conversation", "-c", help="conversation id"),
           text: str = typer.Option(..., "--text", "-t", help="the query text"),
           url: str = typer.Option("http://127.0.0.1:6066", "--url", help=URL_HELP),
-          full_vector: bool = typer.Option(False, "--full-vector", help="print the whole base64 vector")) -> None:
-    """Embed a query against a conversation's live memory (worker HTTP API)."""
+          full_vector: bool = typer.Option(False, "--full-vector", help="print the whole base64 vector"),
+          tenant: Optional[str] = typer.Option(None, "--tenant", help=TENANT_HELP),
+          api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EVOSTREAM_API_KEY", help=KEY_HELP),
+          memoryless: bool = typer.Option(False, "--memoryless", help="no memory yet: embed without memory "
+                                                                        "instead of failing")) -> None:
+    """Embed a query against a conversation's live memory (worker HTTP API, POST /v1/embeddings)."""
     from stream.query_client import query_worker
 
     settings()
-    resp = query_worker(url, conversation, text)
+    resp = query_worker(url, conversation, text, api_key=api_key, tenant=tenant,
+                        unknown_conversation="memoryless" if memoryless else "error")
     out = resp.model_dump(mode="json")
     if not full_vector:
         out["vector"] = {**out["vector"], "b64": out["vector"]["b64"][:32] + "..."}
@@ -221,7 +228,10 @@ def query(conversation: str = typer.Option(..., "--conversation", "-c", help="co
 def search(conversation: str = typer.Option(..., "--conversation", "-c", help="conversation id"),
            text: str = typer.Option(..., "--text", "-t", help="the query text"),
            url: str = typer.Option("http://127.0.0.1:6066", "--url", help=URL_HELP),
-           k: int = typer.Option(5, "-k", min=1, help="number of hits")) -> None:
+           k: int = typer.Option(5, "-k", min=1, help="number of hits"),
+           tenant: Optional[str] = typer.Option(None, "--tenant", help=TENANT_HELP),
+           api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EVOSTREAM_API_KEY", help=KEY_HELP)
+           ) -> None:
     """Search one conversation's turns: the query is embedded by the worker, the turns come
     from the embeddings topic (reference indexer)."""
     from stream.indexer import search_end_to_end
@@ -229,38 +239,72 @@ def search(conversation: str = typer.Option(..., "--conversation", "-c", help="c
 
     s = settings()
     hits = _kafka_call(s, lambda: asyncio.run(search_end_to_end(
-        s.kafka_bootstrap, s.embeddings_topic, url, conversation, text, k, security=KafkaSecurity.from_settings(s))))
+        s.kafka_bootstrap, s.embeddings_topic, url, conversation, text, k, security=KafkaSecurity.from_settings(s),
+        api_key=api_key, tenant=tenant)))
     print(json.dumps([h.model_dump(mode="json") for h in hits], indent=2))
+
+
+def _store(s: Any):  # -> CheckpointStore
+    """A checkpoint store for operator commands: the configured model's identity (it keys the
+    checkpoints), short socket timeouts (a person is waiting)."""
+    from stream.checkpoints import CheckpointStore
+    from stream.redis_client import RedisOptions
+    from workers.evo_model import checkpoint_fingerprint, parse_dtype
+
+    ckpt = resolve_checkpoint(s.checkpoint, getattr(s, "checkpoint_revision", None))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    hidden = int(cfg["backbone_config"]["hidden_size"]) if "backbone_config" in cfg else 0
+    return CheckpointStore(s.redis_url, fingerprint=checkpoint_fingerprint(ckpt), hidden_size=hidden,
+                           capacity=int(cfg.get("buffer_capacity", 512)), dtype=parse_dtype(s.dtype),
+                           namespace=s.redis_namespace, socket_timeout_s=3.0,
+                           redis_options=RedisOptions.from_settings(s))  # issue #8: TLS / password files
+
+
+def _with_store(s: Any, fn: Any) -> Any:
+    async def run() -> Any:
+        store = _store(s)
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+STORE_TENANT_HELP = "the conversation's tenant (default: none)"
 
 
 @app.command()
 def inspect(conversation: str = typer.Argument(..., help="conversation id"),
-            tenant: Optional[str] = typer.Option(None, "--tenant", help="the conversation's tenant (default: none)")
-            ) -> None:
+            tenant: Optional[str] = typer.Option(None, "--tenant", help=STORE_TENANT_HELP)) -> None:
     """Show a conversation's checkpoint in Redis (sizes, TTL, outbox, offsets)."""
-    from stream.checkpoints import CheckpointStore
     from stream.identity import ConversationRef
-    from workers.evo_model import checkpoint_fingerprint, parse_dtype
 
     s = settings()
-    ckpt = resolve_checkpoint(s.checkpoint, getattr(s, "checkpoint_revision", None))
-    cfg = json.loads((ckpt / "config.json").read_text())
-    hidden = int(cfg["backbone_config"]["hidden_size"]) if "backbone_config" in cfg else 0
-
-    async def run() -> dict | None:
-        store = CheckpointStore(s.redis_url, fingerprint=checkpoint_fingerprint(ckpt), hidden_size=hidden,
-                                capacity=int(cfg.get("buffer_capacity", 512)), dtype=parse_dtype(s.dtype),
-                                namespace=s.redis_namespace, socket_timeout_s=3.0)
-        try:
-            return await store.inspect(ConversationRef(tenant, conversation))
-        finally:
-            await store.close()
-
-    info = asyncio.run(run())
+    info = _with_store(s, lambda store: store.inspect(ConversationRef(tenant, conversation)))
     if info is None:
         raise CliError(f"no checkpoint for conversation {conversation!r}"
                        f"{' of tenant ' + repr(tenant) if tenant else ''} in {s.redis_namespace!r}", ExitCode.FAILED)
     print(json.dumps(info, indent=2, default=str))
+
+
+@app.command()
+def reset(conversation: str = typer.Argument(..., help="conversation id"),
+          tenant: Optional[str] = typer.Option(None, "--tenant", help=STORE_TENANT_HELP),
+          yes: bool = typer.Option(False, "--yes", "-y", help="do it (without this flag, only say what would happen)")
+          ) -> None:
+    """Drop a conversation's memory (e.g. one quarantined as checkpoint_corrupt): its next turn
+    starts an empty memory. Replay its dead letters afterwards (`evostream dead-letters`)."""
+    from stream.identity import ConversationRef
+
+    s = settings()
+    ref = ConversationRef(tenant, conversation)
+    if not yes:
+        raise CliError(f"this drops the memory of conversation {ref}; rerun with --yes", ExitCode.USAGE)
+    existed, last_seq = _with_store(s, lambda store: store.reset(ref))
+    if not existed:
+        raise CliError(f"nothing stored for conversation {ref} in {s.redis_namespace!r}", ExitCode.FAILED)
+    print(f"reset conversation {ref}: memory dropped (last applied seq {last_seq}); its next turn starts afresh")
 
 
 @app.command()
@@ -298,12 +342,16 @@ class StackAction(str, Enum):
 
 @app.command()
 def stack(action: StackAction = typer.Argument(..., help="start, stop, status, or env (print the variables)"),
-          run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="default: .run/localstack in the repo")
+          run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="default: .run/localstack in the repo"),
+          export: bool = typer.Option(False, "--export",
+                                      help="env: print `export` lines, for eval \"$(evostream stack env --export)\"")
           ) -> None:
-    """Start/stop the local broker + Redis (the ones the demo and the tests use)."""
+    """Start/stop the local broker + Redis (the ones the demo and the tests use). A stack start
+    is a clean slate: the broker keeps nothing across a stop, and neither does Redis."""
     from stream.localstack import main as stack_main
 
-    rc = stack_main([action.value] + (["--run-dir", str(run_dir)] if run_dir else []))
+    rc = stack_main([action.value] + (["--run-dir", str(run_dir)] if run_dir else [])
+                    + (["--export"] if export else []))
     if rc:
         raise typer.Exit(rc)
 

@@ -151,6 +151,9 @@ def replay_cmd(letter_id: str = typer.Argument(..., metavar="ID", help="PARTITIO
 
     s = settings()
     ev = _one(s, letter_id)
+    if value_file is None and getattr(ev, "truncated", False):
+        raise CliError(f"dead letter {letter_id} holds only a prefix of its record (it was too large for the "
+                       "broker); replay it with --value-file and the whole corrected record", ExitCode.USAGE)
     value = value_file.read_bytes().strip() if value_file is not None else ev.original_value()
     if value is None:
         raise CliError(f"dead letter {letter_id} has no original value; pass --value-file", ExitCode.USAGE)

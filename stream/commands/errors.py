@@ -81,6 +81,7 @@ def explain(exc: BaseException, *, kafka: str | None = None, redis_url: str | No
     from aiokafka import errors as kerr
     from redis import exceptions as rex
 
+    from stream.produce_stream import InputError
     from stream.query_client import QueryError
     from stream.settings import ConfigFileMissing
     from workers.evo_model import CheckpointError
@@ -105,6 +106,8 @@ def explain(exc: BaseException, *, kafka: str | None = None, redis_url: str | No
     for e in chain:
         if isinstance(e, ConfigFileMissing):
             return CliError(str(e), ExitCode.USAGE)
+        if isinstance(e, InputError):
+            return CliError(f"bad input file: {_one_line(e)}", ExitCode.USAGE)
         if isinstance(e, CheckpointError):
             return CliError(f"checkpoint: {_one_line(e, 500)}", ExitCode.CHECKPOINT)
         if isinstance(e, QueryError):

@@ -99,12 +99,18 @@ class Scale:
     memory_cache_bytes: int
     memory_ttl_s: int
     # 6. broker faults (issue #12): a dedicated broker behind a proxy (tests/support/kafka_proxy.py)
+    # 7. production faults (issue #7): evicted keys, deletes vs a zombie, two tenants, one id
+    prod_conversations: int = 8            # per tenant (same ids in both tenants)
+    prod_turns: int = 8
+    prod_rate: float = 12.0
+    prod_victims: int = 3                  # conversations that lose one checkpoint key mid-stream
+    prod_deletes: int = 3                  # conversations deleted while a zombie holds a batch
     broker_conversations: int = 16
     broker_turns: int = 10
     broker_rate: float = 5.0
     broker_pauses: int = 1                 # SIGSTOP the broker past the session timeout, SIGCONT
     broker_pause_extra_s: float = 6.0      # pause = session timeout + this
-    broker_partitions: tuple[str, ...] = ("blackhole",)  # one worker cut off from Kafka, per round
+    broker_partitions: tuple[str, ...] = ("cut",)  # TEMP-12
     broker_partition_extra_s: float = 8.0  # partition = session timeout + this (others take over)
 
     @property
@@ -138,6 +144,7 @@ SCALES = {
         memory_active_turns=24, memory_rate=8.0, memory_cache_bytes=512 * 1024, memory_ttl_s=20,
         broker_conversations=40, broker_turns=16, broker_rate=5.0, broker_pauses=3, broker_pause_extra_s=10.0,
         broker_partitions=("blackhole", "cut", "blackhole"), broker_partition_extra_s=12.0,
+        prod_conversations=24, prod_turns=14, prod_rate=12.0, prod_victims=6, prod_deletes=6,
     ),
 }
 

@@ -14,7 +14,10 @@ Faults (for everyone with `set_mode`, or for some processes with `partition`):
 * ``blackhole``: keep the sockets, forward nothing either way (a hung broker or a network that
   drops packets). Healing closes those connections (a real partition ends with timed-out,
   reset connections; a Kafka stream that lost requests cannot resume in place);
-* ``slow``: forward, each chunk delayed by `delay_s`.
+* ``slow``: forward, each chunk delayed by `delay_s`;
+* ``drop_produce``: forward everything except Produce requests (Kafka API key 0), which are
+  swallowed: a worker that still consumes and checkpoints but cannot deliver its output.
+  Healing closes the connections that lost requests.
 
 Runs its own event loop in a daemon thread; `close()` stops it (use as a context manager).
 """
@@ -32,7 +35,8 @@ from pathlib import Path
 
 from stream.localstack import HOST, TansuBroker, free_ports
 
-MODES = ("pass", "cut", "blackhole", "slow")
+MODES = ("pass", "cut", "blackhole", "slow", "drop_produce")
+PRODUCE_API_KEY = 0
 
 
 def socket_owner(peer_port: int, server_port: int, pids: Iterable[int]) -> int | None:
@@ -71,6 +75,7 @@ class _Conn:
     upstream_w: asyncio.StreamWriter | None = None
     owner: int | None = None
     blackholed: bool = False
+    dropped: int = 0          # requests swallowed by drop_produce
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     def close(self) -> None:
@@ -93,6 +98,7 @@ class KafkaProxy:
         self.conns: set[_Conn] = set()
         self.accepted = 0
         self.refused = 0
+        self.dropped_produce = 0
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="kafka-proxy", daemon=True)
@@ -166,7 +172,7 @@ class KafkaProxy:
             if c.owner is None and self.watched:
                 c.owner = socket_owner(c.peer_port, self.port, self.watched)
             mode = self._mode_for(c)
-            if mode == "cut" or (c.blackholed and mode != "blackhole"):
+            if mode == "cut" or (c.blackholed and mode != "blackhole") or (c.dropped and mode != "drop_produce"):
                 c.close()
                 self.conns.discard(c)
             elif mode == "blackhole":
@@ -201,13 +207,18 @@ class KafkaProxy:
             self.conns.discard(c)
             return
         c.upstream_w = up_w
-        c.tasks = [asyncio.ensure_future(self._pump(c, reader, up_w)),
+        c.tasks = [asyncio.ensure_future(self._pump(c, reader, up_w, requests=True)),
                    asyncio.ensure_future(self._pump(c, up_r, writer))]
         await asyncio.gather(*c.tasks, return_exceptions=True)
         c.close()
         self.conns.discard(c)
 
-    async def _pump(self, c: _Conn, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pump(self, c: _Conn, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *,
+                    requests: bool = False) -> None:
+        """Copy src -> dst. The client->broker direction (`requests`) is cut into Kafka request
+        frames (int32 size + body; the body starts with the int16 API key) so that single
+        requests can be dropped."""
+        buf = b""
         try:
             while True:
                 data = await src.read(65536)
@@ -219,6 +230,21 @@ class KafkaProxy:
                     continue  # swallowed
                 if mode == "slow":
                     await asyncio.sleep(self.delay_s)
+                if requests:
+                    buf += data
+                    out = []
+                    while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
+                        n = 4 + int.from_bytes(buf[:4], "big")
+                        frame, buf = buf[:n], buf[n:]
+                        api_key = int.from_bytes(frame[4:6], "big", signed=True) if n >= 6 else -1
+                        if mode == "drop_produce" and api_key == PRODUCE_API_KEY:
+                            c.dropped += 1
+                            self.dropped_produce += 1
+                            continue
+                        out.append(frame)
+                    data = b"".join(out)
+                    if not data:
+                        continue
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError, asyncio.CancelledError):

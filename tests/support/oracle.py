@@ -173,7 +173,8 @@ def load_states(penv: PipelineEnv, cids: Iterable[str], engine=None) -> dict[str
             loaded = await store.load_many(cids)
         finally:
             await store.close()
-        return {cid: (ck.state if ck is not None else None) for cid, ck in loaded.items()}
+        # only a live checkpoint counts: an empty view (new/deleted/expired) or a problem is None
+        return {cid: (ck.state if getattr(ck, "live", False) else None) for cid, ck in loaded.items()}
 
     return run_sync(run)
 

@@ -1,0 +1,70 @@
+"""Counting what the tolerant reader accepted without reading it (issue #13).
+
+Accepting unknown fields and roles is only safe if it is visible: a producer that renamed a
+field (`metdata`) must show up somewhere other than as silently missing data. Each inbound
+event is passed to `InputShapes.observe`, which counts unknown fields and messages of roles
+the model does not read, and logs the first occurrence of each unknown field name.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from prometheus_client import CollectorRegistry, Counter
+
+from schemas.events import ConversationDelete, TurnEvent
+
+log = logging.getLogger(__name__)
+
+_MAX_NAMES_LOGGED = 256
+"""Distinct unknown field names logged once each (bounded: names come from producers)."""
+
+
+class InputShapes:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.unknown_fields = Counter(
+            "evostream_input_unknown_fields_total",
+            "fields of inbound events this version does not know (accepted, kept on the event)",
+            ["level"], registry=registry)
+        self.unread_messages = Counter(
+            "evostream_input_unread_messages_total",
+            "inbound messages of roles the model does not read (system, developer, tool, function)",
+            ["role"], registry=registry)
+        self.without_text = Counter(
+            "evostream_turns_without_text_total",
+            "turns with no user/assistant text (e.g. only a system prompt): acknowledged, not embedded",
+            registry=registry)
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def observe(self, event: TurnEvent | ConversationDelete) -> None:
+        names = event.unknown_fields
+        if names:
+            top = sum(1 for n in names if not n.startswith("messages["))
+            if top:
+                self.unknown_fields.labels(level="event").inc(top)
+            if len(names) > top:
+                self.unknown_fields.labels(level="message").inc(len(names) - top)
+            self._log_new(event, names)
+        if isinstance(event, TurnEvent):
+            for role in event.unread_roles:
+                self.unread_messages.labels(role=role).inc()
+
+    def turn_without_text(self, event: TurnEvent) -> None:
+        self.without_text.inc()
+        log.info("turn %s/%d has no user/assistant text (roles %s): acknowledged, not embedded",
+                 event.conversation_id, event.seq, [m.role for m in event.messages])
+
+    def _log_new(self, event: TurnEvent | ConversationDelete, names: tuple[str, ...]) -> None:
+        generic = {n.split("].", 1)[-1] if n.startswith("messages[") else n for n in names}
+        with self._lock:
+            new = sorted(n for n in generic if n not in self._seen)
+            if not new or len(self._seen) >= _MAX_NAMES_LOGGED:
+                return
+            self._seen.update(new)
+        log.warning("inbound %s events carry fields this version does not know: %s (accepted and kept; "
+                    "set EVOSTREAM_INPUT_STRICT=true to dead-letter them instead)", event.type, new)
+
+
+__all__ = ["InputShapes"]
