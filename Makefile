@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-all bench bench-engine bench-e2e bench-codecs chaos-long stack-start stack-stop clean
+.PHONY: setup demo test test-all bench bench-engine bench-e2e bench-codecs bench-query capacity capacity-scale chaos-long stack-start stack-stop clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -20,7 +20,7 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q
 
-bench: bench-engine bench-e2e bench-codecs
+bench: bench-engine bench-e2e bench-codecs bench-query
 
 bench-engine: setup
 	$(PY) -m benchmarks.bench_engine
@@ -30,6 +30,18 @@ bench-e2e: setup
 
 bench-codecs: setup
 	$(PY) -m benchmarks.bench_codecs
+
+bench-query: setup  # issue 9: query latency, ingestion under a query flood
+	$(PY) -m benchmarks.bench_query
+
+capacity: setup  # issue 14: per-conversation figures -> docs/CAPACITY.md (model time: add --model-time-only, slow)
+	$(PY) -m benchmarks.capacity_measure --drift-convs 2 --drift-turns 40 --lever-convs 20
+	$(PY) -m benchmarks.capacity_measure --compact-sweep-only
+	$(PY) scripts/capacity_report.py
+
+capacity-scale: setup  # issue 14: 20k conversations, 2 workers, a rebalance -> BENCHMARKS.md
+	$(PY) -m benchmarks.capacity_scale --conversations 20000 --live-turns 300 --rate 3
+	$(PY) scripts/capacity_report.py
 
 chaos-long: setup
 	EVOSTREAM_CHAOS_SCALE=long $(PY) -m pytest -m chaos -q -s tests/test_chaos.py

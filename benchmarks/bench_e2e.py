@@ -15,6 +15,7 @@ Writes/updates the "End-to-end" section of BENCHMARKS.md with the command and th
 from __future__ import annotations
 
 import argparse
+import shlex
 import asyncio
 import json
 import platform
@@ -80,12 +81,13 @@ async def wait_embeddings(bootstrap: str, topic: str, want: int, timeout: float)
 
 
 def phase(stack: LocalStack, ckpt: str, records: list[tuple[bytes, bytes]], rate: float, label: str,
-          log_dir: Path, partitions: int) -> dict:
+          log_dir: Path, partitions: int, extra: dict[str, str] | None = None) -> dict:
     tag = f"{label}-{int(time.time())}"
     topics = {f"bench.{tag}.turns": partitions, f"bench.{tag}.emb": partitions, f"bench.{tag}.dlq": 1}
     ensure_topics_sync(stack.kafka_bootstrap, topics)
     t_turns, t_emb, t_dlq = list(topics)
-    penv = PipelineEnv(stack.kafka_bootstrap, stack.redis_url, t_turns, t_emb, t_dlq, partitions, checkpoint=ckpt)
+    penv = PipelineEnv(stack.kafka_bootstrap, stack.redis_url, t_turns, t_emb, t_dlq, partitions, checkpoint=ckpt,
+                       extra=dict(extra or {}))
     w = WorkerProc(penv, log_dir, name=label).start()
     try:
         w.wait_ready(120)
@@ -130,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=10.0, help="stated load for the latency phase (turns/s)")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    # issue 10: the worker's segment-prefix cache, and where the figures go (before/after runs)
+    ap.add_argument("--prefix-cache-bytes", type=int, default=0, help="EVOSTREAM_PREFIX_CACHE_MAX_BYTES of the worker")
+    ap.add_argument("--section", default="End-to-end pipeline (issue 3)", help="BENCHMARKS.md section to write")
     a = ap.parse_args(argv)
+    extra = {"EVOSTREAM_PREFIX_CACHE_MAX_BYTES": str(a.prefix_cache_bytes)}
     from workers.tiny_checkpoint import cached_tiny_checkpoint
 
     ckpt = str(cached_tiny_checkpoint("qwen3", "tiny"))
@@ -139,20 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="evostream-bench-"))
     stack = LocalStack(run_dir / "stack", appendfsync="everysec", die_with_parent=True).start()
     try:
-        backlog = phase(stack, ckpt, records, 0.0, "backlog", run_dir, a.partitions)
-        steady = phase(stack, ckpt, records, a.rate, "steady", run_dir, a.partitions)
+        backlog = phase(stack, ckpt, records, 0.0, "backlog", run_dir, a.partitions, extra)
+        steady = phase(stack, ckpt, records, a.rate, "steady", run_dir, a.partitions, extra)
     finally:
         stack.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
 
-    cmd = "make bench-e2e   # = .venv/bin/python -m benchmarks.bench_e2e " + " ".join(argv or sys.argv[1:])
+    cmd = "make bench-e2e   # = .venv/bin/python -m benchmarks.bench_e2e " + shlex.join(argv or sys.argv[1:])
     lines = [
         f"Command: `{cmd.strip()}`  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {platform.platform()}, "
         f"{__import__('os').cpu_count()} CPUs shared by broker, Redis, producer and worker; worker torch threads: "
         f"{PipelineEnv('', '', '', '', '', 1).env().get('OMP_NUM_THREADS', 'default')}; torch {torch.__version__}  ",
         f"Model: tiny seeded qwen3 checkpoint (hidden 64, 4 layers, real Qwen3 tokenizer), CPU float32; "
-        f"one worker, {a.partitions} partitions, local tansu broker + valkey (appendfsync everysec)  ",
+        f"one worker, {a.partitions} partitions, local tansu broker + valkey (appendfsync everysec); "
+        f"worker EVOSTREAM_PREFIX_CACHE_MAX_BYTES={a.prefix_cache_bytes}  ",
         f"Traffic: {a.conversations} conversations x {a.turns} turns = {len(records)} turns, interleaved",
         "",
         "| phase | load | turns/s | p50 latency ms | p99 latency ms | batches | mean turns/batch | model step s | load s | checkpoint s | emit s | batch s | outside step (of batch time) | outside step (of wall) |",
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if not a.no_write:
-        update_section(REPO / "BENCHMARKS.md", "End-to-end pipeline (issue 3)", text)
+        update_section(REPO / "BENCHMARKS.md", a.section, text)
     return 0
 
 

@@ -213,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"ingestion under query flood: {fl / base:.2f}x of baseline (target >= 0.8x; baseline = mean of the two "
         "baseline runs)",
+        "",
+        f"- The two baseline runs differ by {max(b1, b2) / min(b1, b2):.2f}x from each other: that is the noise of this "
+        "shared machine during the run, and the size of the error bar on the ratio above.",
+        f"- During the flood, queries are held to their share of the model thread (`QUERY_SHARE` {s.query_share}) "
+        "while the backlog is busy: that is what their latency above shows; with ingestion idle the same worker "
+        f"answers at the p50/p99 of the first row.",
     ]
     text = "\n".join(lines)
     print(text)

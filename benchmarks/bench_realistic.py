@@ -23,6 +23,7 @@ Run:  .venv/bin/python -m benchmarks.bench_realistic            (writes the BENC
 from __future__ import annotations
 
 import argparse
+import os
 import datetime as _dt
 import random
 import statistics
@@ -73,7 +74,8 @@ def rerank(engine: EvoEngine) -> tuple[np.ndarray, np.ndarray]:
     return cand, q
 
 
-def run_dtype(engine: EvoEngine, plain: EvoEngine, turns: list[TurnInput], rep: Report, tag: str) -> dict:
+def run_dtype(engine: EvoEngine, plain: EvoEngine, turns: list[TurnInput], rep: Report, tag: str,
+              reps: int = 1) -> dict:
     log(f"[{tag}] warm-up ...")
     engine.step({}, [make_turn(random.Random(9), "warm", 0, (3, 4), (3, 4))])
     engine.prefix_cache.clear()  # type: ignore[union-attr]
@@ -81,9 +83,11 @@ def run_dtype(engine: EvoEngine, plain: EvoEngine, turns: list[TurnInput], rep: 
     states = {turns[0].conversation_id: st0.copy()}
     ms, pos, embs = [], [], []
     before_last: ConversationState | None = None
+    cache_before_last = None
     for k, t in enumerate(turns):
         if k == len(turns) - 1:
             before_last = states[t.conversation_id].copy()
+            cache_before_last = engine.prefix_cache.clone()  # type: ignore[union-attr]
         t0 = time.perf_counter()
         out = engine.step(states, [t])[0]
         ms.append(1000 * (time.perf_counter() - t0))
@@ -94,10 +98,22 @@ def run_dtype(engine: EvoEngine, plain: EvoEngine, turns: list[TurnInput], rep: 
     cache = engine.prefix_cache
     assert cache is not None
     entry = cache._entries[turns[0].conversation_id].prefix
-    log(f"[{tag}] the last turn again without the prefix cache ...")
-    t0 = time.perf_counter()
-    out_plain = plain.step({turns[-1].conversation_id: before_last}, [turns[-1]])[0]  # type: ignore[dict-item]
-    ms_plain = 1000 * (time.perf_counter() - t0)
+    cid = turns[-1].conversation_id
+    log(f"[{tag}] the last turn again without the prefix cache (and again with it), x{reps} interleaved ...")
+    plain_ms: list[float] = []
+    last_ms = [ms[-1]]
+    for r in range(reps):
+        t0 = time.perf_counter()
+        out_plain = plain.step({cid: before_last.copy()}, [turns[-1]])[0]  # type: ignore[union-attr]
+        plain_ms.append(1000 * (time.perf_counter() - t0))
+        if r + 1 < reps:  # the cached side's first sample is the one taken in the segment above
+            engine.prefix_cache = cache_before_last.clone()  # type: ignore[union-attr]
+            t0 = time.perf_counter()
+            engine.step({cid: before_last.copy()}, [turns[-1]])  # type: ignore[union-attr]
+            last_ms.append(1000 * (time.perf_counter() - t0))
+        log(f"    repetition {r + 1}: uncached {plain_ms[-1]:.0f} ms, cached {last_ms[-1]:.0f} ms")
+    ms[-1] = statistics.median(last_ms)
+    ms_plain = statistics.median(plain_ms)
     pos_plain = plain.last_stats.real_tokens
     agree = float(np.abs(out_plain.embedding - embs[-1]).max())
     log(f"[{tag}] rerank of {len(_CANDIDATES)} candidates ...")
@@ -113,9 +129,10 @@ def run_dtype(engine: EvoEngine, plain: EvoEngine, turns: list[TurnInput], rep: 
     seg_max = engine.capacity + 2048 + engine.config.segment.max_turns * engine.L
     worst = fixed + per_pos * seg_max
     rep.add(f"[{tag}] segment's first turn (snapshot re-read), ms", f"{ms[0]:,.0f} ({pos[0]:,} positions)")
-    rep.add(f"[{tag}] continuing turns 2-{n} with the prefix cache, ms (mean)",
+    rep.add(f"[{tag}] continuing turn{'s 2-' if n > 2 else ' '}{n} with the prefix cache, ms (mean; "
+            f"turn {n}: median of {reps})",
             f"{cont:,.0f} ({statistics.mean(pos[1:]):,.0f} positions)")
-    rep.add(f"[{tag}] turn {n} without the prefix cache, ms", f"{ms_plain:,.0f} ({pos_plain:,} positions)")
+    rep.add(f"[{tag}] turn {n} without the prefix cache, ms (median of {reps})", f"{ms_plain:,.0f} ({pos_plain:,} positions)")
     rep.add(f"[{tag}] one worker, 1 conversation: ms per turn over a 16-turn segment", f"{per_turn:,.0f}")
     rep.add(f"[{tag}] one worker, 1 conversation: turns/s", f"{1000 / per_turn:.2f}")
     rep.add(f"[{tag}] prefix cache per conversation, measured (prefix of {entry.length} positions)",
@@ -136,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--turns", type=int, default=2, help="turns timed in one segment (the first opens it)")
     ap.add_argument("--lora-r", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3,
+                    help="the last timed turn with and without the cache, repeated (interleaved); medians")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on this shared 2-core machine a second thread mostly spins)")
     ap.add_argument("--no-write", action="store_true")
@@ -143,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
+    cpu_all = time.process_time()
     log(f"building a random {args.size} qwen3_5 model (LoRA r={args.lora_r}) ...")
     t0 = time.perf_counter()
     model = build_tiny_model("qwen3_5", args.size, seed=0, lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
@@ -169,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         model.to(dt)  # in place: the bf16 run uses the float32 weights, cast
         cached = EvoEngine(model, tok, config=EngineConfig(prefix_cache_max_bytes=1 << 40))
         plain = EvoEngine(model, tok)
-        results[name] = run_dtype(cached, plain, turns, rep, name)
+        results[name] = run_dtype(cached, plain, turns, rep, name, args.reps)
     if "float32" in results and "bfloat16" in results:
         a, b = results["float32"], results["bfloat16"]
         cos_turns = (a["embs"] * b["embs"]).sum(1)
@@ -184,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         rep.add(f"bf16 vs fp32: top-5 of the rerank ({len(_CANDIDATES)} candidates), shared", f"{overlap} of 5")
         rep.add("bf16 / fp32 ms per turn (16-turn segment)", f"{b['per_turn_ms'] / a['per_turn_ms']:.2f}x")
     wall = time.perf_counter() - t_all
+    share = (time.process_time() - cpu_all) / wall
+    rep.notes.append(f"contention: this process got {share:.2f} CPU-seconds per wall second over the run "
+                     f"({args.threads} torch thread(s); 1.0 = one whole core); load average at the end "
+                     f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs. Times scale down accordingly on an idle machine.")
     given = list(argv if argv is not None else sys.argv[1:])
     cmd = " ".join(["python -m benchmarks.bench_realistic"] + given)
     table = rep.table()

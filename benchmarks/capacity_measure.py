@@ -120,10 +120,11 @@ def key_usage(r: redis.Redis, store: CheckpointStore, ref: ConversationRef) -> d
 
 
 async def measure_redis_shape(url: str, r: redis.Redis, hidden: int, storage: str, turn_tokens: int,
-                              event_bytes: bytes, warm: int, cycles: int, many: int) -> dict[str, Any]:
+                              event_bytes: bytes, warm: int, cycles: int, many: int,
+                              compact_every: int = COMPACT) -> dict[str, Any]:
     ns = f"cap-{uuid.uuid4().hex[:6]}"
     store = CheckpointStore(url, fingerprint="capacity", hidden_size=hidden, capacity=C, dtype=torch.float32,
-                            namespace=ns, compact_every=COMPACT, ttl_s=7 * 24 * 3600,
+                            namespace=ns, compact_every=compact_every, ttl_s=7 * 24 * 3600,
                             storage_dtype=DTYPES[storage] if storage != "float32" else None)
     try:
         conv = SimConversation(store, ConversationRef("acme", "cap-0"), turn_tokens, seed=hidden)
@@ -132,7 +133,7 @@ async def measure_redis_shape(url: str, r: redis.Redis, hidden: int, storage: st
         per_key_series: list[dict[str, int]] = []
         writes: list[int] = []
         pending_outbox = 0
-        total_turns = warm + cycles * COMPACT
+        total_turns = warm + cycles * max(COMPACT, compact_every)
         for t in range(1, total_turns + 1):
             written = await conv.turn(event_bytes, ack=True)
             if t in (1, 2, 4, 8, 16, 24, 32, 33, 48, 64):
@@ -160,7 +161,7 @@ async def measure_redis_shape(url: str, r: redis.Redis, hidden: int, storage: st
             sums += sum(key_usage(r, store, c.ref).values())
         used1 = int(r.info("memory")["used_memory"])
         return {
-            "hidden": hidden, "storage_dtype": storage, "turn_tokens": turn_tokens,
+            "hidden": hidden, "storage_dtype": storage, "turn_tokens": turn_tokens, "compact_every": compact_every,
             "bytes_by_turn": by_turn,
             "steady_turns": f"{warm + 1}..{total_turns}",
             "steady_mean": statistics.fmean(totals), "steady_max": max(totals), "steady_min": min(totals),
@@ -562,6 +563,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-batch", type=int, default=4)
     ap.add_argument("--model-reps", type=int, default=2)
     ap.add_argument("--shapes", default="0.8B,2B,4B")
+    ap.add_argument("--compact-sweep", default="4,8,16,32",
+                    help="compact_every values measured for the 0.8B shape in bfloat16 (memory vs write bytes)")
+    ap.add_argument("--compact-sweep-only", action="store_true",
+                    help="only the compact_every sweep (keeps the rest of --out)")
     args = ap.parse_args(argv)
 
     t_start = time.time()
@@ -573,8 +578,20 @@ def main(argv: list[str] | None = None) -> None:
         "gpu": "none: no CUDA device on this machine and no device machine lent to this task",
         "num_latents": L, "buffer_capacity": C, "segment_turns": SEG_TURNS, "compact_every": COMPACT,
     }}
-    result["meta"]["loadavg_1m_at_start" + ("_model_time" if args.model_time_only else "")] = __import__("os").getloadavg()[0]
-    if args.model_time_only:
+    suffix = "_model_time" if args.model_time_only else "_compact_sweep" if args.compact_sweep_only else ""
+    result["meta"]["loadavg_1m_at_start" + suffix] = __import__("os").getloadavg()[0]
+    if args.compact_sweep_only:
+        result["meta"].update(command_compact_sweep=cmd, date_compact_sweep=date)
+        with tempfile.TemporaryDirectory(prefix="capacity-") as tmp:
+            server = RedisServer(Path(tmp), appendonly=False, die_with_parent=True)
+            server.start()
+            try:
+                r = redis.Redis.from_url(server.url)
+                result["compact_sweep"] = measure_compact_sweep(args, server.url, r)
+                r.close()
+            finally:
+                server.stop()
+    elif args.model_time_only:
         result["meta"].update(command_model_time=cmd, date_model_time=date)
         result["model_time"] = {"cpu_0.8B": measure_model_time(args.model_threads, args.model_batch, args.model_reps)}
     else:
@@ -591,8 +608,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.model_time:
             result["meta"].update(command_model_time=cmd, date_model_time=date)
             result["model_time"] = {"cpu_0.8B": measure_model_time(args.model_threads, args.model_batch, args.model_reps)}
-    result["meta"]["wall_s"] = time.time() - t_start
-    result["meta"]["loadavg_1m_at_end" + ("_model_time" if args.model_time_only else "")] = __import__("os").getloadavg()[0]
+    result["meta"]["wall_s" + suffix] = time.time() - t_start
+    result["meta"]["loadavg_1m_at_end" + suffix] = __import__("os").getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.exists():  # keep what this run did not measure (e.g. --model-time-only)
         old = json.loads(args.out.read_text())
@@ -603,7 +620,19 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 result.setdefault(k, v)
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    log(f"wrote {args.out} in {result['meta']['wall_s']:.0f} s")
+    log(f"wrote {args.out} in {result['meta']['wall_s' + suffix]:.0f} s")
+
+
+def measure_compact_sweep(args: argparse.Namespace, url: str, r: redis.Redis) -> list[dict[str, Any]]:
+    out = []
+    for ce in (int(x) for x in args.compact_sweep.split(",") if x):
+        log(f"compact_every sweep: {ce} (0.8B, bfloat16)")
+        m = asyncio.run(measure_redis_shape(url, r, 1024, "bfloat16", args.turn_tokens, embedding_event(),
+                                            args.warm, args.cycles, 2, compact_every=ce))
+        out.append({k: m[k] for k in ("compact_every", "steady_mean", "steady_max", "write_bytes_per_turn_mean",
+                                       "steady_per_key_mean")})
+        r.flushall()
+    return out
 
 
 def measure_redis_all(args: argparse.Namespace, result: dict[str, Any], url: str, r: redis.Redis, tmp: Path) -> None:

@@ -29,7 +29,9 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from datetime import datetime, timezone
@@ -124,6 +126,15 @@ async def probe_bytes(url: str, r: redis.Redis, fp: str, hidden: int, max_turns:
     return {k: round(statistics.fmean(v)) for k, v in by_turn.items()}
 
 
+def scrape_applied(url: str) -> float:
+    """evostream_turns_applied_total of one worker (its /metrics)."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith("evostream_turns_applied_total ") or line.startswith("evostream_turns_applied_total{"):
+            return float(line.rsplit(" ", 1)[1])
+    return float("nan")
+
+
 def turn_record(cid: str, seq: int, rng: random.Random, tenant: str | None = TENANT) -> tuple[bytes, bytes]:
     words = "refund order parcel card week size jacket shop exchange courier invoice warranty login plan".split()
     body = {"type": "turn", "conversation_id": cid, "seq": seq, "tenant": tenant,
@@ -140,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--live-turns", type=int, default=300)
     ap.add_argument("--new-conversations", type=int, default=20, help="live turns of conversations not seeded")
     ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument("--rate", type=float, default=4.0, help="live turns produced per second (so the 2nd worker joins mid-stream)")
+    ap.add_argument("--second-worker-after-s", type=float, default=0.0,
+                    help="start the 2nd worker this long after producing began (it joins the group while turns flow)")
     ap.add_argument("--seed-batch", type=int, default=500)
     ap.add_argument("--timeout-s", type=float, default=900)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "capacity_scale.json")
@@ -181,7 +195,6 @@ def main(argv: list[str] | None = None) -> None:
             used1 = int(r.info("memory")["used_memory"])
             predicted = sum(model_by_turn[k] for k in lengths.values())
             # a sample of the seeded conversations, measured directly
-            keys_per_conv = 5
             sample = random.Random(3).sample(sorted(lengths), 200)
             store_keys = CheckpointStore(url, fingerprint=fp, hidden_size=hidden, capacity=C, dtype=torch.float32,
                                          namespace=penv.namespace)
@@ -197,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                 "used_memory_per_conversation": (used1 - used0) / len(lengths),
                 "model_bytes_by_turn": model_by_turn,
                 "sample_200_memory_usage_over_model": sum(sample_bytes) / sum(sample_pred),
-                "keys": int(r.dbsize()), "keys_per_conversation": keys_per_conv,
+                "keys": int(r.dbsize()), "keys_per_conversation": int(r.dbsize()) / len(lengths),
             }
             log(f"seeded in {seed_s:.0f} s: used_memory +{(used1 - used0) / 2**20:.1f} MiB, model "
                 f"{predicted / 2**20:.1f} MiB (x{(used1 - used0) / predicted:.3f})")
@@ -214,33 +227,36 @@ def main(argv: list[str] | None = None) -> None:
             recs = recs[: args.live_turns]
             rng.shuffle(recs)
             recs.sort(key=lambda kv: json.loads(kv[1])["seq"])  # a conversation's turns in order
-            log(f"starting worker 1; producing {len(recs)} live turns")
+            log(f"starting worker 1; then producing {len(recs)} live turns at {args.rate:g}/s")
             w1 = WorkerProc(penv, Path(tmp), "w1").start()
             workers.append(w1)
             w1.wait_ready(timeout=180)
+            log("worker 1 ready")
             t_live = time.time()
-            asyncio.run(produce_records(recs, bootstrap=stack.kafka_bootstrap, topic=penv.turns_topic,
-                                        progress=False))
+            producer = threading.Thread(target=lambda: asyncio.run(produce_records(
+                recs, bootstrap=stack.kafka_bootstrap, topic=penv.turns_topic, rate=args.rate, progress=False)))
+            producer.start()
 
             def emitted() -> int:
                 return len(asyncio.run(read_topic(stack.kafka_bootstrap, penv.embeddings_topic, idle_ms=500)))
 
-            wait_for(lambda: emitted() >= len(recs) // 3, timeout=args.timeout_s, interval=2,
-                     what="a third of the embeddings")
-            log("a third done: starting worker 2 (partitions are reassigned while turns flow)")
+            time.sleep(args.second_worker_after_s)
+            log("starting worker 2 (it joins the group, and partitions are reassigned, while turns flow)")
             t_rebal = time.time()
             w2 = WorkerProc(penv, Path(tmp), "w2").start()
             workers.append(w2)
             w2.wait_ready(timeout=180)
+            t_w2_ready = time.time() - t_live
+            log(f"worker 2 ready {t_w2_ready:.0f} s after producing began")
             wait_for(lambda: emitted() >= len(recs), timeout=args.timeout_s, interval=2, what="every embedding")
             live_s = time.time() - t_live
+            producer.join()
+            applied = {w.name: scrape_applied(w.url) for w in workers}
             events = [json.loads(m.value) for m in asyncio.run(read_topic(stack.kafka_bootstrap, penv.embeddings_topic))]
             dls = asyncio.run(read_topic(stack.kafka_bootstrap, penv.dead_letter_topic, idle_ms=500))
             emb = [e for e in events if e.get("type") == "embedding"]
             keys = Counter((e["conversation_id"], e["seq"]) for e in emb)
             seeded_first = [e for e in emb if e["conversation_id"] in lengths and e["seq"] == lengths[e["conversation_id"]]]
-            w_logs = {w.name: w.tail(400) for w in workers}
-            rebalanced = sum("assign" in line.lower() for t in w_logs.values() for line in t.splitlines())
             used2 = int(r.info("memory")["used_memory"])
             n_total = len(lengths) + args.new_conversations
             res["live"] = {
@@ -250,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
                 "memory_of_first_live_turn_of_seeded": dict(Counter(e.get("memory") for e in seeded_first)),
                 "memory_len_of_first_live_turn_mean": statistics.fmean(e["memory_len"] for e in seeded_first)
                 if seeded_first else None,
-                "worker_log_lines_mentioning_assignment": rebalanced,
+                "turns_applied_by_worker": applied, "second_worker_ready_after_s": t_w2_ready,
                 "used_memory_after": used2 - used0, "used_memory_per_conversation_after": (used2 - used0) / n_total,
             }
             log(f"live: {len(keys)} turns in {live_s:.0f} s; memory {res['live']['memory_of_first_live_turn_of_seeded']}")
@@ -265,7 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         "conversations seeded through the store": f"{s['conversations']:,} ({s['turns']:,} turns, 1..{args.max_turns} each)",
         "Redis used_memory growth / model (sum of measured per-length bytes)": f"{s['used_memory_growth'] / 2**20:,.1f} MiB / {s['model_prediction'] / 2**20:,.1f} MiB = {s['actual_over_model']:.3f}",
         "Redis bytes per conversation (hidden 64, mean length)": f"{s['used_memory_per_conversation']:,.0f}",
-        "live turns through 2 workers (2nd started mid-stream)": f"{lv['distinct_turns_embedded']} of {lv['turns_produced']} embedded in {lv['seconds']:.0f} s ({lv['turns_per_s']:.1f} turns/s), {lv['duplicates']} duplicates, {lv['dead_letters']} dead letters",
+        "live turns through 2 workers (2nd started mid-stream)": f"{lv['distinct_turns_embedded']} of {lv['turns_produced']} embedded in {lv['seconds']:.0f} s (produced at {args.rate:g}/s), {lv['duplicates']} duplicates, {lv['dead_letters']} dead letters",
+        "turns applied per worker (the 2nd took over partitions mid-stream)": f"{lv['turns_applied_by_worker']}",
+        "Redis keys per conversation": f"{s['keys_per_conversation']:.2f} (meta, deltas, marker; a base after the first compaction)",
         "seeded memories continued by the workers": f"{lv['memory_of_first_live_turn_of_seeded']}",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -283,10 +301,12 @@ def main(argv: list[str] | None = None) -> None:
                  f"model: {s['sample_200_memory_usage_over_model']:.3f}. Redis per conversation after the live run "
                  f"(all {s['conversations'] + args.new_conversations:,}): {lv['used_memory_per_conversation_after']:,.0f} B.",
                  "",
-                 "A bigger run (the issue's 4 workers x 100k conversations) needs a machine of its own: at hidden 64 "
-                 "100k conversations of this length mix are about 5x the Redis above, seeding is CPU-bound in the "
-                 "script (~1 ms per turn here), and each worker needs a core of its own for the model step; at the "
-                 "released sizes multiply the memory by the per-conversation figures of docs/CAPACITY.md."]
+                 f"A bigger run (the issue's 4 workers x 100k conversations) needs a machine of its own: at hidden 64, "
+                 f"100k conversations of this length mix would be {100_000 / s['conversations']:.0f}x the Redis above "
+                 f"(~{100_000 * s['used_memory_per_conversation'] / 2**30:.1f} GiB), seeding ran at "
+                 f"{s['turns'] / s['seconds']:,.0f} turns/s here (CPU-bound in the script), and each worker needs a core "
+                 "of its own for the model step; at the released sizes multiply the memory by the per-conversation "
+                 "figures of docs/CAPACITY.md."]
         update_section(REPO / "BENCHMARKS.md", "Capacity scale run (issue 14)", "\n".join(body))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,46 @@ def ops_per_turn(data: dict[str, Any]) -> tuple[float, float]:
     return (commit["commands"] + ack["commands"]) / b, commit["script_server_usec_per_conversation"]
 
 
+REALISTIC_SECTION = "## Realistic size on CPU: Qwen3.5-0.8B-shaped"
+
+
+def realistic_cpu() -> dict[str, Any] | None:
+    """Issue #10's measurement of the real Qwen3.5-0.8B shape on this CPU (BENCHMARKS.md,
+    `benchmarks.bench_realistic`), when it is there: turns/s per worker, float32 and bfloat16."""
+    bench = REPO / "BENCHMARKS.md"
+    if not bench.exists():
+        return None
+    text = bench.read_text()
+    start = text.find(REALISTIC_SECTION)
+    if start < 0:
+        return None
+    end = text.find("\n## ", start + 5)
+    sec = text[start:end if end > 0 else None]
+    out: dict[str, Any] = {}
+    cmd = re.search(r"Command: `([^`]+)`", sec)
+    date = re.search(r"- date: ([^\n]+)", sec)
+    model = re.search(r"- model: ([^\n]+)", sec)
+    for dt in ("float32", "bfloat16"):
+        tps = re.search(rf"\[{dt}\] one worker, 1 conversation: turns/s\s*\|\s*([0-9.]+)", sec)
+        ms = re.search(rf"\[{dt}\] one worker, 1 conversation: ms per turn over a 16-turn segment\s*\|\s*([0-9,.]+)", sec)
+        if tps and ms:
+            out[dt] = {"turns_per_s": float(tps.group(1)), "ms_per_turn": float(ms.group(1).replace(",", ""))}
+    if not out:
+        return None
+    out["command"] = cmd.group(1) if cmd else "?"
+    out["date"] = date.group(1).strip() if date else "?"
+    out["model"] = model.group(1).strip() if model else "?"
+    return out
+
+
 def worker_rate(data: dict[str, Any]) -> tuple[float | None, str]:
+    """The best measured CPU turns/s per worker for the 0.8B shape (issue #10's bfloat16 run
+    when present: it is the faster, and the realistic shape), else this script's own."""
+    rc = realistic_cpu()
+    if rc:
+        dt = "bfloat16" if "bfloat16" in rc else "float32"
+        ms = rc[dt]["ms_per_turn"]
+        return 1000.0 / ms, f"CPU, {dt}, one conversation per worker, {ms:,.0f} ms per turn (issue 10's `{rc['command']}`)"
     mt = data.get("model_time", {}).get("cpu_0.8B")
     if not mt:
         return None, "not measured"
@@ -161,6 +201,37 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
       "(`EVOSTREAM_COMPACT_EVERY`)")
     w("")
 
+    # summary -------------------------------------------------------------------------------
+    w("## Summary")
+    w("")
+    a, b = redis_row(data, "0.8B", "float32"), redis_row(data, "0.8B", "bfloat16")
+    queue = data["meta"]["buffer_capacity"] * 1024 * 2
+    w(f"- A live conversation of the 0.8B model holds **{fmt_bytes(b['steady_mean'])}** of Redis on average once its "
+      f"queue is full with latents stored in bfloat16 (up to {fmt_bytes(b['steady_max'])} just before a compaction), "
+      f"{fmt_bytes(a['steady_mean'])} in float32: {b['steady_mean'] / queue:.2f} times the bare queue "
+      f"({fmt_bytes(queue)}), because the stored base carries the open segment and the delta list repeats up to 32 "
+      "turns until the next compaction. Short conversations cost less: see the by-turn columns.")
+    for s_ in ("0.8B", "4B"):
+        try:
+            f_, h_ = redis_row(data, s_, "float32"), redis_row(data, s_, "bfloat16")
+        except KeyError:
+            continue
+        w(f"- 1M live conversations of the {s_} model: {fmt_bytes(1e6 * f_['steady_mean'])} of Redis in float32, "
+          f"{fmt_bytes(1e6 * h_['steady_mean'])} with bfloat16 storage.")
+    wtps, _ = worker_rate(data)
+    lo = plan(inputs_for(data, "0.8B", "bfloat16", wtps), 0, RATES[-1])
+    hi_cfg = ("4B", "float32") if any(r["size"] == "4B" and r["storage_dtype"] == "float32" for r in data["redis"]) else ("0.8B", "float32")
+    hi = plan(inputs_for(data, *hi_cfg, wtps), 0, RATES[-1])
+    nic = Inputs.__dataclass_fields__["net_bytes_per_s"].default
+    w(f"- Redis memory runs out first: a 100 GiB node holds {plan(inputs_for(data, '0.8B', 'bfloat16', wtps), 1, 0)['max_conversations_per_node']:,.0f} "
+      f"live 0.8B conversations (bfloat16). At {RATES[-1]:,} turns/s the Redis writes are {fmt_rate(lo['redis_write_bytes_per_s'])} "
+      f"(0.8B bfloat16) to {fmt_rate(hi['redis_write_bytes_per_s'])} ({hi_cfg[0]} {hi_cfg[1]}), i.e. "
+      f"{lo['redis_write_bytes_per_s'] / nic:.1f} to {hi['redis_write_bytes_per_s'] / nic:.1f} times one 10 Gbit/s NIC, spread over the shards "
+      f"that memory needs anyway; Kafka carries {fmt_rate(lo['kafka_out_bytes_per_s'])} of embeddings (section 5).")
+    w("- Idle conversations need not stay in RAM: the cold tier keeps them on disk and restores them exactly "
+      "on their next turn (section 6).")
+    w("")
+
     # 1 -------------------------------------------------------------------------------------
     w("## 1. One conversation in Redis (measured)")
     w("")
@@ -191,7 +262,8 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
     chk = [(r["size"], r["storage_dtype"], r["used_memory_check"]) for r in data["redis"]]
     w("Cross-check against the server's own count (`INFO used_memory` growth over "
       f"{chk[0][2]['conversations']} conversations at turn {chk[0][2]['at_turn']}, divided by the summed `MEMORY USAGE`): "
-      + ", ".join(f"{s} {d}: {c['ratio']:.3f}" for s, d, c in chk) + ".")
+      + ", ".join(f"{s} {d}: {c['ratio']:.3f}" for s, d, c in chk) + f". This Valkey build uses the {meta.get('allocator')} "
+      "allocator; a jemalloc build rounds allocations into its own size classes, so check `MEMORY USAGE` on yours.")
     w("")
 
     # 2 -------------------------------------------------------------------------------------
@@ -236,13 +308,18 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
     if mt:
         w(f"0.8B shape ({mt['shape']}, {mt['params'] / 1e6:,.0f} M parameters, random weights), "
           f"{mt['device']} {mt['dtype']}, {mt['torch_threads']} torch threads on the shared 2-core machine, "
-          "each conversation with a full queue (512 latents) opening a new segment:")
+          "each conversation with a full queue (512 latents) and each timed turn opening a new segment "
+          "(the most expensive turn: the segment's snapshot is re-read); an approximation of the shape (MLP 3072) "
+          "built before issue 10's exact one:")
         w("")
         w("| case | seconds | positions run | turns/s |")
         w("|---|---|---|---|")
-        w(f"| one turn (median of {len(mt['one_turn_s'])}) | {sorted(mt['one_turn_s'])[len(mt['one_turn_s']) // 2]:.2f} | {mt['one_turn_positions']:,} | {mt['turns_per_s_one']:.3f} |")
-        w(f"| batch of {mt['batch']} | {mt['batch_s']:.2f} | {mt['batch_positions']:,} | {mt['turns_per_s_batch']:.3f} |")
+        reps = " / ".join(f"{x:.1f}" for x in mt["one_turn_s"])
+        w(f"| one turn ({len(mt['one_turn_s'])} repetitions) | {reps} | {mt['one_turn_positions']:,} | {mt['turns_per_s_one']:.4f} (median) |")
+        w(f"| batch of {mt['batch']} | {mt['batch_s']:.1f} | {mt['batch_positions']:,} | {mt['turns_per_s_batch']:.4f} |")
         w("")
+        w(f"The machine was running other work at the same time (load average {meta.get('loadavg_1m_at_start', float('nan')):.1f} "
+          "on 2 cores at the start of the Redis measurement run), hence the spread between repetitions. ")
         w("The qwen3_5 linear-attention layers run on transformers' reference PyTorch fallback here "
           "(no `flash-linear-attention` / `causal_conv1d` kernels on CPU), so this is a floor, not a "
           "target: a CPU is not a serving device for the released sizes. The tiny model's figures are "
@@ -250,6 +327,14 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
     else:
         w("Not measured in this run (`--model-time`).")
     w("")
+    rc = realistic_cpu()
+    if rc:
+        w(f"Issue 10 measured the released 0.8B shape itself on this CPU ({rc['model']}; `{rc['command']}`, "
+          f"{rc['date']}, BENCHMARKS.md): "
+          + "; ".join(f"{dt}: {v['ms_per_turn']:,.0f} ms per turn over a 16-turn segment, {v['turns_per_s']} turns/s per worker"
+                      for dt, v in rc.items() if isinstance(v, dict))
+          + ". Section 5 uses its bfloat16 figure for CPU workers (the faster of the measured ones).")
+        w("")
     w("No GPU was lent to this work, so no GPU row: measure `benchmarks/bench_engine.py --gpu on` on yours "
       "and pass its turns/s as `--worker-turns-per-s` to the planner.")
     w("")
@@ -319,10 +404,12 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
     p08 = plan(inputs_for(data, "0.8B", "bfloat16", worker_tps), 1, 1)
     p4 = plan(inputs_for(data, "4B", "float32", worker_tps), 1, 1) if ("4B", "float32") in configs else p08
     w(f"| Redis network (writes), 10 Gbit/s | {p08['max_turns_per_s_per_nic_redis']:,.0f} turns/s (0.8B bf16) ... "
-      f"{p4['max_turns_per_s_per_nic_redis']:,.0f} turns/s (4B float32) per node | at 10k turns/s the writes need several shards' NICs |")
-    w(f"| Redis CPU (one thread per shard runs the scripts) | {p08['max_turns_per_s_per_shard_cpu']:,.0f} turns/s per shard (script time only; "
-      "replication and AOF add to it) | shard by conversation (keys carry a cluster hash tag) |")
-    w("| Kafka | a few MiB/s even at 10k turns/s | not a constraint at these rates |")
+      f"{p4['max_turns_per_s_per_nic_redis']:,.0f} turns/s (4B float32) per node | beyond it, the shards that memory needs anyway share the writes |")
+    w(f"| Redis CPU (one thread per shard runs the scripts) | {p08['max_turns_per_s_per_shard_cpu']:,.0f} turns/s per shard (commit script "
+      "time measured on the loaded 2-core machine; replication and AOF add to it) | shard by conversation (keys carry a cluster hash tag) |")
+    top = plan(inputs_for(data, "0.8B", "bfloat16", worker_tps), 0, RATES[-1])
+    w(f"| Kafka | {fmt_rate(top['kafka_out_bytes_per_s'])} out, {fmt_rate(top['kafka_in_bytes_per_s'])} in at {RATES[-1]:,} turns/s | "
+      "not the constraint at these rates |")
     if worker_tps:
         w(f"| model workers | {worker_tps:.3f} turns/s per CPU worker (0.8B shape) | compute: the CPU cannot serve the released sizes; GPU workers are the sizing question, measure yours |")
     w("")
@@ -364,12 +451,21 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
           f"`python -m stream.cold_tier freeze --idle-s 3600` (cron) | Redis: {fmt_bytes(ct['memory_usage_before'] / ct['frozen'])} -> "
           f"{fmt_bytes(ct['marker_bytes_left_per_conversation'])} per frozen conversation (the marker); disk: "
           f"{fmt_bytes(ct['sqlite_file_bytes'] / ct['frozen'])} each in SQLite. Freeze {ct['freeze_ms_per_conversation']:.0f} ms, "
-          f"thaw on the next turn {ct['thaw_ms_per_conversation']:.0f} ms per conversation (2.6 MB states, loaded machine) | "
+          f"thaw on the next turn {ct['thaw_ms_per_conversation']:.0f} ms per conversation "
+          f"({fmt_bytes(ct['payload_bytes_moved'] / ct['frozen'])} of payload each, {st['turns_each']} turns, hidden {st['hidden']}) | "
           f"exact: the restored keys are byte-identical, and the embeddings after a freeze at turn {ce.get('frozen_at_turn')} "
           f"and thaw equal the uninterrupted run bit for bit: {ce.get('embeddings_after_thaw_bitwise_equal')} |")
+    sweep = data.get("compact_sweep")
+    if sweep:
+        cells = "; ".join(f"{m['compact_every']}: {fmt_bytes(m['steady_mean'])} held, {fmt_bytes(m['write_bytes_per_turn_mean'])} written per turn"
+                          for m in sorted(sweep, key=lambda m: m["compact_every"]))
+        w(f"| compact more often | `EVOSTREAM_COMPACT_EVERY` (0.8B, bfloat16; `{meta.get('command_compact_sweep', '?')}`) | {cells} | "
+          "none: the stored state is the same, only its layout (fewer deltas beside the base) and the write traffic change |")
     w("")
-    w("The levers compose: bfloat16 storage halves every row of section 5's memory table; a cold tier "
-      "moves the idle part of N to disk, so Redis needs N_active x S plus about 200 B per frozen conversation.")
+    if ct:
+        w("The levers compose: bfloat16 storage halves every row of section 5's memory table; a cold tier "
+          f"moves the idle part of N to disk, so Redis needs N_active x S plus {fmt_bytes(ct['marker_bytes_left_per_conversation'])} "
+          "(the marker) per frozen conversation, and the first turn after idling waits for the thaw.")
     w("")
 
     # 7 -------------------------------------------------------------------------------------
@@ -408,6 +504,8 @@ def main(argv: list[str] | None = None) -> None:
     data, scale = load()
     if args.cmd == "plan":
         wt, _ = worker_rate(data)
+        if args.size != "0.8B":
+            wt = None  # only the 0.8B shape's model time was measured: bring your own figure
         base = inputs_for(data, args.size, args.storage, args.worker_turns_per_s or wt)
         inp = Inputs(**{**base.__dict__,
                         "conv_bytes": args.conversation_bytes or base.conv_bytes,

@@ -21,7 +21,7 @@ from typing import Any
 import faust
 from faust.web import Request, Response, View
 
-from stream.broker_health import BrokerMonitor, BrokerState, apply_consumer_backoff
+from stream.broker_health import BrokerMonitor, BrokerState, apply_consumer_backoff, throttle_reconnects
 from stream.checkpoints import CheckpointStore, UnsafeRedisConfig
 from stream.emitter import KafkaEmitter
 from stream.kafka_security import KafkaSecurity
@@ -62,6 +62,7 @@ class Worker:
             **store_levers(settings))  # issue #14: storage dtype, per-tenant TTL, cold tier
         from stream.dead_letters import OversizeHandler
 
+        disable_codecs_for_tests()  # TEST-ONLY hook (issue #13), before any client is configured
         # Kafka TLS/SASL (issue #8): one resolved object for the emitter and faust's clients.
         self.kafka_security = KafkaSecurity.from_settings(settings)
         # Records are bounded by the broker's limit (issue #8): the client refuses what the
@@ -79,11 +80,13 @@ class Worker:
                                     on_too_large=self.oversize)
         self.pipeline = TurnPipeline(engine, self.store, self.emitter, settings, self.executor, self.metrics)
         self.ready = False
+        self.store_ready = False  # Redis checked (reachable, safe config, scripts loaded) at start
         self.batches = 0
         # Broker connectivity and bounded shutdown (issue #12): readiness needs the broker to
         # answer; SIGTERM stops taking batches (see stream/shutdown.py, run_worker).
         self.stopping = False
         self.broker_unreachable_at_shutdown = False
+        self._reconnect_delay_s = 0.0  # > 0 while the broker is unreachable (stream/broker_health.py)
         self.broker = BrokerMonitor(
             settings.kafka_bootstrap, settings.group_id, interval_s=settings.broker_probe_interval_s,
             timeout_s=settings.broker_probe_timeout_s, unreachable_after_s=settings.broker_unreachable_after_s,
@@ -92,7 +95,6 @@ class Worker:
         self.metrics.broker_connected.set(0)
         self.app = self._build_app()
         # An unreadable record batch stops its partition, not the worker (issue #13).
-        disable_codecs_for_tests()
         self.unreadable = watch_app(self.metrics.registry)
 
     # ------------------------------------------------------------------------------------------
@@ -105,7 +107,7 @@ class Worker:
         app = faust.App(
             s.group_id,
             datadir=str(datadir),
-            # one URL per bootstrap server (faust does not split a comma-separated host list)
+            # one URL per bootstrap server (explicit; faust would also split "h1:9092,h2:9092")
             broker=[f"kafka://{h.strip()}" for h in s.kafka_bootstrap.split(",") if h.strip()],
             broker_credentials=self.kafka_security.faust_credentials(),
             autodiscover=False,
@@ -119,6 +121,10 @@ class Worker:
             consumer_auto_offset_reset="earliest",
             stream_wait_empty=False,
             web_enabled=True,
+            # faust's own /router and /table views: topology and table access we do not serve,
+            # outside the API's auth and error shape (issue #9)
+            web_router_enabled=False,
+            web_tables_enabled=False,
             web_bind=s.web_host,
             web_port=s.web_port,
             web_host=s.web_host,
@@ -192,8 +198,9 @@ class Worker:
                 await worker.emitter.start()
             except Exception as exc:  # noqa: BLE001 - broker away at start: send_all starts it later
                 log.warning("producer not started (%s: %s); it is retried with the first emit", type(exc).__name__, exc)
-            await worker.store.wait_until_available()
             try:
+                await worker.store.check_credentials()
+                await worker.store.wait_until_available()
                 redis_cfg = await worker.store.check_server(allow_eviction=s.redis_allow_eviction)
             except UnsafeRedisConfig as exc:
                 # One clear line and a distinct exit code (78, EX_CONFIG): a restart loop
@@ -202,6 +209,7 @@ class Worker:
                 logging.shutdown()
                 os._exit(78)
             await worker.store.prepare()
+            worker.store_ready = True
             log.info("checkpoint store ok: maxmemory-policy %s, appendonly %s, durability %s",
                      redis_cfg["maxmemory_policy"], "on" if redis_cfg["aof_enabled"] == "1" else "off",
                      s.redis_durability.value)
@@ -231,9 +239,12 @@ class Worker:
             return
         if consumer is None:
             return
+        client = getattr(consumer, "_client", None)
         if getattr(self, "_default_backoff_s", None) is None:
-            client = getattr(consumer, "_client", None)
             self._default_backoff_s = getattr(client, "_retry_backoff", 0.1)
+            if client is not None:  # new connections wait the back-off while unreachable
+                throttle_reconnects(client, lambda: self._reconnect_delay_s)
+        self._reconnect_delay_s = 0.0 if seconds is None else seconds
         apply_consumer_backoff(consumer, self._default_backoff_s if seconds is None else seconds)
 
     def begin_shutdown(self) -> None:
@@ -276,9 +287,10 @@ class Worker:
             async def get(self, request: Request) -> Response:
                 stopped = [p.as_dict() for p in worker.unreadable.stopped()]  # issue #13
                 broker = worker.broker.state.value  # issue #12: connected | unreachable | unknown
-                ok = (worker.ready and not worker.pipeline.paused and not stopped and worker.broker.reachable
-                      and not worker.stopping)
-                body = {"ready": ok, "assigned": worker.ready, "paused": worker.pipeline.paused,
+                ok = (worker.ready and worker.store_ready and not worker.pipeline.paused and not stopped
+                      and worker.broker.reachable and not worker.stopping)
+                body = {"ready": ok, "assigned": worker.ready, "store": "ok" if worker.store_ready else "starting",
+                        "paused": worker.pipeline.paused,
                         "stopped_partitions": stopped, "broker": broker, "stopping": worker.stopping}
                 return self.json(body, status=200 if ok else 503)
 

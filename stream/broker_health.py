@@ -8,11 +8,12 @@ consumer: a metadata request and a FindCoordinator for its group, with a timeout
 for `unreachable_after_s` => UNREACHABLE (readiness false, gauge 0, ONE warning line); the
 first answer after that => CONNECTED again (one info line with the outage's length).
 
-While unreachable, the probe backs off exponentially up to a cap, and so do aiokafka's own
-retry loops inside the consumer (metadata, coordinator, fetch): `apply_consumer_backoff` raises
-their retry interval, `reset` puts the configured one back once the broker answers. Those are
-private attributes of aiokafka 0.14 (as `fetch_max_wait_ms` in stream/app.py); a version that
-renames them simply keeps its fixed back-off (the function checks before it sets).
+While unreachable, the probe backs off exponentially up to a cap, and so does the consumer:
+`apply_consumer_backoff` raises the retry interval of aiokafka's loops (metadata, coordinator,
+fetch) and `throttle_reconnects` makes every new connection attempt wait the same back-off;
+both go back to the configured values once the broker answers. Those are private parts of
+aiokafka 0.14 (as `fetch_max_wait_ms` in stream/app.py); a version that renames them simply
+keeps its fixed back-off (the functions check before they set anything).
 """
 
 from __future__ import annotations
@@ -177,3 +178,39 @@ def apply_consumer_backoff(consumer: Any, seconds: float) -> bool:
             setattr(obj, attr, value)
             done = True
     return done
+
+
+def throttle_reconnects(client: Any, delay_s: Callable[[], float]) -> bool:
+    """Make an aiokafka client wait `delay_s()` seconds before opening a NEW connection to a
+    node (an open one is used at once); 0 = no wait. Installed once per client.
+
+    Why: aiokafka retries a lost coordinator in a loop that captured its 100 ms back-off when
+    it started, and every failure also forces a metadata refresh that connects again -- measured
+    about 20-37 connection attempts a second against a refusing broker, unaffected by
+    `apply_consumer_backoff`. Every one of those attempts goes through `_get_conn` (aiokafka
+    0.14, private), so waiting there bounds the reconnect rate whatever loop asks. While the
+    broker answers, `delay_s()` is 0 and nothing changes."""
+    original = getattr(client, "_get_conn", None)
+    conns = getattr(client, "_conns", None)
+    if original is None or not isinstance(conns, dict) or getattr(client, "_evostream_throttled", False):
+        return False
+
+    async def _get_conn(node_id: Any, **kwargs: Any) -> Any:
+        delay = delay_s()
+        if delay > 0:
+            conn = conns.get((node_id, kwargs.get("group", _DEFAULT_GROUP)))
+            if conn is None or not conn.connected():
+                await asyncio.sleep(delay)
+        return await original(node_id, **kwargs)
+
+    client._get_conn = _get_conn
+    client._evostream_throttled = True
+    return True
+
+
+try:  # the key aiokafka 0.14 files default-group connections under
+    from aiokafka.client import ConnectionGroup as _ConnectionGroup
+
+    _DEFAULT_GROUP: Any = _ConnectionGroup.DEFAULT
+except ImportError:  # pragma: no cover - another aiokafka layout: wait on every new connection
+    _DEFAULT_GROUP = None

@@ -278,7 +278,9 @@ class StaleDelete(CheckpointError):
 
 
 class UnsafeRedisConfig(CheckpointError):
-    """The Redis server is configured so that checkpoints could vanish silently."""
+    """The Redis server (or our access to it) is configured so that the worker cannot run
+    safely: checkpoints could vanish silently, or the credentials are refused. A restart
+    cannot fix either, so the worker says so in one line and exits."""
 
 
 class FingerprintMismatch(CheckpointError):
@@ -1067,6 +1069,21 @@ class CheckpointStore:
 
         await wait_until(probe, what=f"checkpoint store ({self._where})",
                          max_wait_s=max_wait_s, backoff=self._backoff)
+
+    async def check_credentials(self) -> None:
+        """Raise UnsafeRedisConfig if Redis refuses our credentials (wrong password, an ACL
+        user without the needed permissions). redis-py reports those as connection errors,
+        which the pipeline would otherwise wait out for ever; any other failure (not reachable
+        yet) is left to `wait_until_available`."""
+        try:
+            await self._redis.ping()
+        except (rex.AuthenticationError, rex.AuthorizationError, rex.NoPermissionError,
+                rex.AuthenticationWrongNumberOfArgsError) as exc:
+            raise UnsafeRedisConfig(
+                f"{self._where} refused the configured credentials ({type(exc).__name__}: {exc}); "
+                f"check the user and password in EVOSTREAM_REDIS_URL") from exc
+        except Exception:  # noqa: BLE001 - unreachable and the like: waited for by the caller
+            return
 
     async def check_server(self, *, allow_eviction: bool = False) -> dict[str, str]:
         """Refuse a server that could lose checkpoints silently, with the reason and the fix:

@@ -22,7 +22,12 @@ How it stays safe next to live writers (the checkpoint store's compare-and-set o
   the marker back to `live`; then the SQLite row is dropped. Delete/reset drop the row too.
 
 Entry point (run it from cron or a timer): `python -m stream.cold_tier freeze --idle-s 3600`
-(reads EVOSTREAM_* settings: Redis URL, namespace, EVOSTREAM_COLD_TIER_PATH).
+(reads EVOSTREAM_* settings: Redis URL, namespace, EVOSTREAM_COLD_TIER_PATH);
+`python -m stream.cold_tier purge` drops rows older than the retention (their markers are gone);
+`python -m stream.cold_tier stats` prints rows and file size. Workers thaw on their own: a
+worker whose EVOSTREAM_COLD_TIER_PATH names the same file restores a frozen conversation when
+its next turn arrives (the file must be reachable from every worker: one host, or a shared
+volume; a networked store is the next step for a multi-host deployment).
 """
 
 from __future__ import annotations
@@ -196,6 +201,17 @@ class ColdTier:
         with self._lock:
             cur = self._db.executemany("DELETE FROM cold WHERE tag = ?", [(t,) for t in tags])
             return cur.rowcount
+
+    def purge(self, older_than_s: float | None = None) -> int:
+        """Drop rows frozen longer ago than `older_than_s` (default: retention_s). Their Redis
+        marker (which lives retention_s) is gone by then, so nothing can thaw them any more:
+        the conversation's next turn starts a new memory, as after an expiry."""
+        age = self.retention_s if older_than_s is None else older_than_s
+        if age is None:
+            return 0
+        cutoff = int((time.time() - age) * 1000)
+        with self._lock:
+            return self._db.execute("DELETE FROM cold WHERE frozen_at_ms < ?", (cutoff,)).rowcount
 
     def count(self) -> int:
         with self._lock:
@@ -378,6 +394,8 @@ async def _amain(args: argparse.Namespace) -> dict[str, Any]:
         if args.cmd == "freeze":
             rep = await cold.freeze_idle(store, args.idle_s, limit=args.limit)
             return {**rep.__dict__, "cold_rows": cold.count(), "cold_file_bytes": cold.file_bytes()}
+        if args.cmd == "purge":
+            return {"purged": cold.purge(), "cold_rows": cold.count(), "cold_file_bytes": cold.file_bytes()}
         return {"cold_rows": cold.count(), "cold_file_bytes": cold.file_bytes()}
     finally:
         await store.close()
@@ -391,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--idle-s", type=float, required=True, help="idle time (seconds since the last commit)")
     f.add_argument("--limit", type=int, default=None, help="freeze at most this many")
     f.add_argument("--path", default=None, help="SQLite file (default: EVOSTREAM_COLD_TIER_PATH)")
+    pg = sub.add_parser("purge", help="drop rows older than the retention (their markers are gone)")
+    pg.add_argument("--path", default=None, help="SQLite file (default: EVOSTREAM_COLD_TIER_PATH)")
     s = sub.add_parser("stats", help="rows and file size of the cold tier")
     s.add_argument("--path", default=None, help="SQLite file (default: EVOSTREAM_COLD_TIER_PATH)")
     print(json.dumps(asyncio.run(_amain(p.parse_args(argv)))))

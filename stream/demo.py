@@ -403,15 +403,22 @@ class _Run:
 
         texts = turn_texts(convs)
         ids = [c["conversation_id"] for c in convs]
+        # a conversation's tenant is part of its identity (stream/identity.py): queries name it
+        self.tenants = {c["conversation_id"]: c.get("tenant") for c in convs}
         questions = [(cid, q) for cid, q in SAMPLE_QUESTIONS if cid in ids][:2]
         if not questions:
             questions = [(ids[0], "what was the customer's problem?")]
         self.say("\nSearch, as `evostream search` does it: index the embeddings topic, embed the question against\n"
                  "the conversation's live memory (POST /v1/embeddings on the worker), rank its turns by cosine:")
+        from stream.query_client import query_worker
+
         for cid, q in questions:
             try:
+                # the worker must find the conversation's memory (a search alone would fall back
+                # to a memory-less query vector and still rank)
+                query_worker(self.url, cid, q, tenant=self.tenants[cid])
                 hits = asyncio.run(search_end_to_end(self.stack.kafka_bootstrap, self.env["EVOSTREAM_EMBEDDINGS_TOPIC"],
-                                                     self.url, cid, q, k=3, texts=texts))
+                                                     self.url, cid, q, k=3, texts=texts, tenant=self.tenants[cid]))
             except Exception as exc:  # noqa: BLE001
                 raise DemoError(f"search in {cid} failed: {exc}") from None
             if not hits:
@@ -435,7 +442,10 @@ class _Run:
         for name in ("broker", "redis"):
             self.say(f"  {name:<7} {_show(self.run_dir / f'{name}.log')}")
         self.say(f"  settings of this run (topics, group, Redis namespace): {rd}/demo.env")
-        body = json.dumps({"model": "evoembedding", "input": question, "conversation_id": cid})
+        tenant = getattr(self, "tenants", {}).get(cid)
+        body = json.dumps({"model": "evoembedding", "input": question, "conversation_id": cid,
+                           **({"tenant": tenant} if tenant else {})})
+        tflag = f" --tenant {shlex.quote(tenant)}" if tenant else ""
         cli = _cli()
         if self.keep_running:
             self.say(f"\nThe stack and the worker (pid {self.worker.pid if self.worker else '?'}) are still running. "
@@ -446,8 +456,8 @@ class _Run:
         self.say(f"  curl -s -X POST {self.url}/v1/embeddings -H 'Content-Type: application/json' \\\n"
                  f"       -d {shlex.quote(body)}")
         self.say(f"  set -a; . {rd}/demo.env; set +a    # point the {cli} commands below at this run")
-        self.say(f"  {cli} query  --url {self.url} --conversation {cid} --text {shlex.quote(question)}")
-        self.say(f"  {cli} search --url {self.url} --conversation {cid} --text {shlex.quote(question)} -k 3")
+        self.say(f"  {cli} query  --url {self.url} --conversation {cid}{tflag} --text {shlex.quote(question)}")
+        self.say(f"  {cli} search --url {self.url} --conversation {cid}{tflag} --text {shlex.quote(question)} -k 3")
         self.say(f"  {cli} inspect {cid}              # its checkpoint in Redis")
         self.say(f"  {cli} produce data/sample_conversations.jsonl   # more turns (already applied seqs are skipped)")
         if self.keep_running:

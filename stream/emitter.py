@@ -30,12 +30,30 @@ class OutMessage:
     value: bytes
 
 
+def require_codec(compression: str | None) -> None:
+    """Raise ValueError unless aiokafka can compress with `compression` (None/"none": always).
+
+    Why here: with the codec's library missing, aiokafka only fails when it builds the first
+    batch, inside its sender task -- the worker would look healthy and emit nothing."""
+    if compression in (None, "none"):
+        return
+    from aiokafka import codec
+
+    check = getattr(codec, f"has_{compression}", None)
+    if check is None:
+        raise ValueError(f"unknown compression codec {compression!r}; use none, gzip, snappy, lz4 or zstd")
+    if not check():
+        raise ValueError(f"output compression {compression!r} is configured but aiokafka has no library for it "
+                         "(install cramjam, in requirements.lock) -- or set EVOSTREAM_OUTPUT_COMPRESSION")
+
+
 class KafkaEmitter:
     def __init__(self, bootstrap: str, *, idempotent: bool = False, linger_ms: int = 5,
                  max_request_size: int = 4 * 1024 * 1024, backoff: Backoff = Backoff(),
                  security: KafkaSecurity | None = None, compression: str | None = None,
                  on_retry: Callable[[], None] | None = None,
                  on_too_large: Callable[[OutMessage, BaseException], OutMessage | None] | None = None):
+        require_codec(compression)  # fail at start-up, not in the producer's sender (issue #13)
         self._producer_kwargs: dict = dict(
             bootstrap_servers=bootstrap,
             enable_idempotence=idempotent,

@@ -19,6 +19,7 @@ mismatch), or authentication.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,9 +208,16 @@ async def describe_connect_error(bootstrap: str, security: KafkaSecurity, exc: B
     except KafkaSecurityError as err:
         return str(err)
     try:
-        _, writer = await asyncio.wait_for(
+        reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, int(port), ssl=ctx, server_hostname=host if ctx else None), timeout)
-        writer.close()
+        try:
+            if ctx is not None:
+                # TLS 1.3 servers refuse a missing/unknown client certificate only after the
+                # handshake: a broker sends nothing unprompted, so any answer here is that alert.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(reader.read(1), 1.0)
+        finally:
+            writer.close()
     except ssl.SSLCertVerificationError as err:
         return f"{where}: TLS certificate not trusted: {err.verify_message or err.reason}"
     except ssl.SSLError as err:

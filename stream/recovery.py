@@ -41,9 +41,10 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
     rex.OutOfMemoryError,
     rex.TryAgainError,
     rex.ClusterDownError,
-    # Redis Cluster (issue #8): a slot moving or a failover in progress that redis-py's own
-    # MOVED/ASK handling did not absorb within its retries; the next attempt finds the new owner.
-    rex.AskError,  # MovedError is a subclass
+    # Redis Cluster (issue #8): redis-py's cluster client follows MOVED/ASK itself; what it
+    # could not absorb within its retries (a slot still moving, a failover) surfaces as these.
+    # A bare MOVED/ASK is NOT retryable: it means a plain redis:// client talks to a cluster
+    # node, which no retry cures (use redis+cluster://).
     rex.ClusterError,  # "TTL exhausted" while following redirections
     rex.SlotNotCoveredError,
     asyncio.TimeoutError,
@@ -51,7 +52,7 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
 )
 # Reply error codes that mean the same thing when they arrive as a generic ResponseError
 # (redis-py maps only some of them to a subclass).
-_RETRYABLE_PREFIXES = ("LOADING", "READONLY", "OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "MOVED", "ASK")
+_RETRYABLE_PREFIXES = ("LOADING", "READONLY", "OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 
 
 def is_unavailable(exc: BaseException) -> bool:

@@ -180,6 +180,10 @@ class Settings(BaseSettings):
     # --- model source (issue #11) ---
     checkpoint_revision: str | None = Field(
         None, description="hub revision (branch, tag or commit) when the checkpoint is a hub id; default: main")
+    # --- reference index (issue #11) ---
+    index_path: str | None = Field(
+        None, description="`evostream search`/`indexer`: SQLite file of the persistent reference index; "
+                          "default: one per broker and topic under the cache dir")
     device: str = "cpu"
     dtype: str = "float32"
     memory_rendering: str = "chatml"
@@ -196,6 +200,10 @@ class Settings(BaseSettings):
     # --- state cache ---
     cache_max_bytes: int = Field(256 * 1024 * 1024, ge=0)
 
+    # --- segment-prefix cache of the model step (issue #10) ---
+    prefix_cache_max_bytes: int = Field(
+        0, ge=0, description="bytes of open-segment memory prefixes kept for the next turn (LRU); 0 = off")
+
     # --- web / ops ---
     web_host: str = "127.0.0.1"
     web_port: int = 6066
@@ -206,8 +214,9 @@ class Settings(BaseSettings):
     # --- query API (issue #9) ---
     api_auth: Literal["required", "off"] = Field(
         "required", description="'off' serves every tenant without a key: only for local use (demo, tests)")
-    api_keys: dict[str, list[str | None]] = Field(
-        default_factory=dict, description='API key -> tenants it may read (JSON); null = the default tenant, "*" = all')
+    api_keys: SecretStr | None = Field(
+        None, description='JSON {"<key>": [tenants]}: the tenants each API key may read; null = the default tenant, '
+                          '"*" = all (a secret: never printed)')
     api_keys_file: str | None = Field(None, description="JSON file with more keys, same shape as api_keys")
     api_max_body_bytes: int = Field(1_048_576, ge=1024, description="larger request bodies get 413")
     api_max_inputs: int = Field(64, ge=1, description="inputs (texts, candidates) per request; more gets 413")

@@ -118,10 +118,14 @@ async def wait_for_broker(bootstrap: str, timeout: float = 20.0, *, security: Ka
             await admin.describe_cluster()
             return
         except ssl.SSLError as exc:
-            # An untrusted certificate or a refused handshake does not cure itself: fail now.
-            from stream.kafka_security import describe_connect_error
+            if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                last = exc  # the peer hung up mid-handshake (e.g. still starting): retry
+            else:
+                # An untrusted certificate or a refused handshake does not cure itself: fail now.
+                from stream.kafka_security import describe_connect_error
 
-            raise ConnectionError(await describe_connect_error(bootstrap, security, exc)) from None
+                assert security is not None  # TLS errors only arise with a TLS context
+                raise ConnectionError(await describe_connect_error(bootstrap, security, exc)) from None
         except (KafkaError, OSError, asyncio.TimeoutError) as exc:
             last = exc
         finally:

@@ -100,3 +100,47 @@ def test_shutdown_guard_exits_after_grace_unless_finished() -> None:
     g2.finished()
     time.sleep(0.6)
     assert codes == []
+
+
+def test_throttle_waits_only_for_new_connections_while_delay_is_set() -> None:
+    import asyncio
+
+    from stream.broker_health import throttle_reconnects
+
+    class Conn:
+        def __init__(self, up: bool) -> None:
+            self.up = up
+
+        def connected(self) -> bool:
+            return self.up
+
+    class Client:
+        def __init__(self) -> None:
+            self._conns: dict = {}
+            self.calls = 0
+
+        async def _get_conn(self, node_id, **kw):
+            self.calls += 1
+            return None
+
+    delay = {"s": 0.0}
+    c = Client()
+    assert throttle_reconnects(c, lambda: delay["s"])
+    assert not throttle_reconnects(c, lambda: 1.0)  # once per client
+
+    async def timed(node) -> float:
+        t = time.monotonic()
+        await c._get_conn(node)
+        return time.monotonic() - t
+
+    async def run() -> None:
+        from stream.broker_health import _DEFAULT_GROUP
+
+        assert await timed(1) < 0.1              # broker answering: no wait
+        delay["s"] = 0.3
+        assert await timed(1) >= 0.28            # unreachable, no connection: wait
+        c._conns[(2, _DEFAULT_GROUP)] = Conn(True)
+        assert await timed(2) < 0.1              # an open connection is used at once
+        assert c.calls == 3
+
+    asyncio.run(run())

@@ -251,6 +251,26 @@ async def test_cold_tier_delete_while_frozen_is_final(redis_url: str, tmp_path) 
 
 
 @async_test
+async def test_cold_tier_purge_drops_only_rows_past_retention(redis_url: str, tmp_path) -> None:
+    ns = f"lv-{uuid.uuid4().hex[:8]}"
+    cold = ColdTier(tmp_path / "cold.sqlite", retention_s=3600)
+    store = store_for(redis_url, ns, cold=cold)
+    refs = [ConversationRef(None, f"p{i}") for i in range(2)]
+    try:
+        for ref in refs:
+            await drive(store, ref, 2)
+        await cold.freeze(store, refs[:1])
+        await asyncio.sleep(0.3)
+        await cold.freeze(store, refs[1:])
+        assert cold.purge() == 0 and cold.count() == 2  # both younger than the retention
+        assert cold.purge(older_than_s=0.15) == 1 and cold.count() == 1
+        assert cold.get(refs[1]) is not None and cold.get(refs[0]) is None
+    finally:
+        await store.close()
+        cold.close()
+
+
+@async_test
 async def test_cold_tier_leaves_a_conversation_that_moved_on_during_the_freeze(redis_url: str, tmp_path) -> None:
     ns = f"lv-{uuid.uuid4().hex[:8]}"
     cold = ColdTier(tmp_path / "cold.sqlite")

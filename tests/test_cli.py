@@ -234,3 +234,12 @@ def test_reset_needs_yes_and_says_when_nothing_is_stored(redis_url: str) -> None
     one_error(run_cli("reset", "c-none", "--tenant", "acme", "--yes", EVOSTREAM_REDIS_URL=redis_url,
                       EVOSTREAM_REDIS_NAMESPACE="t-reset"),
               ExitCode.FAILED, "nothing stored for conversation acme/c-none")
+
+
+def test_settings_output_masks_secrets() -> None:
+    p = run_cli("settings", EVOSTREAM_API_KEYS='{"k-secret-1": ["acme"]}',
+                EVOSTREAM_REDIS_URL="redis://:pw-secret@127.0.0.1:1/0", EVOSTREAM_KAFKA_SASL_PASSWORD="sasl-secret")
+    assert p.returncode == 0, p.stderr
+    assert "secret" not in p.stdout
+    got = json.loads(p.stdout)
+    assert got["api_keys"] == "***" and got["redis_url"] == "redis://:***@127.0.0.1:1/0"

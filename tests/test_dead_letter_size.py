@@ -22,12 +22,11 @@ import os
 import random
 from pathlib import Path
 
-import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
 
 from schemas.events import DeadLetterEvent, DeadLetterReason, EmbeddingEvent
-from stream.dead_letters import OversizeHandler, dead_letter_budget, fit_dead_letter, record_size
+from stream.dead_letters import OversizeHandler, fit_dead_letter, record_size
 from stream.decode import Rejection, make_dead_letter
 from stream.emitter import KafkaEmitter, OutMessage
 from stream.topics import run_sync

@@ -33,7 +33,6 @@ from schemas.events import (
     SourceRef,
     StageTimings,
 )
-from schemas.turns import TurnInput
 from schemas.vectors import decode_vector, encode_vector
 from stream.indexer import (
     IndexerConsumer,
@@ -407,8 +406,7 @@ def test_search_end_to_end_matches_offline_engine(kafka_bootstrap: str, redis_ur
         # offline: the conversation stepped alone, then the query against its final memory
         engine = load_engine(tiny_ckpt)
         cid, question = "support-refund-0001", "how long does the refund take?"
-        conv_turns = [TurnInput(conversation_id=e.conversation_id, seq=e.seq, messages=e.messages)
-                      for e in events if e.conversation_id == cid]
+        conv_turns = [e.to_turn_input() for e in events if e.conversation_id == cid]
         state = engine.new_state()
         outs = engine.step({cid: state}, conv_turns)
         for o in outs:  # the streamed vectors are the offline ones
@@ -421,22 +419,25 @@ def test_search_end_to_end_matches_offline_engine(kafka_bootstrap: str, redis_ur
         offline = sorted(range(len(outs)), key=lambda i: (-cos[i], outs[i].seq))
         cos_by_seq = {o.seq: float(cos[i]) for i, o in enumerate(outs)}
 
-        resp = query_worker(worker.url, cid, question)
+        # the sample conversations carry a tenant: it is part of their identity (stream/identity.py)
+        tenant = next(c.get("tenant") for c in convs if c["conversation_id"] == cid)
+        resp = query_worker(worker.url, cid, question, tenant=tenant)
         assert resp.applied_seq == conv_turns[-1].seq and resp.memory_len == state.memory_len
         np.testing.assert_allclose(decode_vector(resp.vector), q, atol=1e-4)
 
         hits = asyncio.run(search_end_to_end(kafka_bootstrap, penv.embeddings_topic, worker.url, cid, question,
-                                             k=len(outs), texts=texts))
+                                             k=len(outs), texts=texts, tenant=tenant))
         assert hits[0].seq == outs[offline[0]].seq
         assert [h.seq for h in hits] == [outs[i].seq for i in offline] or _near_ties(cos, offline)
         for h in hits:
             assert h.score == pytest.approx(cos_by_seq[h.seq], abs=1e-4)
             assert h.text == texts[(cid, h.seq)]
         assert len(asyncio.run(search_end_to_end(kafka_bootstrap, penv.embeddings_topic, worker.url, cid,
-                                                 question, k=2))) == 2
+                                                 question, k=2, tenant=tenant))) == 2
 
         # delete: the tombstone reaches the topic and the conversation leaves the index
-        delete = ConversationDelete(conversation_id=cid, seq=conv_turns[-1].seq, timestamp=datetime.now(timezone.utc))
+        delete = ConversationDelete(conversation_id=cid, seq=conv_turns[-1].seq, timestamp=datetime.now(timezone.utc),
+                                    tenant=tenant)
         asyncio.run(produce_records([(cid.encode(), delete.model_dump_json().encode())], bootstrap=kafka_bootstrap,
                                     topic=penv.turns_topic, progress=False))
 
@@ -449,11 +450,11 @@ def test_search_end_to_end_matches_offline_engine(kafka_bootstrap: str, redis_ur
         others = {c["conversation_id"] for c in convs} - {cid}
         assert set(idx.conversations()) == others
         assert asyncio.run(search_end_to_end(kafka_bootstrap, penv.embeddings_topic, worker.url, cid,
-                                             question, k=5)) == []
+                                             question, k=5, tenant=tenant)) == []
         with pytest.raises(QueryError) as gone:  # no memory any more: 404 unless memory-less is asked for
-            query_worker(worker.url, cid, question)
+            query_worker(worker.url, cid, question, tenant=tenant)
         assert gone.value.status == 404
-        after = query_worker(worker.url, cid, question, unknown_conversation="memoryless")
+        after = query_worker(worker.url, cid, question, tenant=tenant, unknown_conversation="memoryless")
         assert after.applied_seq == -1 and after.memory_len == 0
     finally:
         worker.stop()

@@ -102,7 +102,9 @@ def run(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathF
         produce(penv, 1, convs["gzip-p1"], "gzip")
         produce(penv, 1, convs["snappy-p1"], "snappy")
 
-        a_env = PipelineEnv(**{**penv.__dict__, "extra": {**penv.extra, "EVOSTREAM_FAULT_DISABLE_CODECS": "zstd"}})
+        # A's output codec must not be the one it cannot use (the worker refuses to start so).
+        a_env = PipelineEnv(**{**penv.__dict__, "extra": {**penv.extra, "EVOSTREAM_FAULT_DISABLE_CODECS": "zstd",
+                                                          "EVOSTREAM_OUTPUT_COMPRESSION": "gzip"}})
         a = procs.add(WorkerProc(a_env, logs, "a").start())
         expected = compute_expected({cid: [t.to_turn_input() for t in ts] for cid, ts in convs.items()})
         wait_for_embeddings(penv, keys(convs, "plain-p0", "gzip-p1", "snappy-p1"), timeout=TIMEOUT, workers=[a])

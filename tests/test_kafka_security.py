@@ -296,3 +296,39 @@ def test_worker_and_indexer_over_tls_match_offline(tls_kafka: TlsKafka, redis_ur
     finally:
         for p in procs.procs:
             p.stop()
+
+
+def test_mutual_tls_needs_the_client_certificate(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A listener that requires client certificates: `topics` with EVOSTREAM_KAFKA_SSL_CERTFILE
+    / KEYFILE works, without them it fails with one error line."""
+    with TlsKafka(tmp_path_factory.mktemp("mtls-kafka"), pki, require_client_cert=True) as k:
+        env = _env(**k.env(), EVOSTREAM_TURNS_TOPIC="mtls.turns", EVOSTREAM_EMBEDDINGS_TOPIC="mtls.emb",
+                   EVOSTREAM_DEAD_LETTER_TOPIC="mtls.dlq")
+        ok = _run(["topics", "--wait", "20"], env)
+        assert ok.returncode == 0, ok.stderr
+        assert "mtls.turns: 8 partitions" in ok.stdout
+        no_cert = {key: v for key, v in env.items() if key not in ("EVOSTREAM_KAFKA_SSL_CERTFILE",
+                                                                   "EVOSTREAM_KAFKA_SSL_KEYFILE")}
+        r = _run(["topics", "--wait", "3"], no_cert)
+        assert r.returncode != 0
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("[evostream]")]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+        assert "TLS handshake failed" in lines[0], lines[0]  # names the refused client certificate
+
+
+@pytest.mark.parametrize("args", [["topics", "--wait", "3"], ["produce", "--quiet", "CONVS"]])
+def test_sasl_refused_by_the_broker_is_one_clear_error_line(args: list[str], kafka_bootstrap: str,
+                                                            tmp_path: Path) -> None:
+    """The one SASL failure that can be produced here: the local broker offers no SASL
+    mechanism, so the handshake fails exactly like a wrong password does on a real cluster
+    (aiokafka reports both as "Unable to bootstrap"); the line names the SASL step."""
+    env = _env(EVOSTREAM_KAFKA_BOOTSTRAP=kafka_bootstrap, EVOSTREAM_KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT",
+               EVOSTREAM_KAFKA_SASL_MECHANISM="SCRAM-SHA-512", EVOSTREAM_KAFKA_SASL_USERNAME="svc",
+               EVOSTREAM_KAFKA_SASL_PASSWORD="not-the-password")
+    args = [str(_conversations(tmp_path)) if a == "CONVS" else a for a in args]
+    r = _run(args, env)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("[evostream]")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "SASL SCRAM-SHA-512 authentication as svc failed" in lines[0], lines[0]
+    assert "not-the-password" not in r.stderr

@@ -97,3 +97,25 @@ def test_backbone_config_by_base_model_hub_id(hub_cache: Path, tmp_path: Path) -
     # the same hub id given explicitly as the backbone config
     assert load_checkpoint(ckpt, backbone_config="Qwen/Qwen3-4B-Instruct-2507").model.config.backbone == \
         lm.model.config.backbone
+
+
+def test_worker_serves_a_checkpoint_given_by_hub_id(tmp_path: Path, kafka_bootstrap: str, redis_url: str,
+                                                    topic_factory) -> None:
+    """The whole worker path: `EVOSTREAM_CHECKPOINT=<hub id>` resolved from the offline cache,
+    the model loaded, partitions taken; the fingerprint is the local checkpoint's."""
+    from tests.support.workers import PipelineEnv, WorkerProc
+
+    cache = tmp_path / "hub"
+    local = cached_tiny_checkpoint("qwen3", "tiny")
+    put_checkpoint_dir(cache, REPO_ID, local)
+    penv = PipelineEnv(kafka_bootstrap, redis_url, topic_factory(1), topic_factory(1), topic_factory(1), 1,
+                       checkpoint=REPO_ID, extra={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    w = WorkerProc(penv, tmp_path, "hub").start()
+    try:
+        w.wait_ready(timeout=180)
+        log = w.log_path.read_text()
+        assert f"resolving checkpoint {REPO_ID} through the hub cache" in log
+        assert f"checkpoint fingerprint {checkpoint_fingerprint(local)}" in log
+        assert "ready: 1 partition of" in log
+    finally:
+        w.stop()

@@ -218,3 +218,31 @@ def test_key_tracks_what_the_prefix_depends_on():
     c = PrefixCache(1 << 20)
     c.store("x", base, _prefix(64))
     assert c.lookup("x", resnap) is None and "x" not in c and c.stats.stale == 1
+
+
+def test_why_qwen35_prefixes_end_on_the_chunk_grid():
+    """Evidence for prefix_pass's design: continuing Qwen3.5 from transformers' own cache at a
+    point off the 64-position chunk grid rounds visibly differently from one pass (so the cache
+    would not be exact), on the grid it does not. If transformers ever makes the off-grid
+    continuation exact, this fails and the alignment (PrefixPass.align) could be dropped."""
+    from transformers import DynamicCache
+
+    engine = load_engine(cached_tiny_checkpoint("qwen3_5", "tiny"))
+    m, bb = engine.model, engine.model.backbone
+    g = torch.Generator().manual_seed(0)
+    x = m.embed_ids(torch.randint(0, 150000, (1, 300), generator=g))
+    pos = torch.arange(300)[None]
+    m.switch.active = "memory_generator"
+    try:
+        with torch.no_grad():
+            full = bb(inputs_embeds=x, use_cache=False).last_hidden_state
+            diffs = {}
+            for p in (100, 128):
+                cache = DynamicCache(config=bb.config)
+                bb(inputs_embeds=x[:, :p], position_ids=pos[:, :p], past_key_values=cache, use_cache=True)
+                rest = bb(inputs_embeds=x[:, p:], position_ids=pos[:, p:], past_key_values=cache, use_cache=True)
+                diffs[p] = float((rest.last_hidden_state - full[:, p:]).abs().max())
+    finally:
+        m.switch.active = None
+    # measured: 3.6e-4 off the grid, 1.5e-5 on it (the rest is the full-attention layer's rounding)
+    assert diffs[100] > 1e-4 and diffs[100] > 5 * diffs[128], diffs

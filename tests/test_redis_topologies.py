@@ -125,6 +125,32 @@ def test_store_operations_on_the_cluster(cluster: RedisCluster3) -> None:
     asyncio.run(go())
 
 
+def test_plain_url_at_a_cluster_node_fails_clearly_not_forever(cluster: RedisCluster3) -> None:
+    """redis:// at one cluster node: a MOVED reply is a configuration error (no retry cures
+    it), reported with the redirection, instead of a store that waits for ever."""
+    from stream.checkpoints import CheckpointError
+
+    engine = offline_engine()
+    ns = "plain"
+    ref = next(ConversationRef(None, f"c{i}") for i in range(100)
+               if cluster.owner(key_slot(conversation_keys(ns, ConversationRef(None, f"c{i}")).meta.encode())) != 0)
+
+    async def go() -> None:
+        store = CheckpointStore(f"redis://{cluster.nodes[0].address}/0", fingerprint=engine.fingerprint,
+                                hidden_size=engine.hidden_size, capacity=engine.capacity, dtype=engine.state_dtype,
+                                namespace=ns)
+        try:
+            await store.load(ref)
+        finally:
+            await store.close()
+
+    import redis
+
+    with pytest.raises(CheckpointError) as info:
+        asyncio.run(asyncio.wait_for(go(), 30))
+    assert isinstance(info.value.__cause__, redis.exceptions.MovedError)
+
+
 @pytest.fixture
 def topics(kafka_bootstrap: str):
     t = TopicMaker(kafka_bootstrap, "redis-topo")

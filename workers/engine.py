@@ -9,6 +9,9 @@ representation generation, incrementally:
   earlier turns, each followed by the query slots, + this turn + query slots). By causality
   that equals the reference's one-pass-per-segment numbers, at a cost bounded by the segment
   size instead of the conversation length.
+- with `prefix_cache_max_bytes` > 0, what the backbone computed for the segment so far is kept per
+  conversation (workers/prefix_pass.py, workers/prefix_cache.py), so the memory step computes only
+  the new turn and its query slots; a missing or stale entry means recomputing from the snapshot.
 """
 
 from __future__ import annotations
@@ -148,7 +151,12 @@ class EvoEngine:
                 mem_len = st.memory_len
                 st.apply(delta)
                 if kept is not None:
-                    self.prefix_cache.store(turn.conversation_id, st, kept[j])  # type: ignore[union-attr]
+                    cache = self.prefix_cache
+                    assert cache is not None
+                    if len(st.segment_token_ids) >= self.config.segment.max_turns:
+                        cache.discard(turn.conversation_id)  # the next turn opens a segment: nothing to continue
+                    else:
+                        cache.store(turn.conversation_id, st, kept[j])
                 vec = vectors[j].cpu().numpy() if vectors is not None else None
                 outputs[i] = TurnOutput(turn.conversation_id, turn.seq, vec, delta, mem_len, opens[j])
         stats.seconds = time.perf_counter() - t0

@@ -83,7 +83,8 @@ def resolve_checkpoint_dir(spec: str, revision: str | None = None) -> Path:
         path = snapshot_download(spec, revision=revision, cache_dir=_cache_dir(), allow_patterns=CHECKPOINT_FILES,
                                  local_files_only=hub_offline())
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one clear message
-        raise _not_available(spec, revision, exc, "checkpoint") from exc
+        err = _not_available(spec, revision, exc, "checkpoint")
+        raise ModelNotAvailable(f"{err} (nor is there a local directory {spec!r})") from exc
     return Path(path)
 
 

@@ -14,7 +14,9 @@ hold one length per batch, so prefixes of different lengths cannot share a pass,
 importantly, continuing Qwen3.5's chunked gated-delta kernel from a cached state restarts its
 64-position chunk grid at the cache point. The kernel's float32 rounding depends on where the
 chunks fall (cumulative sums of the decay gates), so a continuation rounds differently from a
-pass over the whole row; on the seeded tiny checkpoints that moved latents by ~1e-4. Here the
+pass over the whole row: on the seeded tiny Qwen3.5 checkpoint, 300 positions continued from a
+DynamicCache at position 100 differ from one pass by 3.6e-4 in the last hidden state, continued
+at 128 (on the grid) by 1.5e-5 (test_prefix_cache.py::test_why_qwen35_prefixes_end_on_the_chunk_grid). Here the
 Qwen3.5 prefix is therefore kept only up to the last multiple of 64 (`PrefixPass.align`), the few
 positions after it are recomputed, and the kernel is called one chunk at a time, so every chunk
 is the very chunk an uncached pass computes, from the same state. Qwen3 has no such layers and

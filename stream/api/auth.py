@@ -1,7 +1,7 @@
 """API keys, each bound to the tenants whose conversations it may read.
 
-Keys come from the `api_keys` setting and/or a JSON file (`api_keys_file`), both shaped
-`{"<key>": ["tenant-a", "tenant-b"]}`; `null` in the list is the default tenant (turns that
+Keys come from the `api_keys` setting (a secret string holding JSON) and/or a JSON file
+(`api_keys_file`), both shaped `{"<key>": ["tenant-a", "tenant-b"]}`; `null` in the list is the default tenant (turns that
 carry no tenant) and `"*"` is every tenant. Keys are kept as SHA-256 digests and compared in
 constant time, so neither a memory dump of the table nor response timing tells a key.
 
@@ -77,7 +77,16 @@ class KeyTable:
 
     @classmethod
     def from_settings(cls, settings: object) -> "KeyTable":
-        table = _parse_table(dict(getattr(settings, "api_keys", {}) or {}), "EVOSTREAM_API_KEYS")
+        raw = getattr(settings, "api_keys", None)
+        if raw is None:
+            table: dict[str, list[str | None]] = {}
+        else:
+            text = raw.get_secret_value() if hasattr(raw, "get_secret_value") else raw
+            try:
+                parsed = json.loads(text) if isinstance(text, str) else text
+            except ValueError:
+                raise ValueError("EVOSTREAM_API_KEYS: not valid JSON") from None  # never quote a secret
+            table = _parse_table(parsed, "EVOSTREAM_API_KEYS")
         path = getattr(settings, "api_keys_file", None)
         if path:
             table.update(_parse_table(json.loads(Path(path).read_text()), str(path)))

@@ -76,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
+    except BrokenPipeError:  # `evostream inspect c1 | head`: the reader left; say nothing more
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so that the exit flush does not fail again
+        except OSError:
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
     except SystemExit as exc:  # a library calling sys.exit (faust's worker does)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException as exc:  # noqa: BLE001 - the one place where failures become a line + code

@@ -42,6 +42,10 @@ def quiet_kafka_logs() -> None:
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
+#: Words in kafka_security.describe_connect_error's line that mean "credentials refused".
+AUTH_WORDS = ("authentication", "TLS", "certificate")
+
+
 def kafka_failure(s: Any, exc: BaseException) -> CliError:
     """One line saying why Kafka could not be used: the connection is retried once by hand
     (TCP, TLS, SASL) so that the line names the real cause, not aiokafka's generic
@@ -58,7 +62,7 @@ def kafka_failure(s: Any, exc: BaseException) -> CliError:
     if not isinstance(exc, KafkaError):
         return CliError(str(exc), ExitCode.BROKER)
     line = run_sync(lambda: describe_connect_error(s.kafka_bootstrap, KafkaSecurity.from_settings(s), exc))
-    auth = any(w in line for w in ("authentication", "TLS", "certificate"))
+    auth = any(w in line for w in AUTH_WORDS)
     return CliError(f"{line} (EVOSTREAM_KAFKA_BOOTSTRAP)", ExitCode.AUTH if auth else ExitCode.BROKER)
 
 
@@ -109,7 +113,8 @@ def load_engine_with_progress(s: Any):  # -> EvoEngine
     revision = getattr(s, "checkpoint_revision", None)
     ckpt = resolve_checkpoint(s.checkpoint, revision)
     cfg = EngineConfig(budget=Budget(s.max_batch_tokens, s.max_batch_rows),
-                       memory_rendering=MemoryRendering(s.memory_rendering))
+                       memory_rendering=MemoryRendering(s.memory_rendering),
+                       prefix_cache_max_bytes=getattr(s, "prefix_cache_max_bytes", 0))  # issue #10
     note(f"loading model and tokenizer from {ckpt} ({s.device}, {s.dtype}) ...")
     t0 = time.monotonic()
     engine = load_engine(ckpt, device=s.device, dtype=s.dtype, backbone_config=s.backbone_config, config=cfg)
@@ -232,16 +237,55 @@ def search(conversation: str = typer.Option(..., "--conversation", "-c", help="c
            tenant: Optional[str] = typer.Option(None, "--tenant", help=TENANT_HELP),
            api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EVOSTREAM_API_KEY", help=KEY_HELP)
            ) -> None:
-    """Search one conversation's turns: the query is embedded by the worker, the turns come
-    from the embeddings topic (reference indexer)."""
-    from stream.indexer import search_end_to_end
+    """Search one conversation's turns, with their text: the query is embedded by the worker
+    against the conversation's live memory; the turns come from the persistent reference
+    index (EVOSTREAM_INDEX_PATH), brought up to date from the embeddings and turns topics
+    first (only what is new since the last search is read)."""
     from stream.kafka_security import KafkaSecurity
+    from stream.reference_index import ReferenceIndex, search_indexed
 
     s = settings()
-    hits = _kafka_call(s, lambda: asyncio.run(search_end_to_end(
-        s.kafka_bootstrap, s.embeddings_topic, url, conversation, text, k, security=KafkaSecurity.from_settings(s),
-        api_key=api_key, tenant=tenant)))
-    print(json.dumps([h.model_dump(mode="json") for h in hits], indent=2))
+    with ReferenceIndex(index_path(s)) as index:
+        hits, caught = _kafka_call(s, lambda: asyncio.run(search_indexed(
+            index, s.kafka_bootstrap, s.embeddings_topic, s.turns_topic, url, conversation, text, k,
+            security=KafkaSecurity.from_settings(s), api_key=api_key, tenant=tenant)))
+        note(f"index {index.path}: {index.count()} turns ({caught.embeddings.embeddings} new embeddings, "
+             f"{caught.texts.texts} new texts read in {caught.seconds:.1f}s)")
+    print(json.dumps([h.model_dump(mode="json") for h in hits], indent=2, ensure_ascii=False))
+
+
+def index_path(s: Any) -> Path:
+    from stream.reference_index import default_index_path
+    from workers.tokenizer import cache_dir
+
+    return Path(s.index_path) if s.index_path else default_index_path(cache_dir(), s.kafka_bootstrap,
+                                                                       s.embeddings_topic)
+
+
+@app.command()
+def indexer(interval: float = typer.Option(2.0, "--interval", min=0.1, help="seconds between catch-ups"),
+            once: bool = typer.Option(False, "--once", help="catch up once and exit")) -> None:
+    """Keep the persistent reference index (EVOSTREAM_INDEX_PATH) up to date from the
+    embeddings and turns topics until Ctrl-C. Resumes from the offsets stored in the index."""
+    import time as _time
+
+    from stream.kafka_security import KafkaSecurity
+    from stream.reference_index import ReferenceIndex, catch_up
+
+    s = settings()
+    with ReferenceIndex(index_path(s)) as index:
+        note(f"indexing {s.embeddings_topic} + {s.turns_topic} on {s.kafka_bootstrap} into {index.path} "
+             f"({index.count()} turns so far)")
+        while True:
+            c = _kafka_call(s, lambda: asyncio.run(catch_up(index, s.kafka_bootstrap, s.embeddings_topic,
+                                                            s.turns_topic, security=KafkaSecurity.from_settings(s))))
+            if c.embeddings.embeddings or c.embeddings.deletes or c.texts.texts or once:
+                note(f"{index.count()} turns indexed (+{c.embeddings.embeddings} embeddings, "
+                     f"{c.embeddings.deletes} deletes, +{c.texts.texts} texts, "
+                     f"{c.embeddings.skipped + c.texts.skipped} skipped) in {c.seconds:.1f}s")
+            if once:
+                return
+            _time.sleep(interval)
 
 
 def _store(s: Any):  # -> CheckpointStore
@@ -321,8 +365,9 @@ def topics(wait: float = typer.Option(60.0, "--wait", min=0.0, help="seconds to 
         try:
             run_sync(lambda: wait_for_broker(s.kafka_bootstrap, wait, security=KafkaSecurity.from_settings(s)))
         except (TimeoutError, ConnectionError) as exc:
+            auth = any(w in str(exc) for w in AUTH_WORDS)
             raise CliError(f"cannot reach the Kafka broker at {s.kafka_bootstrap} (EVOSTREAM_KAFKA_BOOTSTRAP): {exc}",
-                           ExitCode.BROKER) from exc
+                           ExitCode.AUTH if auth else ExitCode.BROKER) from exc
         return _ensure_topics(s)
 
     got = _kafka_call(s, go)
@@ -359,8 +404,18 @@ def stack(action: StackAction = typer.Argument(..., help="start, stop, status, o
 @app.command("settings", help="Print the effective settings (flags > EVOSTREAM_* > settings file > defaults) "
                               "as JSON; secrets are masked.\n\nEvery setting:\n\n" + settings_help())
 def settings_cmd() -> None:
+    import re as _re
+
+    from stream.commands.errors import redact
+
     s = settings()
-    print(s.model_dump_json(indent=2))
+    out = json.loads(s.model_dump_json())
+    for name, value in out.items():
+        if value and _re.search(r"(password|secret|token|api_keys)$", name):
+            out[name] = "***"  # SecretStr fields already print as stars; API keys are dict keys
+        elif isinstance(value, str) and "://" in value:
+            out[name] = redact(value)  # a password inside a URL
+    print(json.dumps(out, indent=2))
 
 
 class Family(str, Enum):

@@ -110,7 +110,7 @@ class Scale:
     broker_rate: float = 5.0
     broker_pauses: int = 1                 # SIGSTOP the broker past the session timeout, SIGCONT
     broker_pause_extra_s: float = 6.0      # pause = session timeout + this
-    broker_partitions: tuple[str, ...] = ("cut",)  # TEMP-12
+    broker_partitions: tuple[str, ...] = ("blackhole",)  # one worker cut off from Kafka, per round
     broker_partition_extra_s: float = 8.0  # partition = session timeout + this (others take over)
 
     @property
