@@ -111,7 +111,7 @@ def run_dtype(engine: EvoEngine, plain: EvoEngine, turns: list[TurnInput], rep: 
             t0 = time.perf_counter()
             engine.step({cid: before_last.copy()}, [turns[-1]])  # type: ignore[union-attr]
             last_ms.append(1000 * (time.perf_counter() - t0))
-        log(f"    repetition {r + 1}: uncached {plain_ms[-1]:.0f} ms, cached {last_ms[-1]:.0f} ms")
+        log(f"    repetition {r + 1}: uncached {plain_ms[-1]:.0f} ms, cached {last_ms[r]:.0f} ms")
     ms[-1] = statistics.median(last_ms)
     ms_plain = statistics.median(plain_ms)
     pos_plain = plain.last_stats.real_tokens

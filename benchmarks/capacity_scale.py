@@ -158,7 +158,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timeout-s", type=float, default=900)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "capacity_scale.json")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    ap.add_argument("--render-only", action="store_true",
+                    help="only rewrite the BENCHMARKS.md section from the saved results (--out)")
     args = ap.parse_args(argv)
+    if args.render_only:
+        import shlex
+
+        res = json.loads(args.out.read_text())
+        write_section(res, ap.parse_args(shlex.split(res["command"])[3:]))  # the run's own arguments
+        return
     cmd = "python -m benchmarks.capacity_scale " + " ".join(argv if argv is not None else sys.argv[1:])
 
     from workers.evo_model import checkpoint_fingerprint
@@ -290,6 +298,14 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(json.dumps(res, indent=1, default=str) + "\n")
     log(f"wrote {args.out} ({res['wall_s']:.0f} s)")
     if not args.no_write:
+        write_section(res, args)
+
+
+def write_section(res: dict, args: argparse.Namespace) -> None:
+    """The BENCHMARKS.md section from a run's results (also re-rendered from the saved JSON
+    with `--render-only`, so a section lost to a concurrent edit need not be re-measured)."""
+    cmd, s, lv = res["command"], res["seed"], res["live"]
+    if True:
         body = [f"Command: `{cmd}` ({res['date_utc']}; whole run {res['wall_s']:.0f} s)  ",
                 f"Machine: {res['machine']}; model: {res['model']}; {args.partitions} partitions; "
                 "local tansu broker + valkey (appendfsync everysec), started by the script.", "",

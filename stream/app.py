@@ -81,6 +81,7 @@ class Worker:
         self.pipeline = TurnPipeline(engine, self.store, self.emitter, settings, self.executor, self.metrics)
         self.ready = False
         self.store_ready = False  # Redis checked (reachable, safe config, scripts loaded) at start
+        engine.set_prefix_cache_hook(self._on_prefix_cache_event)  # issue #10 cache -> Prometheus
         self.batches = 0
         # Broker connectivity and bounded shutdown (issue #12): readiness needs the broker to
         # answer; SIGTERM stops taking batches (see stream/shutdown.py, run_worker).
@@ -223,6 +224,14 @@ class Worker:
         self._register_views(app)
         self.api = register_api(app, self)  # query API: stream/api/ (issue #9)
         return app
+
+    def _on_prefix_cache_event(self, event: str, nbytes: int) -> None:
+        """Called on the model thread by the segment-prefix cache (prometheus_client is
+        thread-safe)."""
+        self.metrics.prefix_cache_events.labels(event=event).inc()
+        cache = self.engine.prefix_cache
+        if cache is not None:
+            self.metrics.prefix_cache_bytes.set(cache.bytes)
 
     # -- broker connectivity and shutdown (issue #12) --------------------------------------------
     def _on_broker_change(self, old: BrokerState, new: BrokerState) -> None:

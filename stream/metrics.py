@@ -50,6 +50,8 @@ class Metrics:
         self.quarantined = Counter("evostream_quarantined_turns_total", "turns dead-lettered because their conversation's checkpoint is corrupt, foreign or another tenant's", ["reason"], registry=r)
         self.after_delete = Counter("evostream_turns_after_delete_total", "turns dropped because their conversation was deleted after them (seq <= deleted seq)", registry=r)
         self.gap_rebased = Counter("evostream_seq_gaps_rebased_total", "conversations re-based on a later turn after GAP_MAX_DEAD_LETTERS gapped turns were dead-lettered", registry=r)
+        self.prefix_cache_events = Counter("evostream_prefix_cache_events_total", "segment-prefix cache (EVOSTREAM_PREFIX_CACHE_MAX_BYTES): hit, miss, stale, store, evict, reject", ["event"], registry=r)
+        self.prefix_cache_bytes = Gauge("evostream_prefix_cache_bytes", "bytes held by the segment-prefix cache", registry=r)
         self.queries = Counter("evostream_queries_total", "query embeddings answered", registry=r)
         # broker connectivity (issue #12)
         self.broker_connected = Gauge("evostream_broker_connected", "1 while the broker (metadata + group coordinator) answers this worker's probe, 0 while unreachable", registry=r)
