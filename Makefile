@@ -48,10 +48,10 @@ chaos-long: setup
 	$(PY) scripts/chaos_report.py
 
 stack-start: setup
-	$(PY) -m stream.localstack start
+	$(PY) -m stream.tools.localstack start
 
 stack-stop:
-	$(PY) -m stream.localstack stop
+	$(PY) -m stream.tools.localstack stop
 
 clean:
 	rm -rf .run .pytest_cache .hypothesis

@@ -41,7 +41,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder  # noqa: E
 from benchmarks.report import update_section  # noqa: E402
 from schemas.events import EmbeddingEvent, SourceRef, StageTimings  # noqa: E402
 from schemas.vectors import encode_vector  # noqa: E402
-from stream.localstack import LocalStack  # noqa: E402
+from stream.tools.localstack import LocalStack  # noqa: E402
 from stream.topics import ensure_topics_sync  # noqa: E402
 
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")

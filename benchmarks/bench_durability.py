@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from stream.checkpoints import CheckpointStore, TurnCommit
-from stream.localstack import RedisServer
+from stream.tools.localstack import RedisServer
 from stream.settings import Durability
 from workers.state import ConversationState, StateDelta
 

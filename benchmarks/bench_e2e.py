@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from support.workers import PipelineEnv, WorkerProc, read_topic  # noqa: E402
 
 from benchmarks.report import update_section  # noqa: E402
-from stream.localstack import LocalStack  # noqa: E402
-from stream.producer import produce_records, turn_events  # noqa: E402
+from stream.tools.localstack import LocalStack  # noqa: E402
+from stream.tools.producer import produce_records, turn_events  # noqa: E402
 from stream.topics import ensure_topics_sync  # noqa: E402
 
 

@@ -39,8 +39,8 @@ from support.workers import PipelineEnv, WorkerProc  # noqa: E402
 
 from benchmarks.bench_e2e import conversations  # noqa: E402
 from benchmarks.report import update_section  # noqa: E402
-from stream.localstack import LocalStack  # noqa: E402
-from stream.producer import produce_records, turn_events  # noqa: E402
+from stream.tools.localstack import LocalStack  # noqa: E402
+from stream.tools.producer import produce_records, turn_events  # noqa: E402
 from stream.topics import ensure_topics_sync  # noqa: E402
 
 APPLIED = "evostream_turns_applied_total"

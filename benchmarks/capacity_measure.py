@@ -59,7 +59,7 @@ from schemas.vectors import encode_vector  # noqa: E402
 from stream.checkpoints import CheckpointStore, TurnCommit  # noqa: E402
 from stream.cold_tier import ColdTier  # noqa: E402
 from stream.identity import ConversationRef  # noqa: E402
-from stream.localstack import RedisServer  # noqa: E402
+from stream.tools.localstack import RedisServer  # noqa: E402
 from workers.state import ConversationState, StateDelta  # noqa: E402
 
 SHAPES = [  # (label, family, hidden) of the released checkpoints (MODEL_SPEC.md)

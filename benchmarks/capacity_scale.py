@@ -2,7 +2,7 @@
 
 What it does, in order:
 
-1. starts its own broker + Redis (stream.localstack), creates the topics;
+1. starts its own broker + Redis (stream.tools.localstack), creates the topics;
 2. seeds `--conversations` conversations of the seeded tiny model (qwen3, hidden 64) directly
    through the real CheckpointStore (lengths 1..`--max-turns` turns, random latents of the
    model's shape, the worker's model fingerprint), in batches of one round trip each;
@@ -50,8 +50,8 @@ from support.workers import PipelineEnv, WorkerProc, read_topic, wait_for  # noq
 from benchmarks.report import update_section  # noqa: E402
 from stream.checkpoints import CheckpointStore, TurnCommit  # noqa: E402
 from stream.identity import ConversationRef  # noqa: E402
-from stream.localstack import LocalStack  # noqa: E402
-from stream.producer import produce_records  # noqa: E402
+from stream.tools.localstack import LocalStack  # noqa: E402
+from stream.tools.producer import produce_records  # noqa: E402
 from stream.topics import ensure_topics_sync  # noqa: E402
 from workers.state import ConversationState, StateDelta  # noqa: E402
 

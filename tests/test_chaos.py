@@ -37,7 +37,7 @@ from schemas.events import (
     TurnEvent,
 )
 from stream.decode import Rejection, decode_inbound
-from stream.localstack import LocalStack
+from stream.tools.localstack import LocalStack
 from tests.strategies import hostile_records
 from tests.support.chaos import (
     Fleet,

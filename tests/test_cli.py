@@ -21,7 +21,7 @@ import redis
 from stream.commands import split_global_options
 from stream.commands.config import check_environment
 from stream.commands.errors import CliError, ExitCode, redact
-from stream.localstack import find_redis_server
+from stream.tools.localstack import find_redis_server
 from tests.support.hubcache import put_checkpoint_dir
 from tests.support.workers import REPO, free_port
 from workers.tiny_checkpoint import cached_tiny_checkpoint
@@ -243,3 +243,15 @@ def test_settings_output_masks_secrets() -> None:
     assert "secret" not in p.stdout
     got = json.loads(p.stdout)
     assert got["api_keys"] == "***" and got["redis_url"] == "redis://:***@127.0.0.1:1/0"
+
+
+def test_every_setting_is_explained_in_settings_help() -> None:
+    from stream.commands.config import settings_help, setting_variables
+
+    entries = settings_help().split("\n\n")
+    assert len(entries) == len(setting_variables())
+    for entry in entries:
+        var, _, rest = entry.partition(" = ")
+        assert var in setting_variables(), entry
+        default, _, meaning = rest.partition(". ")
+        assert meaning.strip(), f"{var} has no explanation in `evostream settings --help`"

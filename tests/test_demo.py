@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from stream.demo import run_demo
-from stream.localstack import LocalStack
+from stream.tools.demo import run_demo
+from stream.tools.localstack import LocalStack
 
 
 def _nothing_left_running(run_dir: Path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from stream.checkpoints import UnsafeRedisConfig
-from stream.localstack import RedisServer
+from stream.tools.localstack import RedisServer
 from stream.settings import Durability
 from tests.support.oracle import TOL, compute_expected
 from tests.test_production_faults import Harness, turn_input, turn_value

@@ -27,7 +27,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from schemas.events import TurnEvent
-from stream.indexer import build_index
+from stream.tools.indexer import build_index
 from stream.topics import run_sync
 
 from support.oracle import TOL, Expected, check_outputs, compute_expected, metrics, read_dead_letters, wait_for_embeddings

@@ -247,7 +247,7 @@ def test_worker_and_indexer_over_tls_match_offline(tls_kafka: TlsKafka, redis_ur
     """A worker whose only way to Kafka is TLS (faust consumer, faust producer, the emitter)
     processes 4 conversations x 4 turns; the indexer reads the embeddings over TLS; every
     vector equals the offline replay."""
-    from stream.indexer import IndexerConsumer
+    from stream.tools.indexer import IndexerConsumer
 
     sec = tls_kafka.security()
     base = f"tlsw-{uuid.uuid4().hex[:6]}"

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from schemas.events import TurnEvent
 from stream.lag import LagGauge
-from stream.producer import produce_records
+from stream.tools.producer import produce_records
 from tests.support.workers import PipelineEnv, WorkerProc, wait_for
 
 PARTS = 4

@@ -1,4 +1,4 @@
-"""The persistent reference index (issue #11, stream/reference_index.py): scoped by tenant and
+"""The persistent reference index (issue #11, stream/tools/reference_index.py): scoped by tenant and
 conversation, idempotent, tombstones, texts from the turns topic, offsets stored with the rows
 so that a restart resumes where it stopped (real broker), and `evostream search` printing the
 turn text against a real worker."""
@@ -15,8 +15,8 @@ import pytest
 
 from schemas.events import ConversationDeleted, EmbeddingEvent, SourceRef, StageTimings, TurnEvent
 from schemas.vectors import encode_vector
-from stream.producer import produce_records
-from stream.reference_index import ReferenceIndex, catch_up
+from stream.tools.producer import produce_records
+from stream.tools.reference_index import ReferenceIndex, catch_up
 from tests.support.workers import PipelineEnv, WorkerProc, read_topic_sync, wait_for
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)

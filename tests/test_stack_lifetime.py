@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis
 
-from stream.localstack import LocalStack
+from stream.tools.localstack import LocalStack
 from stream.topics import ensure_topics_sync
 
 

@@ -91,18 +91,35 @@ def load_settings(**overrides: Any):  # -> stream.settings.Settings
         raise CliError(f"cannot read settings file {env.get('EVOSTREAM_CONFIG')}: {exc}", ExitCode.USAGE) from exc
 
 
+def _readme_meanings() -> dict[str, str]:
+    """{EVOSTREAM_NAME: meaning} from the README's configuration table, when the README is
+    there (a checkout / editable install); tests/test_docs.py keeps that table complete."""
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    try:
+        text = readme.read_text()
+    except OSError:
+        return {}
+    return {m.group(1): m.group(2).strip()
+            for m in re.finditer(r"^\| `(EVOSTREAM_[A-Z0-9_]+)` \|[^|]*\|(.*)\|\s*$", text, re.M)}
+
+
 def settings_help() -> str:
-    """Every setting as `EVOSTREAM_NAME (default): meaning`, for `evostream settings --help`."""
+    """Every setting as `EVOSTREAM_NAME = default. meaning`, for `evostream settings --help`."""
     from stream.settings import Settings
 
+    meanings = _readme_meanings()
     lines = []
     for name, f in Settings.model_fields.items():
         if f.default_factory is not None:
             default = "(computed)"
         else:
             default = repr(getattr(f.default, "value", f.default))
-        desc = f" {f.description}" if f.description else ""
-        lines.append(f"{PREFIX}{name.upper()} = {default}.{desc}")
+        var = f"{PREFIX}{name.upper()}"
+        desc = meanings.get(var) or f.description or ""
+        lines.append(f"{var} = {default}. {desc}".rstrip())
     return "\n\n".join(lines)
 
 

@@ -175,7 +175,7 @@ def demo(conversations: Optional[int] = typer.Option(None, "--conversations", mi
          keep_running: bool = typer.Option(False, "--keep-running",
                                            help="leave the stack and the worker up afterwards")) -> None:
     """Local broker + Redis + tiny model + the sample conversations, end to end."""
-    from stream.demo import run_demo
+    from stream.tools.demo import run_demo
 
     rc = run_demo(conversations=conversations, keep_running=keep_running)
     if rc:
@@ -193,7 +193,7 @@ def produce(file: Path = typer.Argument(..., exists=True, dir_okay=False, readab
     memory); conversations are interleaved the way live traffic arrives; a progress bar shows
     the rate and the time left."""
     from stream.kafka_security import KafkaSecurity
-    from stream.producer import produce_file
+    from stream.tools.producer import produce_file
 
     s = settings()
     dest = topic or s.turns_topic
@@ -218,7 +218,7 @@ def query(conversation: str = typer.Option(..., "--conversation", "-c", help="co
           memoryless: bool = typer.Option(False, "--memoryless", help="no memory yet: embed without memory "
                                                                         "instead of failing")) -> None:
     """Embed a query against a conversation's live memory (worker HTTP API, POST /v1/embeddings)."""
-    from stream.query_client import query_worker
+    from stream.tools.query_client import query_worker
 
     settings()
     resp = query_worker(url, conversation, text, api_key=api_key, tenant=tenant,
@@ -242,7 +242,7 @@ def search(conversation: str = typer.Option(..., "--conversation", "-c", help="c
     index (EVOSTREAM_INDEX_PATH), brought up to date from the embeddings and turns topics
     first (only what is new since the last search is read)."""
     from stream.kafka_security import KafkaSecurity
-    from stream.reference_index import ReferenceIndex, search_indexed
+    from stream.tools.reference_index import ReferenceIndex, search_indexed
 
     s = settings()
     with ReferenceIndex(index_path(s)) as index:
@@ -255,7 +255,7 @@ def search(conversation: str = typer.Option(..., "--conversation", "-c", help="c
 
 
 def index_path(s: Any) -> Path:
-    from stream.reference_index import default_index_path
+    from stream.tools.reference_index import default_index_path
     from workers.tokenizer import cache_dir
 
     return Path(s.index_path) if s.index_path else default_index_path(cache_dir(), s.kafka_bootstrap,
@@ -270,7 +270,7 @@ def indexer(interval: float = typer.Option(2.0, "--interval", min=0.1, help="sec
     import time as _time
 
     from stream.kafka_security import KafkaSecurity
-    from stream.reference_index import ReferenceIndex, catch_up
+    from stream.tools.reference_index import ReferenceIndex, catch_up
 
     s = settings()
     with ReferenceIndex(index_path(s)) as index:
@@ -393,7 +393,7 @@ def stack(action: StackAction = typer.Argument(..., help="start, stop, status, o
           ) -> None:
     """Start/stop the local broker + Redis (the ones the demo and the tests use). A stack start
     is a clean slate: the broker keeps nothing across a stop, and neither does Redis."""
-    from stream.localstack import main as stack_main
+    from stream.tools.localstack import main as stack_main
 
     rc = stack_main([action.value] + (["--run-dir", str(run_dir)] if run_dir else [])
                     + (["--export"] if export else []))

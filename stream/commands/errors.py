@@ -81,8 +81,8 @@ def explain(exc: BaseException, *, kafka: str | None = None, redis_url: str | No
     from aiokafka import errors as kerr
     from redis import exceptions as rex
 
-    from stream.produce_stream import InputError
-    from stream.query_client import QueryError
+    from stream.tools.produce_stream import InputError
+    from stream.tools.query_client import QueryError
     from stream.settings import ConfigFileMissing
     from workers.evo_model import CheckpointError
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stream.kafka_security import KafkaSecurity
-from stream.localstack import HOST, ManagedService, TansuBroker, free_ports
+from stream.tools.localstack import HOST, ManagedService, TansuBroker, free_ports
 from stream.topics import wait_for_broker_sync
 
 

@@ -100,8 +100,8 @@ async def produce_records(records: list[tuple[bytes, bytes]], *, bootstrap: str,
 async def produce_file(path: Path, *, bootstrap: str, topic: str, rate: float = 0.0, progress: bool = True,
                        security: KafkaSecurity | None = None, idempotent: bool = False) -> int:
     """Stream `path` to the topic in constant memory, with a rate/ETA progress bar (issue #11:
-    stream/produce_stream.py); `read_records` + `produce_records` remain for in-memory callers."""
-    from stream.produce_stream import produce_stream
+    stream/tools/produce_stream.py); `read_records` + `produce_records` remain for in-memory callers."""
+    from stream.tools.produce_stream import produce_stream
 
     return await produce_stream(path, bootstrap=bootstrap, topic=topic, rate=rate, progress=progress,
                                 security=security, idempotent=idempotent)

@@ -150,7 +150,7 @@ class ReferenceIndex:
     def apply_embeddings(self, topic: str, records: Iterable[tuple[int, int, bytes | None]]) -> ApplyStats:
         """Apply embeddings-topic records (partition, offset, value) and their offsets, in one
         transaction. Unparseable records are counted and skipped, never fatal."""
-        from stream.indexer import parse_outbound
+        from stream.tools.indexer import parse_outbound
 
         st = ApplyStats()
         last: dict[int, tuple[int, str]] = {}
@@ -294,7 +294,7 @@ async def _catch_up_once(index: ReferenceIndex, bootstrap: str, embeddings_topic
                          stats: dict[str, ApplyStats]) -> set[str]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from stream.indexer import TopicNotFound
+    from stream.tools.indexer import TopicNotFound
 
     # fetch_max_wait_ms: the local broker holds every fetch that long; the idle check waits on it
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
@@ -368,7 +368,7 @@ async def search_indexed(index: ReferenceIndex, bootstrap: str, embeddings_topic
                          tenant: str | None = None, timeout: float = 30.0) -> tuple[list[SearchHit], CatchUp]:
     """Catch the index up (only what is new since the last call), embed the query on the
     worker against the conversation's live memory, search the conversation's turns."""
-    from stream.query_client import query_worker_async
+    from stream.tools.query_client import query_worker_async
 
     caught = asyncio.ensure_future(catch_up(index, bootstrap, embeddings_topic, turns_topic, security=security,
                                             max_wait_s=timeout * 4))

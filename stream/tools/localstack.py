@@ -14,10 +14,10 @@ assumptions about them; this module starts the real things so tests test the rea
 Everything a stack owns lives in one run directory (default ``.run/localstack/`` in the
 repository): ``state.json`` (ports), ``<service>.pid``, ``<service>.log``, the Redis data
 dir and an ``env`` file with ``EVOSTREAM_KAFKA_BOOTSTRAP`` / ``EVOSTREAM_REDIS_URL``. State
-is on disk so that ``python -m stream.localstack stop`` in another shell can stop a stack
+is on disk so that ``python -m stream.tools.localstack stop`` in another shell can stop a stack
 that a different process started.
 
-CLI: ``python -m stream.localstack start|stop|status|env [--run-dir DIR]``.
+CLI: ``python -m stream.tools.localstack start|stop|status|env [--run-dir DIR]``.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def default_run_dir() -> Path:
     """
     if os.environ.get(ENV_RUN_DIR):
         return Path(os.environ[ENV_RUN_DIR])
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     base = repo if (repo / "pyproject.toml").exists() else Path.cwd()
     return base / ".run" / "localstack"
 
@@ -719,7 +719,7 @@ class LocalStack:
                 desc = ", ".join(f"{s.name} pid {s.pid}" for s in live)
                 raise StackAlreadyRunning(
                     f"a local stack is already running in {self.run_dir} ({desc}); stop it with: "
-                    f"python -m stream.localstack stop --run-dir {self.run_dir}"
+                    f"python -m stream.tools.localstack stop --run-dir {self.run_dir}"
                 )
             if any(s.port is None for s in self.services):
                 for service, port in zip(self.services, free_ports(len(self.services))):
@@ -799,8 +799,8 @@ def _print_status(status: StackStatus) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m stream.localstack start|stop|status|env [--run-dir DIR]``."""
-    parser = argparse.ArgumentParser(prog="python -m stream.localstack", description=__doc__.split("\n")[0])
+    """``python -m stream.tools.localstack start|stop|status|env [--run-dir DIR]``."""
+    parser = argparse.ArgumentParser(prog="python -m stream.tools.localstack", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["start", "stop", "status", "env"])
     parser.add_argument("--run-dir", type=Path, default=None, help=f"default: {default_run_dir()}")
     parser.add_argument("--no-broker", action="store_true", help="start: Redis only")
@@ -828,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in stack.env().items():
             print(f"{key}={value}")
         print(f"# load with: set -a; . {stack.env_file}; set +a")
-        print(f"# stop with: python -m stream.localstack stop --run-dir {stack.run_dir}")
+        print(f"# stop with: python -m stream.tools.localstack stop --run-dir {stack.run_dir}")
         return 0
     if args.command == "stop":
         try:

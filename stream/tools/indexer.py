@@ -321,7 +321,7 @@ async def search_end_to_end(bootstrap: str, embeddings_topic: str, worker_url: s
     """Index the embeddings topic (from the beginning), embed `text` against the conversation's
     live memory on the worker, and return the conversation's `k` best turns. A conversation
     without memory (unknown, deleted) has no turns in the index either: [] rather than an error."""
-    from stream.query_client import query_worker_async
+    from stream.tools.query_client import query_worker_async
 
     # Both at once; whichever fails first cancels the other.
     index_task = asyncio.ensure_future(build_index(bootstrap, embeddings_topic, idle_ms=idle_ms, max_wait_s=timeout,

@@ -36,7 +36,7 @@ from typing import TextIO
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO / "data" / "sample_conversations.jsonl"
 PARTITIONS = 4
 WORKER_READY_TIMEOUT_S = 120.0
@@ -153,7 +153,7 @@ class _Run:
 
     # -- 1. stack ----------------------------------------------------------------------------
     def start_stack(self) -> None:
-        from stream.localstack import LocalStack, LocalStackError
+        from stream.tools.localstack import LocalStack, LocalStackError
         from stream.topics import wait_for_broker_sync
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +213,7 @@ class _Run:
 
     # -- 2./3. topics, checkpoint, settings ----------------------------------------------------
     def prepare(self) -> None:
-        from stream.localstack import free_ports
+        from stream.tools.localstack import free_ports
         from stream.topics import ensure_topics_sync
 
         prefix = f"demo.{self.run_id}"
@@ -281,7 +281,7 @@ class _Run:
         )
         env.pop("FAUST_DATADIR", None)
         self.worker_log = self.run_dir / "worker.log"
-        from stream.localstack import _set_pdeathsig
+        from stream.tools.localstack import _set_pdeathsig
 
         pdeathsig = (not self.keep_running and sys.platform == "linux"
                      and threading.current_thread() is threading.main_thread())
@@ -330,8 +330,8 @@ class _Run:
 
     # -- 5./6. produce, wait ---------------------------------------------------------------------
     async def produce_and_collect(self, convs: list[dict]) -> dict:
-        from stream.indexer import IndexerConsumer
-        from stream.producer import produce_records, turn_events
+        from stream.tools.indexer import IndexerConsumer
+        from stream.tools.producer import produce_records, turn_events
 
         events = list(turn_events(convs))
         records = [(e.conversation_id.encode(), e.model_dump_json().encode()) for e in events]
@@ -399,7 +399,7 @@ class _Run:
         self.say("  (memory_len = memory latents the turn's embedding was computed against: the memory before it)")
 
     def searches(self, convs: list[dict]) -> tuple[str, str]:
-        from stream.indexer import search_end_to_end, turn_texts
+        from stream.tools.indexer import search_end_to_end, turn_texts
 
         texts = turn_texts(convs)
         ids = [c["conversation_id"] for c in convs]
@@ -410,7 +410,7 @@ class _Run:
             questions = [(ids[0], "what was the customer's problem?")]
         self.say("\nSearch, as `evostream search` does it: index the embeddings topic, embed the question against\n"
                  "the conversation's live memory (POST /v1/embeddings on the worker), rank its turns by cosine:")
-        from stream.query_client import query_worker
+        from stream.tools.query_client import query_worker
 
         for cid, q in questions:
             try:
