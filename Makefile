@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-all bench bench-engine bench-e2e bench-codecs bench-query capacity capacity-scale chaos-long stack-start stack-stop clean
+.PHONY: setup demo test test-all bench bench-engine bench-e2e bench-e2e-load bench-codecs bench-query bench-plots capacity capacity-scale chaos-long stack-start stack-stop clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -20,13 +20,22 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q
 
-bench: bench-engine bench-e2e bench-codecs bench-query
+# issue 11: the plots (PNG in benchmarks/plots/, linked from BENCHMARKS.md) are drawn last,
+# from the series the benchmarks above saved in benchmarks/results/
+bench: bench-engine bench-e2e bench-e2e-load bench-codecs bench-query
+	$(MAKE) bench-plots
 
-bench-engine: setup
-	$(PY) -m benchmarks.bench_engine
+bench-engine: setup  # --history-points: more re-read points for the plot of ms per turn by history (issue 11)
+	$(PY) -m benchmarks.bench_engine --history-points 100,200,300,400
 
 bench-e2e: setup
 	$(PY) -m benchmarks.bench_e2e
+
+bench-e2e-load: setup  # issue 11: latency vs offered load, one steady phase per rate (~2.5 min)
+	$(PY) -m benchmarks.bench_e2e --conversations 16 --turns 8 --rates 4,8,16,32,64 --section 'End-to-end, latency vs load (issue 11)'
+
+bench-plots: setup  # issue 11: draw benchmarks/results/*.json (no measuring)
+	$(PY) -m benchmarks.plots
 
 bench-codecs: setup
 	$(PY) -m benchmarks.bench_codecs

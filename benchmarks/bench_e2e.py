@@ -9,7 +9,11 @@ Measures, in one run on this machine (CPU, tiny checkpoint):
   and the fraction of the batch time spent outside the model step.
 
 Run:  .venv/bin/python -m benchmarks.bench_e2e  [--conversations 32 --turns 20 --rate 40]
-Writes/updates the "End-to-end" section of BENCHMARKS.md with the command and the numbers.
+      .venv/bin/python -m benchmarks.bench_e2e --rates 2,5,10,20   (latency vs load: one steady
+      phase per offered rate, each with a fresh worker and topics)
+Writes/updates the "End-to-end" section of BENCHMARKS.md with the command and the numbers, and
+saves each phase's latencies under benchmarks/results/e2e_load.json (by section) for
+`python -m benchmarks.plots` (issue 11).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from support.workers import PipelineEnv, WorkerProc, read_topic  # noqa: E402
 
 from benchmarks.report import update_section  # noqa: E402
+from benchmarks.results_schema import RESULTS_DIR, E2EPhase, E2ERun, RunInfo, record_e2e_run  # noqa: E402
 from stream.tools.localstack import LocalStack  # noqa: E402
 from stream.tools.producer import produce_records, turn_events  # noqa: E402
 from stream.topics import ensure_topics_sync  # noqa: E402
@@ -114,6 +119,7 @@ def phase(stack: LocalStack, ckpt: str, records: list[tuple[bytes, bytes]], rate
         return dict(
             label=label, turns=len(records), rate=rate, wall_s=wall, turns_per_s=len(records) / wall,
             p50_ms=float(np.percentile(lat, 50)), p99_ms=float(np.percentile(lat, 99)),
+            p90_ms=float(np.percentile(lat, 90)), max_ms=float(lat.max()), latencies_ms=lat.tolist(),
             batches=d.get("evostream_batch_turns_count", 0.0),
             mean_batch=d.get("evostream_batch_turns_sum", 0.0) / max(1.0, d.get("evostream_batch_turns_count", 0.0)),
             step_s=step_s, load_s=d.get("evostream_state_load_seconds_sum", 0.0),
@@ -130,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conversations", type=int, default=32)
     ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--rate", type=float, default=10.0, help="stated load for the latency phase (turns/s)")
+    ap.add_argument("--rates", default="",
+                    help="latency vs load (issue 11): comma-separated offered rates (turns/s), one steady phase "
+                         "each, instead of the one --rate")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where e2e_load.json is kept")
+    ap.add_argument("--no-results", action="store_true", help="do not save the phases' latencies")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     # issue 10: the worker's segment-prefix cache, and where the figures go (before/after runs)
@@ -146,12 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     stack = LocalStack(run_dir / "stack", appendfsync="everysec", die_with_parent=True).start()
     try:
         backlog = phase(stack, ckpt, records, 0.0, "backlog", run_dir, a.partitions, extra)
-        steady = phase(stack, ckpt, records, a.rate, "steady", run_dir, a.partitions, extra)
+        rates = [float(x) for x in a.rates.split(",") if x.strip()] or [a.rate]
+        steadies = [phase(stack, ckpt, records, r, "steady" if len(rates) == 1 else f"steady-{r:g}", run_dir,
+                          a.partitions, extra) for r in rates]
     finally:
         stack.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
 
-    cmd = "make bench-e2e   # = .venv/bin/python -m benchmarks.bench_e2e " + shlex.join(argv or sys.argv[1:])
+    cmd = (("" if a.rates else "make bench-e2e   # = ") + ".venv/bin/python -m benchmarks.bench_e2e "
+           + shlex.join(argv or sys.argv[1:]))
     lines = [
         f"Command: `{cmd.strip()}`  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {platform.platform()}, "
@@ -165,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "| phase | load | turns/s | p50 latency ms | p99 latency ms | batches | mean turns/batch | model step s | load s | checkpoint s | emit s | batch s | outside step (of batch time) | outside step (of wall) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in (backlog, steady):
+    for r in (backlog, *steadies):
         load = "backlog (all produced up front)" if not r["rate"] else f"{r['rate']:g} turns/s"
         lines.append(
             f"| {r['label']} | {load} | {r['turns_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['batches']:.0f} | "
@@ -175,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
               "(worker's producer); in the backlog phase it includes waiting behind the whole backlog."]
     text = "\n".join(lines)
     print(text)
+    if not a.no_results:
+        run = E2ERun(run=RunInfo.now(cmd.split("# = ", 1)[-1].strip()), section=a.section,
+                     prefix_cache_bytes=a.prefix_cache_bytes, conversations=a.conversations,
+                     turns_per_conversation=a.turns, partitions=a.partitions,
+                     phases=[E2EPhase(**{k: r[k] for k in E2EPhase.model_fields}) for r in (backlog, *steadies)])
+        print(f"saved {record_e2e_run(run, a.results_dir)}", file=sys.stderr)
     if not a.no_write:
         update_section(REPO / "BENCHMARKS.md", a.section, text)
     return 0

@@ -26,6 +26,10 @@ Run:  .venv/bin/python -m benchmarks.bench_engine   (or `make bench-engine`; abo
       .venv/bin/python -m benchmarks.bench_engine --size small  (hidden 256)
 Prints a table with PASS/MISS per target and writes/updates the "Engine" section of
 BENCHMARKS.md with the command, the machine and the numbers. Progress goes to stderr.
+Saves the series behind the plots (issue 11) under benchmarks/results/: engine_history.json
+((a): every streamed step, the timed turns; `--history-points` adds timed turns) and
+engine_prefix_cache.json ((d): ms and positions by position in a segment, with and without the
+prefix cache); `python -m benchmarks.plots` draws them.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ import numpy as np
 import torch
 
 from benchmarks.report import update_section
+from benchmarks.results_schema import (ENGINE_HISTORY_FILE, ENGINE_PREFIX_CACHE_FILE, RESULTS_DIR, EngineHistory,
+                                       PrefixCacheSegment, RunInfo, TimedTurn, write_json)
 from schemas.turns import ChatMessage, TurnInput
 from workers import reference
 from workers.engine import EngineConfig, EvoEngine, load_engine
@@ -120,8 +126,12 @@ class Report:
 # (a) + (c): one long conversation
 # --------------------------------------------------------------------------------------------
 def bench_long_conversation(engine: EvoEngine, rep: Report, *, n_turns: int, early: int, reps_inc: int,
-                            reps_ref: int, reps_seg: int) -> None:
+                            reps_ref: int, reps_seg: int, history_points: tuple[int, ...] = ()) -> dict:
+    """(a) and (c). Returns the raw series for the plots (issue 11): the time of every step
+    while streaming, and the medians at each timed turn (`early`, the last turn, and any of
+    `history_points`), incremental and re-read."""
     late = n_turns - 1
+    timed = sorted({early, late} | {p for p in history_points if 0 <= p < late})
     rng = random.Random(1)
     cid = "long"
     turns = [make_turn(rng, cid, i) for i in range(n_turns)]
@@ -134,19 +144,22 @@ def bench_long_conversation(engine: EvoEngine, rep: Report, *, n_turns: int, ear
     # starts with a full queue, and the last complete one before the timed late turn
     windows = {"first": 0, "full": -(-full_queue_from // seg) * seg, "last": (late - seg) // seg * seg}
     windows = {k: w for k, w in windows.items() if 0 <= w and w + seg <= late}  # short runs: fewer windows
-    keep = {early, late} | {w + k for w in windows.values() for k in range(seg)}
+    keep = set(timed) | {w + k for w in windows.values() for k in range(seg)}
 
     states = {cid: engine.new_state()}
     before: dict[int, ConversationState] = {}
     opens: list[bool] = []
     delta_bytes: list[int] = []
     full_bytes: list[int] = []
+    streamed_ms: list[float] = []  # for the plots: one timing per turn, history growing
     t_start = time.perf_counter()
     log(f"(a) streaming {late} turns of one conversation (state kept, one step per turn) ...")
     for i, t in enumerate(turns[:late]):
         if i in keep:
             before[i] = states[cid].copy()
+        t0 = time.perf_counter()
         out = engine.step(states, [t])[0]
+        streamed_ms.append(1000.0 * (time.perf_counter() - t0))
         opens.append(out.new_segment)
         if i >= full_queue_from:
             delta_bytes.append(len(out.delta.to_bytes()))
@@ -176,13 +189,13 @@ def bench_long_conversation(engine: EvoEngine, rep: Report, *, n_turns: int, ear
         emb = reference.embed_against(engine.model, [emb_ids[n]], [window])[0]
         return time.perf_counter() - t0, emb
 
-    log(f"(a) timing turn {early} and turn {late}: incremental x{reps_inc}, re-read x{reps_ref} (interleaved) ...")
-    inc: dict[int, list[float]] = {early: [], late: []}
-    ref: dict[int, list[float]] = {early: [], late: []}
+    log(f"(a) timing turns {timed}: incremental x{reps_inc}, re-read x{reps_ref} (interleaved) ...")
+    inc: dict[int, list[float]] = {n: [] for n in timed}
+    ref: dict[int, list[float]] = {n: [] for n in timed}
     parity = 0.0
     last_inc: dict[int, np.ndarray] = {}
     for r in range(max(reps_inc, reps_ref)):
-        for n in (early, late):
+        for n in timed:
             if r < reps_inc or n not in last_inc:
                 dt, last_inc[n] = incremental(n)
                 inc[n].append(dt)
@@ -245,6 +258,12 @@ def bench_long_conversation(engine: EvoEngine, rep: Report, *, n_turns: int, ear
     rep.add("(c) full state bytes per turn (mean, same turns)", f"{f:,.0f} B")
     rep.add("(c) full / delta", f"{ratio:.1f}x (worst turn {worst:.1f}x)", f">= {TARGET_DELTA_RATIO:.0f}x",
             ratio >= TARGET_DELTA_RATIO)
+    return {
+        "segment_turns": seg, "queue_full_from_turn": full_queue_from, "streamed_ms": streamed_ms,
+        "incremental": [TimedTurn(turn=n, ms=median_ms(inc[n]), reps=len(inc[n])) for n in timed],
+        "reread": [TimedTurn(turn=n, ms=median_ms(ref[n]), reps=len(ref[n])) for n in timed if ref[n]],
+        "windows": [TimedTurn(turn=n, ms=median_ms(v), reps=len(v)) for n, v in sorted(per_turn.items())],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,9 +382,10 @@ def stream_counting(engine: EvoEngine, turns: list[TurnInput], state: Conversati
     return outs, computed, ms
 
 
-def bench_prefix_cache(rep: Report, *, family: str, size: str, n_turns: int, reps: int, timing: bool) -> None:
+def bench_prefix_cache(rep: Report, *, family: str, size: str, n_turns: int, reps: int, timing: bool) -> dict | None:
     """Work ratio (positions computed / model minimum) per 16-turn segment for the uncached and
-    the cached path, and (when `timing`) ms per turn by position in a full-queue segment."""
+    the cached path, and (when `timing`) ms per turn by position in a full-queue segment; then
+    returns that segment's series for the plots (issue 11)."""
     plain = load_engine(cached_tiny_checkpoint(family, size))
     cached = EvoEngine(plain.model, plain.tokenizer, config=EngineConfig(prefix_cache_max_bytes=1 << 40))
     rng = random.Random(5)
@@ -407,7 +427,7 @@ def bench_prefix_cache(rep: Report, *, family: str, size: str, n_turns: int, rep
     if r_cached > TARGET_WORK_RATIO:
         rep.notes.append(f"(d) {family}: above {TARGET_WORK_RATIO}x: see the positions above.")
     if not timing:
-        return
+        return None
     # ms per turn by position in a full-queue segment, both paths from the same state
     states = {cid: plain.new_state()}
     for t in turns[:a]:
@@ -438,6 +458,9 @@ def bench_prefix_cache(rep: Report, *, family: str, size: str, n_turns: int, rep
             "(flat)")
     rep.add(f"(d) {family}: mean ms per turn over the segment, uncached / cached",
             f"{statistics.mean(med_p):.1f} / {statistics.mean(med_c):.1f}")
+    return {"family": family, "first_turn": a, "queue_full": a >= full_from, "reps": reps,
+            "uncached_ms": med_p, "cached_ms": med_c, "uncached_positions": comp_p[a:b],
+            "cached_positions": comp_c[a:b], "minimum_positions": need[a:b]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,6 +570,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-cache", action="store_true", help="run (d) only (skips (a), (b), (c) and GPU mode)")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
+    # issue 11: the series behind the plots (`python -m benchmarks.plots`)
+    ap.add_argument("--history-points", default="",
+                    help="(a) more turns to time, incremental and re-read, besides --early and the last "
+                         "(comma-separated, e.g. 100,200,300: points of the ms-per-turn-by-history plot)")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                    help=f"where the raw series are saved as JSON ({ENGINE_HISTORY_FILE}, {ENGINE_PREFIX_CACHE_FILE})")
+    ap.add_argument("--no-results", action="store_true", help="do not save the raw series")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -560,9 +590,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{cfg.backbone['num_hidden_layers']} layers, LoRA r={cfg.lora_r}, float32, real Qwen3 tokenizer; "
                   f"L={cfg.num_latents}, C={cfg.buffer_capacity}")
 
+    history: dict | None = None
+    segment: dict | None = None
     if not args.only_cache:
-        bench_long_conversation(engine, rep, n_turns=args.turns, early=args.early, reps_inc=args.reps_inc,
-                                reps_ref=args.reps_ref, reps_seg=args.reps_seg)
+        points = tuple(int(x) for x in args.history_points.split(",") if x.strip())
+        history = bench_long_conversation(engine, rep, n_turns=args.turns, early=args.early, reps_inc=args.reps_inc,
+                                          reps_ref=args.reps_ref, reps_seg=args.reps_seg, history_points=points)
         for h in [int(x) for x in args.histories.split(",") if x.strip()]:
             bench_batching(engine, rep, n_conv=args.convs, history=h, reps=args.reps_batch,
                            label=f"(b) h={h}")
@@ -572,8 +605,9 @@ def main(argv: list[str] | None = None) -> int:
             bench_batching(with_cache, rep, n_conv=args.convs, history=hmax, reps=args.reps_batch,
                            label=f"(b, prefix cache) h={hmax}")
     for k, fam in enumerate(f.strip() for f in args.cache_families.split(",") if f.strip()):
-        bench_prefix_cache(rep_d, family=fam, size=args.size, n_turns=args.cache_turns, reps=args.reps_cache,
-                           timing=(k == 0))
+        series = bench_prefix_cache(rep_d, family=fam, size=args.size, n_turns=args.cache_turns,
+                                    reps=args.reps_cache, timing=(k == 0))
+        segment = segment or series
     if args.gpu != "off" and not args.only_cache:
         if args.gpu == "on" or torch.cuda.is_available():
             bench_gpu(rep, args)
@@ -619,6 +653,12 @@ def main(argv: list[str] | None = None) -> int:
         ])
         update_section(args.out, title, body)
         log(f"updated {args.out} section {title!r}")
+    if not args.no_results:
+        run = RunInfo.now(f".venv/bin/{cmd}")
+        if history is not None:
+            log(f"saved {write_json(EngineHistory(run=run, model=model_desc, **history), args.results_dir / ENGINE_HISTORY_FILE)}")
+        if segment is not None:
+            log(f"saved {write_json(PrefixCacheSegment(run=run, model=model_desc, **segment), args.results_dir / ENGINE_PREFIX_CACHE_FILE)}")
     print(f"(whole run {wall:.0f}s)")
     return 0
 

@@ -321,25 +321,13 @@ async def search_end_to_end(bootstrap: str, embeddings_topic: str, worker_url: s
     """Index the embeddings topic (from the beginning), embed `text` against the conversation's
     live memory on the worker, and return the conversation's `k` best turns. A conversation
     without memory (unknown, deleted) has no turns in the index either: [] rather than an error."""
-    from stream.tools.query_client import query_worker_async
+    from stream.tools.query_client import query_worker_async, together
 
     # Both at once; whichever fails first cancels the other.
-    index_task = asyncio.ensure_future(build_index(bootstrap, embeddings_topic, idle_ms=idle_ms, max_wait_s=timeout,
-                                                 security=security))
-    query_task = asyncio.ensure_future(query_worker_async(worker_url, conversation_id, text, k=k, timeout=timeout,
-                                                          api_key=api_key, tenant=tenant,
-                                                          unknown_conversation="memoryless"))
-    try:
-        done, _ = await asyncio.wait({index_task, query_task}, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            t.result()
-    finally:
-        for t in (index_task, query_task):
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(index_task, query_task, return_exceptions=True)
-    index, stats = index_task.result()
-    resp = query_task.result()
+    (index, stats), resp = await together(
+        build_index(bootstrap, embeddings_topic, idle_ms=idle_ms, max_wait_s=timeout, security=security),
+        query_worker_async(worker_url, conversation_id, text, k=k, timeout=timeout, api_key=api_key, tenant=tenant,
+                           unknown_conversation="memoryless"))
     if stats.skipped:
         log.warning("search: %d records of %s could not be parsed and were skipped: %s", stats.skipped,
                     embeddings_topic, dict(stats.skipped_reasons))

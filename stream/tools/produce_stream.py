@@ -123,15 +123,7 @@ async def produce_stream(path: Path, *, bootstrap: str, topic: str, rate: float 
                          security: KafkaSecurity | None = None, idempotent: bool = False, window: int = 256,
                          max_in_flight: int = 10_000) -> int:
     """Send every record of `path` to `topic`; returns the count. Waits for every delivery."""
-    from aiokafka import AIOKafkaProducer
-
-    prod = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, enable_idempotence=idempotent,
-                            **(security.client_kwargs() if security is not None else {}))
-    try:
-        await prod.start()
-    except BaseException:
-        await prod.stop()  # a failed start leaves a half-open client behind
-        raise
+    prod = await start_producer(bootstrap, security=security, idempotent=idempotent)
     n = 0
     with open(path, "rb") as fh:
         bar = _Progress(path.stat().st_size, progress)
@@ -163,3 +155,18 @@ def count_records(path: Path, window: int = 256) -> int:
 
 
 __all__ = ["InputError", "count_records", "iter_file_records", "produce_stream"]
+
+
+async def start_producer(bootstrap: str, *, security: Any = None, idempotent: bool = False) -> Any:
+    """A started AIOKafkaProducer for the tools' producers (acks=all, a short linger); a
+    failed start stops the half-open client before raising."""
+    from aiokafka import AIOKafkaProducer
+
+    prod = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, enable_idempotence=idempotent,
+                            **(security.client_kwargs() if security is not None else {}))
+    try:
+        await prod.start()
+    except BaseException:
+        await prod.stop()
+        raise
+    return prod

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from aiokafka import AIOKafkaProducer
+from stream.tools.produce_stream import start_producer
 
 from schemas.events import TurnEvent
 
@@ -68,13 +68,7 @@ def read_records(path: Path) -> list[tuple[bytes, bytes]]:
 async def produce_records(records: list[tuple[bytes, bytes]], *, bootstrap: str, topic: str, rate: float = 0.0,
                           progress: bool = True, security: KafkaSecurity | None = None,
                           idempotent: bool = False) -> int:
-    prod = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, enable_idempotence=idempotent,
-                            **(security.client_kwargs() if security is not None else {}))
-    try:
-        await prod.start()
-    except BaseException:
-        await prod.stop()  # a failed start leaves a half-open client behind
-        raise
+    prod = await start_producer(bootstrap, security=security, idempotent=idempotent)
     try:
         t0 = time.monotonic()
         futs = []

@@ -196,3 +196,20 @@ async def query_worker_async(url: str, conversation_id: str, text: str, k: int =
 
 
 __all__ = ["QueryError", "query_url", "query_worker", "query_worker_async"]
+
+
+async def together(*aws: Any) -> list[Any]:
+    """Run awaitables concurrently and return their results in order; the first one to fail
+    cancels the others (a search waits on the index catch-up and the worker's query at once,
+    and must not hang on one when the other has already failed)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            t.result()
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return [t.result() for t in tasks]

@@ -30,7 +30,6 @@ broker reports the last batch's base offset + 1 and answers a fetch past the end
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -368,23 +367,12 @@ async def search_indexed(index: ReferenceIndex, bootstrap: str, embeddings_topic
                          tenant: str | None = None, timeout: float = 30.0) -> tuple[list[SearchHit], CatchUp]:
     """Catch the index up (only what is new since the last call), embed the query on the
     worker against the conversation's live memory, search the conversation's turns."""
-    from stream.tools.query_client import query_worker_async
+    from stream.tools.query_client import query_worker_async, together
 
-    caught = asyncio.ensure_future(catch_up(index, bootstrap, embeddings_topic, turns_topic, security=security,
-                                            max_wait_s=timeout * 4))
-    queried = asyncio.ensure_future(query_worker_async(worker_url, conversation_id, text, k=k, timeout=timeout,
-                                                       api_key=api_key, tenant=tenant,
-                                                       unknown_conversation="memoryless"))
-    try:
-        done, _ = await asyncio.wait({caught, queried}, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            t.result()
-    finally:
-        for t in (caught, queried):
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(caught, queried, return_exceptions=True)
-    resp = queried.result()
+    _, resp = await together(
+        catch_up(index, bootstrap, embeddings_topic, turns_topic, security=security, max_wait_s=timeout * 4),
+        query_worker_async(worker_url, conversation_id, text, k=k, timeout=timeout, api_key=api_key, tenant=tenant,
+                           unknown_conversation="memoryless"))
     hits = index.search(tenant, conversation_id, decode_vector(resp.vector), k, checkpoint=resp.checkpoint)
     return hits, caught.result()
 

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import os
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,11 +290,7 @@ def proxied_broker(run_dir: Path):
 
 
 def wait(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not reached within {timeout}s (last: {last!r})")
+    """`workers.wait_for`, polling twice as often (broker faults are short)."""
+    from .workers import wait_for
+
+    return wait_for(predicate, timeout, interval=interval, what=what)
