@@ -148,7 +148,7 @@ def test_log_lines_per_minute_bounded_during_broker_outage(proxied, redis_url, t
         w.kill()
 
 
-@pytest.mark.parametrize("fault", ["cut", "blackhole"])
+@pytest.mark.parametrize("fault", ["cut", pytest.param("blackhole", marks=pytest.mark.slow)])
 def test_sigterm_with_broker_away_exits_within_grace(proxied, redis_url, tmp_path: Path, fault: str) -> None:
     """SIGTERM while the broker is down (cut) or hung (blackhole): the process is gone within
     the grace (+ slack for a loaded machine), and its exit code says the shutdown was not clean."""
@@ -197,6 +197,7 @@ def _embedded_seqs(proxy, topic: str, cid: str) -> list[int]:
     return out
 
 
+@pytest.mark.slow  # a regression test (the outbox already held on 2026-11-24); in `make test-all`
 def test_output_that_cannot_be_produced_is_delivered_later_and_input_not_acked_before(
         proxied, redis_url, tmp_path: Path) -> None:
     """The worker keeps consuming and checkpointing but its Produce requests are swallowed (a

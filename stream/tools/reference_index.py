@@ -369,12 +369,12 @@ async def search_indexed(index: ReferenceIndex, bootstrap: str, embeddings_topic
     worker against the conversation's live memory, search the conversation's turns."""
     from stream.tools.query_client import query_worker_async, together
 
-    _, resp = await together(
+    caught, resp = await together(
         catch_up(index, bootstrap, embeddings_topic, turns_topic, security=security, max_wait_s=timeout * 4),
         query_worker_async(worker_url, conversation_id, text, k=k, timeout=timeout, api_key=api_key, tenant=tenant,
                            unknown_conversation="memoryless"))
     hits = index.search(tenant, conversation_id, decode_vector(resp.vector), k, checkpoint=resp.checkpoint)
-    return hits, caught.result()
+    return hits, caught
 
 
 __all__ = ["ApplyStats", "CatchUp", "ReferenceIndex", "catch_up", "default_index_path", "render_turn_text",
