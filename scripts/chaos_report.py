@@ -134,6 +134,18 @@ FINDINGS = [
     "to back and keeps the TTL well above the step time; production TTLs are days."),
 ]
 
+FINDINGS += [
+    ("The first long run of 2026-11-30 failed the hostile scenario without losing anything: since "
+    "issue #8 a dead letter of a record near the 1,000,000-byte input limit carries only a prefix "
+    "of the original (plus its length and SHA-256) so that it fits the broker's message limit, and "
+    "the harness still matched dead letters by the full original bytes. It now matches by the "
+    "SHA-256 of the originals; the scenario was rerun alone at the long scale."),
+    ("Since issue #7 every conversation keeps a small marker (generation, last seq) that outlives "
+    "its state by `MARKER_TTL_S`, so that expiry is told apart from a gap and deletes stay final. "
+    "The memory scenario's \"every key expires\" check therefore waits for the state keys, and runs "
+    "its workers with `MARKER_TTL_S` equal to the state TTL so that the markers go too."),
+]
+
 LIMITS = [
     ("Exactly-once through Kafka transactions is not exercised: the tansu broker rejects "
     "InitProducerId. Effectively-once comes from the seq compare-and-set in Redis plus the outbox."),

@@ -428,12 +428,16 @@ def test_openapi_properties(live: Live, mode: str) -> None:
     (Driven through hypothesis directly: schemathesis' pytest plugin does not run under this
     pytest version, `'Function' object has no attribute '_nodeid'`.)"""
     import schemathesis
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, assume, given, settings
 
     # 413 is a right answer to schema-valid data: the token limit per text cannot be stated in
     # JSON Schema (the document states the character and item limits).
-    config = schemathesis.Config.from_dict({"checks": {"positive_data_acceptance": {
-        "expected-statuses": ["2xx", "401", "403", "404", "409", "413", "429"]}}})
+    # And for invalid data, 413 is how the API refuses a text or list over its documented size
+    # limits (one error shape per cause: too_large), next to schemathesis' default list.
+    config = schemathesis.Config.from_dict({"checks": {
+        "positive_data_acceptance": {"expected-statuses": ["2xx", "401", "403", "404", "409", "413", "429"]},
+        "negative_data_rejection": {"expected-statuses": ["400", "401", "403", "404", "405", "406", "409", "413",
+                                                          "415", "422", "428", "429", "5xx"]}}})
     schema = schemathesis.openapi.from_url(live.worker.url + "/openapi.json", config=config)
     gen_mode = schemathesis.GenerationMode(mode)
     operations = [r.ok() for r in schema.get_all_operations()]
@@ -446,7 +450,22 @@ def test_openapi_properties(live: Live, mode: str) -> None:
         @settings(max_examples=10, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
         def run(case) -> None:
+            # Two lone surrogates that form a pair when JSON-escaped side by side reach the
+            # server as ONE character (JSON decoders merge escaped pairs), so a string one
+            # "character" over maxLength arrives exactly at it and is rightly accepted: a
+            # generator artifact, not a contract violation. Such cases are discarded.
+            assume(not _has_surrogates(case.body))
             case.call_and_validate(base_url=live.worker.url, timeout=60,
                                    headers={"Authorization": f"Bearer {KEY_DEFAULT}"})
 
         run()
+
+
+def _has_surrogates(value: object) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= ch <= "\udfff" for ch in value)
+    if isinstance(value, dict):
+        return any(_has_surrogates(k) or _has_surrogates(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_surrogates(v) for v in value)
+    return False
