@@ -57,10 +57,10 @@ chaos-long: setup
 	$(PY) scripts/chaos_report.py
 
 stack-start: setup
-	$(PY) -m stream.tools.localstack start
+	$(PY) -m devtools.localstack start
 
 stack-stop:
-	$(PY) -m stream.tools.localstack stop
+	$(PY) -m devtools.localstack stop
 
 clean:
 	rm -rf .run .pytest_cache .hypothesis

@@ -41,8 +41,8 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder  # noqa: E
 from benchmarks.report import update_section  # noqa: E402
 from schemas.events import EmbeddingEvent, SourceRef, StageTimings  # noqa: E402
 from schemas.vectors import encode_vector  # noqa: E402
-from stream.tools.localstack import LocalStack  # noqa: E402
-from stream.topics import ensure_topics_sync  # noqa: E402
+from devtools.localstack import LocalStack  # noqa: E402
+from stream.kafka.topics import ensure_topics_sync  # noqa: E402
 
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 _CODEC_IDS = {"none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}

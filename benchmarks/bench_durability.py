@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from stream.checkpoints import CheckpointStore, TurnCommit
-from stream.tools.localstack import RedisServer
+from stream.state.store import CheckpointStore, TurnCommit
+from devtools.localstack import RedisServer
 from stream.settings import Durability
 from workers.state import ConversationState, StateDelta
 

@@ -41,9 +41,9 @@ from support.workers import PipelineEnv, WorkerProc, read_topic  # noqa: E402
 
 from benchmarks.report import update_section  # noqa: E402
 from benchmarks.results_schema import RESULTS_DIR, E2EPhase, E2ERun, RunInfo, record_e2e_run  # noqa: E402
-from stream.tools.localstack import LocalStack  # noqa: E402
-from stream.tools.producer import produce_records, turn_events  # noqa: E402
-from stream.topics import ensure_topics_sync  # noqa: E402
+from devtools.localstack import LocalStack  # noqa: E402
+from stream.clients.producer import produce_records, turn_events  # noqa: E402
+from stream.kafka.topics import ensure_topics_sync  # noqa: E402
 
 
 def conversations(n: int, turns: int, seed: int = 7) -> list[dict]:

@@ -1,5 +1,5 @@
 """Reference index: fill and search latency at 10k indexed turns, the SQLite + numpy index
-(stream/tools/reference_index.py) against qdrant-client's embedded (local, on-disk) mode.
+(stream/index/reference_index.py) against qdrant-client's embedded (local, on-disk) mode.
 
     python -m benchmarks.bench_index [--turns 10000] [--convs 200] [--dim 1024] [--no-qdrant] [--no-broker]
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from schemas.events import EmbeddingEvent, SourceRef, StageTimings
 from schemas.vectors import encode_vector
-from stream.tools.reference_index import ReferenceIndex
+from stream.index.reference_index import ReferenceIndex
 
 NOW = datetime(2026, 11, 30, tzinfo=timezone.utc)
 
@@ -94,10 +94,10 @@ def bench_catch_up(vecs: np.ndarray, convs: int, d: Path) -> dict:
     all 10k embedding events, the next one (nothing new) only checks the offsets."""
     import asyncio
 
-    from stream.tools.localstack import LocalStack
-    from stream.tools.producer import produce_records
-    from stream.tools.reference_index import catch_up
-    from stream.topics import ensure_topics_sync
+    from devtools.localstack import LocalStack
+    from stream.clients.producer import produce_records
+    from stream.index.reference_index import catch_up
+    from stream.kafka.topics import ensure_topics_sync
 
     n = len(vecs)
     with LocalStack(d / "stack") as stack:

@@ -39,9 +39,9 @@ from support.workers import PipelineEnv, WorkerProc  # noqa: E402
 
 from benchmarks.bench_e2e import conversations  # noqa: E402
 from benchmarks.report import update_section  # noqa: E402
-from stream.tools.localstack import LocalStack  # noqa: E402
-from stream.tools.producer import produce_records, turn_events  # noqa: E402
-from stream.topics import ensure_topics_sync  # noqa: E402
+from devtools.localstack import LocalStack  # noqa: E402
+from stream.clients.producer import produce_records, turn_events  # noqa: E402
+from stream.kafka.topics import ensure_topics_sync  # noqa: E402
 
 APPLIED = "evostream_turns_applied_total"
 QUESTIONS = ["where is my parcel?", "refund for the invoice", "reset my password", "which flight and seat?"]

@@ -56,10 +56,10 @@ if str(REPO) not in sys.path:
 from schemas.events import EmbeddingEvent, MemoryOrigin, SourceRef, StageTimings  # noqa: E402
 from schemas.turns import ChatMessage, TurnInput  # noqa: E402
 from schemas.vectors import encode_vector  # noqa: E402
-from stream.checkpoints import CheckpointStore, TurnCommit  # noqa: E402
-from stream.cold_tier import ColdTier  # noqa: E402
+from stream.state.store import CheckpointStore, TurnCommit  # noqa: E402
+from stream.state.cold_tier import ColdTier  # noqa: E402
 from stream.identity import ConversationRef  # noqa: E402
-from stream.tools.localstack import RedisServer  # noqa: E402
+from devtools.localstack import RedisServer  # noqa: E402
 from workers.state import ConversationState, StateDelta  # noqa: E402
 
 SHAPES = [  # (label, family, hidden) of the released checkpoints (MODEL_SPEC.md)
@@ -261,7 +261,7 @@ async def measure_ops(url: str, r: redis.Redis, batch: int, event_bytes: bytes) 
 
 def embedding_event(dim: int = 1024, cid: str = "support-refund-0001", fingerprint: str = "0" * 16,
                     model: str = "Qwen/Qwen3.5-0.8B", seed: int = 0) -> bytes:
-    """The EmbeddingEvent the pipeline builds for one turn (stream/pipeline.py _embedding_bytes)."""
+    """The EmbeddingEvent the pipeline builds for one turn (stream/processing/pipeline.py _embedding_bytes)."""
     v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
     v /= np.linalg.norm(v)
     ev = EmbeddingEvent(

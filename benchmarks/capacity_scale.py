@@ -2,7 +2,7 @@
 
 What it does, in order:
 
-1. starts its own broker + Redis (stream.tools.localstack), creates the topics;
+1. starts its own broker + Redis (devtools.localstack), creates the topics;
 2. seeds `--conversations` conversations of the seeded tiny model (qwen3, hidden 64) directly
    through the real CheckpointStore (lengths 1..`--max-turns` turns, random latents of the
    model's shape, the worker's model fingerprint), in batches of one round trip each;
@@ -48,11 +48,11 @@ sys.path.insert(0, str(REPO / "tests"))
 from support.workers import PipelineEnv, WorkerProc, read_topic, wait_for  # noqa: E402
 
 from benchmarks.report import update_section  # noqa: E402
-from stream.checkpoints import CheckpointStore, TurnCommit  # noqa: E402
+from stream.state.store import CheckpointStore, TurnCommit  # noqa: E402
 from stream.identity import ConversationRef  # noqa: E402
-from stream.tools.localstack import LocalStack  # noqa: E402
-from stream.tools.producer import produce_records  # noqa: E402
-from stream.topics import ensure_topics_sync  # noqa: E402
+from devtools.localstack import LocalStack  # noqa: E402
+from stream.clients.producer import produce_records  # noqa: E402
+from stream.kafka.topics import ensure_topics_sync  # noqa: E402
 from workers.state import ConversationState, StateDelta  # noqa: E402
 
 TENANT = "scale"

@@ -12,7 +12,7 @@ Conventions, and why:
   (a typo in `metdata` must not vanish without a trace).
 * Every event that can be on a topic has a `type` tag; the inbound ones form a discriminated
   union (`InboundEvent`) so a single parse decides the shape.
-* Inbound wire bytes are validated in *strict JSON* mode (`stream.decode`): `"5"` is not a seq
+* Inbound wire bytes are validated in *strict JSON* mode (`stream.processing.decode`): `"5"` is not a seq
   and `1.0` is not an int. Building models in Python stays lax for convenience.
 * Timestamps are timezone-aware; a naive timestamp is ambiguous across producers, so it is an
   error rather than a guess.
@@ -198,7 +198,7 @@ class _Inbound(BaseModel):
     """Inbound events are read tolerantly (issue #13): a field this version does not know is
     accepted and kept (`model_extra`, re-serialised with the event) instead of rejected, so a
     producer that adds a field does not dead-letter every turn until evostream is redeployed.
-    `stream.decode` counts such fields; `EVOSTREAM_INPUT_STRICT=true` restores the version-1
+    `stream.processing.decode` counts such fields; `EVOSTREAM_INPUT_STRICT=true` restores the version-1
     contract (`TurnEventV1`: unknown fields are a `schema_violation`)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -283,7 +283,7 @@ class TurnEvent(_Inbound):
 class TurnEventV1(_Wire):
     """The version-1 turn contract, exactly as it was before the tolerant reader: unknown
     fields forbidden, roles user/assistant only, content a string, ISO timestamps only.
-    `stream.decode` checks records against it in strict mode (`EVOSTREAM_INPUT_STRICT`)."""
+    `stream.processing.decode` checks records against it in strict mode (`EVOSTREAM_INPUT_STRICT`)."""
 
     type: Literal["turn"] = "turn"
     schema_version: Literal[1] = SCHEMA_VERSION

@@ -16,7 +16,7 @@ turns. This module is the one place that maps the first onto the second:
 | `tool`, `function` (tool results) | nothing: machine output in no trained rendering |
 | content parts `{"type":"text","text":...}` | their text, joined by "\\n"; other part types (images, audio): nothing |
 
-Unknown fields on a message are accepted and kept (`model_extra`); `stream.decode` counts them.
+Unknown fields on a message are accepted and kept (`model_extra`); `stream.processing.decode` counts them.
 """
 
 from __future__ import annotations

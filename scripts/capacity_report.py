@@ -448,7 +448,7 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
     ce = lv.get("cold_tier_exactness", {})
     if ct:
         w(f"| cold tier (SQLite) for idle conversations | `EVOSTREAM_COLD_TIER_PATH=/var/lib/evostream/cold.sqlite` + "
-          f"`python -m stream.cold_tier freeze --idle-s 3600` (cron) | Redis: {fmt_bytes(ct['memory_usage_before'] / ct['frozen'])} -> "
+          f"`python -m stream.state.cold_tier freeze --idle-s 3600` (cron) | Redis: {fmt_bytes(ct['memory_usage_before'] / ct['frozen'])} -> "
           f"{fmt_bytes(ct['marker_bytes_left_per_conversation'])} per frozen conversation (the marker); disk: "
           f"{fmt_bytes(ct['sqlite_file_bytes'] / ct['frozen'])} each in SQLite. Freeze {ct['freeze_ms_per_conversation']:.0f} ms, "
           f"thaw on the next turn {ct['thaw_ms_per_conversation']:.0f} ms per conversation "

@@ -49,7 +49,7 @@ WHAT = {
     "kill9": (
         "Worker processes are SIGKILLed while a producer streams interleaved conversations: from "
         "outside at random moments, and from inside through the test-only fault hook "
-        "(`stream/faults.py`, `EVOSTREAM_FAULT_POINT`) right after the model step, between the "
+        "(`devtools/faults.py`, `EVOSTREAM_FAULT_POINT`) right after the model step, between the "
         "Redis checkpoint and the emit, between the emit and the outbox ack, and between the ack "
         "and the offset commit. Each killed worker is restarted. Checkpoints compact every 3 turns "
         "so that replays also cross full-state compactions."),
@@ -107,13 +107,13 @@ FINDINGS = [
     "shape in the memory pass) but its embedding was not (another batch shape in the retrieval "
     "pass). The commit script recognises a retry whose first reply was lost by (seq, digest of the "
     "deltas), so it answered the zombie ALREADY_APPLIED and the zombie emitted its own embedding "
-    "next to the winner's. Fixed in `stream/checkpoints.py`: the digest is keyed per store "
+    "next to the winner's. Fixed in `stream/state/store.py`: the digest is keyed per store "
     "instance, so only the same writer's retry matches; any other writer gets STALE, re-reads and "
     "re-emits the winner's event from the outbox. Regression test: "
     "`test_zombie_with_bit_identical_deltas_is_refused_not_taken_for_a_retry`."),
     ("`/readyz` stayed 200 while a worker held no partitions (after a revoke, during a rebalance, or "
     "in a consumer group that never re-synced), so neither an orchestrator nor the harness could see a "
-    "stuck group. Fixed in `stream/app.py`: readiness drops on every revoke and comes back with the "
+    "stuck group. Fixed in `stream/runtime/worker.py`: readiness drops on every revoke and comes back with the "
     "next assignment. Found by the rebalance scenario."),
     ("tansu 0.6.0 (the local broker) keeps a group leader that leaves (LeaveGroup) in the middle of a "
     "rebalance as the leader of the next generation: the remaining members re-join that generation as "

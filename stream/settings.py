@@ -170,7 +170,7 @@ class Settings(BaseSettings):
         default_factory=dict, description='tenant -> idle TTL in seconds (null = never), JSON; "" = the default tenant; '
                                           "others use state_ttl_s")
     cold_tier_path: str | None = Field(
-        None, description="SQLite file of the cold tier: conversations frozen by `python -m stream.cold_tier freeze` "
+        None, description="SQLite file of the cold tier: conversations frozen by `python -m stream.state.cold_tier freeze` "
                           "are brought back from it on their next turn")
 
     # --- model ---

@@ -1,7 +1,7 @@
 """Session-wide real services for the test suite.
 
 Why: tests talk to a real Kafka-protocol broker and a real Redis over loopback sockets
-(see stream/tools/localstack.py); one stack per session keeps start-up cost to a fraction of a
+(see devtools/localstack.py); one stack per session keeps start-up cost to a fraction of a
 second. It starts lazily, so tests that need neither never pay for it.
 
 Point the suite at external services instead with ``EVOSTREAM_TEST_KAFKA_BOOTSTRAP`` and/or
@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
-from stream.tools.localstack import ENV_KAFKA, ENV_REDIS, LocalStack
-from stream.topics import delete_topics_sync, ensure_topics_sync
+from devtools.localstack import ENV_KAFKA, ENV_REDIS, LocalStack
+from stream.kafka.topics import delete_topics_sync, ensure_topics_sync
 
 EXTERNAL_KAFKA = "EVOSTREAM_TEST_KAFKA_BOOTSTRAP"
 EXTERNAL_REDIS = "EVOSTREAM_TEST_REDIS_URL"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.topics import ensure_topics_sync
+from stream.kafka.topics import ensure_topics_sync
 from tests.support.kafka_proxy import proxied_broker, wait
 from tests.support.oracle import metrics
 from tests.support.traffic import produce, turn_record

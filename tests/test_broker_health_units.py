@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 import time
 
-from stream.broker_health import BrokerMonitor, BrokerState, apply_consumer_backoff
-from stream.log_limits import RepeatLimitFilter
-from stream.shutdown import EXIT_GRACE_EXCEEDED, ShutdownGuard
+from stream.kafka.broker_health import BrokerMonitor, BrokerState, apply_consumer_backoff
+from stream.runtime.log_limits import RepeatLimitFilter
+from stream.runtime.shutdown import EXIT_GRACE_EXCEEDED, ShutdownGuard
 
 
 class Clock:
@@ -79,7 +79,7 @@ def test_repeat_limit_summarises_library_lines_and_keeps_ours() -> None:
     assert f.filter(_record("aiokafka.client", "Unable connect to node 1"))
     assert f.filter(_record("aiokafka.client", "Unable connect to node 2"))
     assert not f.filter(_record("aiokafka.client", "Unable connect to node 3"))
-    assert all(f.filter(_record("stream.pipeline", "dead-letter %s", i)) for i in range(50))  # ours: untouched
+    assert all(f.filter(_record("stream.processing.pipeline", "dead-letter %s", i)) for i in range(50))  # ours: untouched
     clock.t = 61
     rec = _record("aiokafka.conn", "Unable connect to node with id %s: %s", 1, "refused")
     assert f.filter(rec)
@@ -105,7 +105,7 @@ def test_shutdown_guard_exits_after_grace_unless_finished() -> None:
 def test_throttle_waits_only_for_new_connections_while_delay_is_set() -> None:
     import asyncio
 
-    from stream.broker_health import throttle_reconnects
+    from stream.kafka.broker_health import throttle_reconnects
 
     class Conn:
         def __init__(self, up: bool) -> None:
@@ -134,7 +134,7 @@ def test_throttle_waits_only_for_new_connections_while_delay_is_set() -> None:
         return time.monotonic() - t
 
     async def run() -> None:
-        from stream.broker_health import _DEFAULT_GROUP
+        from stream.kafka.broker_health import _DEFAULT_GROUP
 
         assert await timed(1) < 0.1              # broker answering: no wait
         delay["s"] = 0.3

@@ -24,8 +24,8 @@ import torch
 
 from schemas.events import MemoryOrigin
 from schemas.turns import ChatMessage, TurnInput
-from stream.checkpoints import CheckpointCorrupt, CheckpointStore, CommitStatus, TurnCommit
-from stream.cold_tier import ColdTier
+from stream.state.store import CheckpointCorrupt, CheckpointStore, CommitStatus, TurnCommit
+from stream.state.cold_tier import ColdTier
 from stream.identity import ConversationRef
 from workers.state import ConversationState, StateDelta
 

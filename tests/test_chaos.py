@@ -14,7 +14,7 @@ appends it to `EVOSTREAM_CHAOS_REPORT` (default .run/chaos-report.jsonl), which
 
 Size: `EVOSTREAM_CHAOS_SCALE=short` (default, part of `make test`, about 5 minutes) or `long`
 (`make chaos-long`, the soak documented in RELIABILITY.md). Crash windows are hit on purpose
-with the test-only fault hook stream/faults.py (EVOSTREAM_FAULT_POINT=...).
+with the test-only fault hook devtools/faults.py (EVOSTREAM_FAULT_POINT=...).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from schemas.events import (
     DeadLetterReason,
     TurnEvent,
 )
-from stream.decode import Rejection, decode_inbound
-from stream.tools.localstack import LocalStack
+from stream.processing.decode import Rejection, decode_inbound
+from devtools.localstack import LocalStack
 from tests.strategies import hostile_records
 from tests.support.chaos import (
     Fleet,
@@ -168,7 +168,7 @@ def fleet_numbers(s: Summary, fleet: Fleet) -> None:
 def test_kill9_at_random_moments_and_in_every_crash_window(local_stack: LocalStack, kafka_bootstrap, redis_url,
                                                            topic_factory, tmp_path: Path) -> None:
     """SIGKILL the workers N times while a producer streams: from outside at random moments,
-    and from inside (stream/faults.py) in the model step, between checkpoint and emit, between
+    and from inside (devtools/faults.py) in the model step, between checkpoint and emit, between
     emit and outbox ack, and between ack and offset commit. Nothing may be lost or applied
     twice, and re-emitted copies must be identical."""
     rng = random.Random(SCALE.seed * 101)
@@ -244,7 +244,7 @@ def test_kill9_at_random_moments_and_in_every_crash_window(local_stack: LocalSta
 def test_rebalance_and_zombie_cannot_overwrite(local_stack: LocalStack, kafka_bootstrap, redis_url, topic_factory,
                                                tmp_path: Path) -> None:
     """Workers join and leave mid-stream (1 -> 3 -> 2 per round). In every round the newest
-    worker is armed to freeze itself (SIGSTOP, stream/faults.py) right after a model step; it
+    worker is armed to freeze itself (SIGSTOP, devtools/faults.py) right after a model step; it
     stays frozen past the session timeout while the others take over and advance its
     conversations, and is then resumed: its stale checkpoint write must be refused by the
     compare-and-set."""
@@ -350,7 +350,7 @@ def test_zombie_with_bit_identical_deltas_is_refused_not_taken_for_a_retry(redis
 
     import torch
 
-    from stream.checkpoints import CheckpointStore, CommitStatus, TurnCommit
+    from stream.state.store import CheckpointStore, CommitStatus, TurnCommit
     from workers.state import ConversationState, StateDelta
 
     async def run() -> None:
@@ -780,7 +780,7 @@ RSS_LEAK_BOUND = 512 * 2**20
 
 def _existing(probe: RedisProbe, cids: list[str]) -> int:
     """How many of the conversations still have any key in Redis (-1 if Redis is unreachable)."""
-    from stream.checkpoints import conversation_keys
+    from stream.state.store import conversation_keys
 
     try:
         pipe = probe.client.pipeline(transaction=False)
@@ -988,7 +988,7 @@ def test_production_faults_eviction_deletes_zombie_tenants(local_stack: LocalSta
 
     from schemas.events import EmbeddingEvent, OUTBOUND_EVENT_ADAPTER
     from schemas.vectors import decode_vector
-    from stream.checkpoints import conversation_keys
+    from stream.state.store import conversation_keys
     from stream.identity import ConversationRef
     from tests.support.oracle import load_states, state_difference
     from tests.support.traffic import encode as encode_event

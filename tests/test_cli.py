@@ -3,7 +3,7 @@
 
 Each test runs the real entry point (`python -m stream.cli`) as a subprocess, against real
 services where the failure needs one (a real broker, a real Redis with a password), and checks
-the line and the code. The codes are those of `stream.commands.errors.ExitCode`.
+the line and the code. The codes are those of `stream.cli.errors.ExitCode`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from stream.commands import split_global_options
-from stream.commands.config import check_environment
-from stream.commands.errors import CliError, ExitCode, redact
-from stream.tools.localstack import find_redis_server
+from stream.cli import split_global_options
+from stream.cli.config import check_environment
+from stream.cli.errors import CliError, ExitCode, redact
+from devtools.localstack import find_redis_server
 from tests.support.hubcache import put_checkpoint_dir
 from tests.support.workers import REPO, free_port
 from workers.tiny_checkpoint import cached_tiny_checkpoint
@@ -246,7 +246,7 @@ def test_settings_output_masks_secrets() -> None:
 
 
 def test_every_setting_is_explained_in_settings_help() -> None:
-    from stream.commands.config import settings_help, setting_variables
+    from stream.cli.config import settings_help, setting_variables
 
     entries = settings_help().split("\n\n")
     assert len(entries) == len(setting_variables())

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from schemas.events import TurnEvent
-from stream.tools.producer import produce_records
+from stream.clients.producer import produce_records
 from tests.support.workers import PipelineEnv, WorkerProc, read_topic_sync, wait_for
 from tests.test_cli import ExitCode, one_error, run_cli
 

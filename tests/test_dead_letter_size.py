@@ -26,10 +26,10 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
 
 from schemas.events import DeadLetterEvent, DeadLetterReason, EmbeddingEvent
-from stream.dead_letters import OversizeHandler, fit_dead_letter, record_size
-from stream.decode import Rejection, make_dead_letter
-from stream.emitter import KafkaEmitter, OutMessage
-from stream.topics import run_sync
+from stream.processing.dead_letters import OversizeHandler, fit_dead_letter, record_size
+from stream.processing.decode import Rejection, make_dead_letter
+from stream.kafka.emitter import KafkaEmitter, OutMessage
+from stream.kafka.topics import run_sync
 
 from support.traffic import Workers, pipeline_env, produce, turn_record
 from support.workers import WorkerProc, read_topic_sync, wait_for

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import stream.decode as decode_module
+import stream.processing.decode as decode_module
 from schemas.events import (
     MAX_SEQ,
     ConversationDelete,
@@ -19,7 +19,7 @@ from schemas.events import (
     DeadLetterReason,
     TurnEvent,
 )
-from stream.decode import (
+from stream.processing.decode import (
     MAX_DEPTH_LIMIT,
     Rejection,
     decode_inbound,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from stream.tools.demo import run_demo
-from stream.tools.localstack import LocalStack
+from devtools.demo import run_demo
+from devtools.localstack import LocalStack
 
 
 def _nothing_left_running(run_dir: Path) -> None:

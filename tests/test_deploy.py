@@ -31,7 +31,7 @@ COMPOSE = DEPLOY / "docker-compose.yml"
 K8S = sorted((DEPLOY / "k8s").glob("*.yaml"))
 SETTINGS = {f"EVOSTREAM_{name.upper()}" for name in Settings.model_fields} | {"EVOSTREAM_CONFIG"}
 #: Compose-file variables (interpolated on the host by `docker compose`, never seen by evostream).
-#: Only the two that `evostream` itself knows to ignore (stream/commands/config.py); the others
+#: Only the two that `evostream` itself knows to ignore (stream/cli/config.py); the others
 #: carry no EVOSTREAM_ prefix, so a shell exporting them still runs `evostream` commands.
 HOST_VARIABLES = {"EVOSTREAM_CHECKPOINT_DIR", "EVOSTREAM_WORKERS"}
 
@@ -186,7 +186,7 @@ def test_every_evostream_variable_in_deploy_is_a_setting() -> None:
     readme = (REPO / "README.md").read_text()
     for v in set(_VAR.findall(COMPOSE.read_text())):
         assert v[0] in readme, f"{v[0]} (a compose variable) is not explained in README.md"
-    from stream.commands.config import AUXILIARY_VARIABLES as AUXILIARY
+    from stream.cli.config import AUXILIARY_VARIABLES as AUXILIARY
 
     assert HOST_VARIABLES <= set(AUXILIARY), "evostream would refuse a shell exporting a compose variable"
 

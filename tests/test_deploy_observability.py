@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream.api.metrics import ApiMetrics
-from stream.metrics import Metrics
+from stream.runtime.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 

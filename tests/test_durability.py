@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from stream.checkpoints import UnsafeRedisConfig
-from stream.tools.localstack import RedisServer
+from stream.state.store import UnsafeRedisConfig
+from devtools.localstack import RedisServer
 from stream.settings import Durability
 from tests.support.oracle import TOL, compute_expected
 from tests.test_production_faults import Harness, turn_input, turn_value

@@ -35,8 +35,8 @@ from schemas.events import (
 )
 from schemas.turns import TurnInput
 from schemas.vectors import decode_vector
-from stream.checkpoints import CheckpointStore, FingerprintMismatch, TurnCommit
-from stream.topics import run_sync
+from stream.state.store import CheckpointStore, FingerprintMismatch, TurnCommit
+from stream.kafka.topics import run_sync
 
 from strategies import DECODER_REASONS, hostile_records
 from support.oracle import (
@@ -194,7 +194,7 @@ def _seed_damaged_checkpoints(penv: PipelineEnv) -> None:
     their meta). `copied-conv`: tenant acme's checkpoint copied under tenant globex's keys."""
     import redis
 
-    from stream.checkpoints import conversation_keys
+    from stream.state.store import conversation_keys
     from stream.identity import ConversationRef
 
     engine = offline_engine()
@@ -423,7 +423,7 @@ def test_workers_still_alive_and_healthy(run: Run) -> None:
 
 
 def test_foreign_and_damaged_checkpoints_left_untouched(run: Run) -> None:
-    from stream.checkpoints import CheckpointProblem
+    from stream.state.store import CheckpointProblem
     from stream.identity import ConversationRef
     from support.oracle import checkpoint_store
 

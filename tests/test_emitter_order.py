@@ -16,8 +16,8 @@ from collections import defaultdict
 
 from aiokafka.errors import KafkaTimeoutError
 
-from stream.emitter import KafkaEmitter, OutMessage
-from stream.recovery import Backoff
+from stream.kafka.emitter import KafkaEmitter, OutMessage
+from stream.backoff import Backoff
 from tests.support.workers import read_topic_sync
 
 FAST = Backoff(initial_s=0.01, max_s=0.05)

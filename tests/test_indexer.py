@@ -1,4 +1,4 @@
-"""The reference indexer (stream/tools/indexer.py) and the query client (stream/tools/query_client.py).
+"""The reference indexer (stream/index/indexer.py) and the query client (stream/clients/query_client.py).
 
 * `VectorIndex` unit tests: idempotent re-adds, deletes, cosine ranking, ties, k, checkpoints.
 * `query_worker` / `query_worker_async` error messages against a refusing port and a stub
@@ -34,7 +34,7 @@ from schemas.events import (
     StageTimings,
 )
 from schemas.vectors import decode_vector, encode_vector
-from stream.tools.indexer import (
+from stream.index.indexer import (
     IndexerConsumer,
     TopicNotFound,
     VectorIndex,
@@ -43,8 +43,8 @@ from stream.tools.indexer import (
     search_end_to_end,
     turn_texts,
 )
-from stream.tools.producer import produce_records, turn_events
-from stream.tools.query_client import QueryError, query_url, query_worker, query_worker_async
+from stream.clients.producer import produce_records, turn_events
+from stream.clients.query_client import QueryError, query_url, query_worker, query_worker_async
 from tests.support.workers import REPO, PipelineEnv, WorkerProc, free_port, wait_for
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)

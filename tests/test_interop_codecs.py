@@ -27,8 +27,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from schemas.events import TurnEvent
-from stream.tools.indexer import build_index
-from stream.topics import run_sync
+from stream.index.indexer import build_index
+from stream.kafka.topics import run_sync
 
 from support.oracle import TOL, Expected, check_outputs, compute_expected, metrics, read_dead_letters, wait_for_embeddings
 from support.traffic import TopicMaker, Workers, pipeline_env, random_messages

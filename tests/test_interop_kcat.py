@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from schemas.events import OUTBOUND_EVENT_ADAPTER, EmbeddingEvent, TurnEvent
-from stream.tools.localstack import HOST, TansuBroker
+from devtools.localstack import HOST, TansuBroker
 
 from support.kafka_compat_proxy import KafkaCompatProxy
 from support.oracle import Outputs, compare, compute_expected, load_states, read_dead_letters

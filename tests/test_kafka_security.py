@@ -24,9 +24,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from stream.kafka_security import FileTokenProvider, KafkaSecurity, KafkaSecurityError
+from stream.kafka.security import FileTokenProvider, KafkaSecurity, KafkaSecurityError
 from stream.settings import Settings
-from stream.topics import ensure_topics_sync, run_sync
+from stream.kafka.topics import ensure_topics_sync, run_sync
 
 from support.oracle import Outputs, compare, expected_for
 from support.tls import Pki, TlsKafka, make_pki
@@ -200,7 +200,7 @@ def test_worker_exits_naming_a_missing_topic(kafka_bootstrap: str, tmp_path: Pat
     assert f"topic(s) {missing} missing" in r.stderr and "evostream topics" in r.stderr
     assert "Traceback" not in r.stderr
     # and the check created nothing (a by-name metadata request would have, on tansu)
-    from stream.topics import missing_topics
+    from stream.kafka.topics import missing_topics
 
     assert run_sync(lambda: missing_topics(kafka_bootstrap, [missing])) == [missing]
 
@@ -247,7 +247,7 @@ def test_worker_and_indexer_over_tls_match_offline(tls_kafka: TlsKafka, redis_ur
     """A worker whose only way to Kafka is TLS (faust consumer, faust producer, the emitter)
     processes 4 conversations x 4 turns; the indexer reads the embeddings over TLS; every
     vector equals the offline replay."""
-    from stream.tools.indexer import IndexerConsumer
+    from stream.index.indexer import IndexerConsumer
 
     sec = tls_kafka.security()
     base = f"tlsw-{uuid.uuid4().hex[:6]}"

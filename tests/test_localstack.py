@@ -22,7 +22,7 @@ import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import murmur2
 
-from stream.tools.localstack import (
+from devtools.localstack import (
     ENV_KAFKA,
     ENV_REDIS,
     LocalStack,
@@ -30,7 +30,7 @@ from stream.tools.localstack import (
     RedisServer,
     StackAlreadyRunning,
 )
-from stream.topics import (
+from stream.kafka.topics import (
     DEAD_LETTER_TOPIC,
     DEFAULT_TOPICS,
     EMBEDDINGS_TOPIC,
@@ -240,7 +240,7 @@ def test_ensure_topics_idempotent(kafka_bootstrap: str) -> None:
 
 
 def test_double_start_refused(local_stack: LocalStack) -> None:
-    with pytest.raises(StackAlreadyRunning, match="stream.tools.localstack stop"):
+    with pytest.raises(StackAlreadyRunning, match="devtools.localstack stop"):
         LocalStack(local_stack.run_dir).start()
     assert local_stack.status().running
 
@@ -261,7 +261,7 @@ def test_cli_start_status_env_stop(tmp_path: Path) -> None:
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "stream.tools.localstack", *args, "--run-dir", str(run_dir)],
+            [sys.executable, "-m", "devtools.localstack", *args, "--run-dir", str(run_dir)],
             cwd=REPO,
             capture_output=True,
             text=True,

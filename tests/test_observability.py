@@ -15,8 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
 from schemas.events import TurnEvent
-from stream.lag import LagGauge
-from stream.tools.producer import produce_records
+from stream.kafka.lag import LagGauge
+from stream.clients.producer import produce_records
 from tests.support.workers import PipelineEnv, WorkerProc, wait_for
 
 PARTS = 4
@@ -114,7 +114,7 @@ def test_lag_gauge_across_a_rebalance_with_two_workers(kafka_bootstrap: str, red
 
 
 def test_process_platform_and_query_metrics_are_exported() -> None:
-    from stream.metrics import Metrics
+    from stream.runtime.metrics import Metrics
 
     text = Metrics().render().decode()
     for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "python_info",
@@ -128,9 +128,9 @@ def test_json_logs_carry_conversation_partition_offset() -> None:
 
     import pytest
 
-    from stream.logs import JsonFormatter, fields
+    from stream.runtime.logs import JsonFormatter, fields
 
-    rec = logging.LogRecord("stream.pipeline", logging.WARNING, __file__, 1, "dead-letter %s", ("x",), None)
+    rec = logging.LogRecord("stream.processing.pipeline", logging.WARNING, __file__, 1, "dead-letter %s", ("x",), None)
     rec.__dict__.update(fields(conversation_id="c1", tenant=None, partition=3, offset=42, reason_code="invalid_json"))
     out = json.loads(JsonFormatter().format(rec))
     assert out["msg"] == "dead-letter x"

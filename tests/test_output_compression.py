@@ -11,10 +11,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from stream import unreadable
-from stream.emitter import KafkaEmitter, OutMessage, require_codec
+from stream.kafka.emitter import KafkaEmitter, OutMessage, require_codec
 from stream.settings import Settings
-from stream.topics import run_sync
-from stream.unreadable import UnreadableBatches, disable_codecs_for_tests
+from stream.kafka.topics import run_sync
+from stream.kafka.unreadable import UnreadableBatches, disable_codecs_for_tests
 
 
 async def _emit(bootstrap: str, topic: str, compression: str) -> None:

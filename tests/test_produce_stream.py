@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.tools.produce_stream import InputError, iter_file_records
+from stream.clients.produce_stream import InputError, iter_file_records
 
 
 def _jsonl(n_convs: int, turns: int = 3) -> bytes:

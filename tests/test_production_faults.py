@@ -32,13 +32,13 @@ from schemas.events import (
 )
 from schemas.turns import ChatMessage, TurnInput
 from schemas.vectors import decode_vector
-from stream.checkpoints import CheckpointStore, UnsafeRedisConfig
-from stream.emitter import OutMessage
+from stream.state.store import CheckpointStore, UnsafeRedisConfig
+from stream.kafka.emitter import OutMessage
 from stream.identity import ConversationRef
-from stream.metrics import Metrics
-from stream.pipeline import InboundRecord, TurnPipeline
+from stream.runtime.metrics import Metrics
+from stream.processing.pipeline import InboundRecord, TurnPipeline
 from stream.settings import GapPolicy, Settings
-from stream.state_cache import StateCache
+from stream.state.cache import StateCache
 from tests.support.oracle import TOL, compute_expected, offline_engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -469,7 +469,7 @@ def test_revoked_partition_state_never_reenters_the_cache(redis_url: str, ns: st
 def test_all_keys_of_a_conversation_share_one_cluster_slot(cid: str) -> None:
     """Before: the hash tag was the raw id, so an id containing `}` put its keys in
     different slots (every multi-key script then fails on Redis Cluster)."""
-    from stream.checkpoints import conversation_keys
+    from stream.state.store import conversation_keys
 
     for tenant in (None, "acme", "t}x"):
         keys = conversation_keys("evostream", ConversationRef(tenant, cid))

@@ -14,7 +14,7 @@ import pytest
 
 from stream.api.batcher import EmbedItem, QueryBatcher, rerank_pass
 from stream.api.errors import ApiError
-from stream.model_thread import ModelThread
+from stream.runtime.model_thread import ModelThread
 from support.oracle import TOL, offline_engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from redis.crc import key_slot
 
-from stream.checkpoints import CheckpointStore, conversation_keys
+from stream.state.store import CheckpointStore, conversation_keys
 from stream.identity import ConversationRef
-from stream.redis_client import RedisOptions, RedisUrlError, ScriptingRedisCluster, make_redis
-from stream.topics import run_sync
+from stream.state.redis_client import RedisOptions, RedisUrlError, ScriptingRedisCluster, make_redis
+from stream.kafka.topics import run_sync
 
 from support.oracle import compare, expected_for, offline_engine, read_outputs, wait_for_embeddings
 from support.redis_servers import RedisCluster3, TlsRedis, debian_redis_server
@@ -128,7 +128,7 @@ def test_store_operations_on_the_cluster(cluster: RedisCluster3) -> None:
 def test_plain_url_at_a_cluster_node_fails_clearly_not_forever(cluster: RedisCluster3) -> None:
     """redis:// at one cluster node: a MOVED reply is a configuration error (no retry cures
     it), reported with the redirection, instead of a store that waits for ever."""
-    from stream.checkpoints import CheckpointError
+    from stream.state.store import CheckpointError
 
     engine = offline_engine()
     ns = "plain"

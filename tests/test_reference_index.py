@@ -1,4 +1,4 @@
-"""The persistent reference index (issue #11, stream/tools/reference_index.py): scoped by tenant and
+"""The persistent reference index (issue #11, stream/index/reference_index.py): scoped by tenant and
 conversation, idempotent, tombstones, texts from the turns topic, offsets stored with the rows
 so that a restart resumes where it stopped (real broker), and `evostream search` printing the
 turn text against a real worker."""
@@ -15,8 +15,8 @@ import pytest
 
 from schemas.events import ConversationDeleted, EmbeddingEvent, SourceRef, StageTimings, TurnEvent
 from schemas.vectors import encode_vector
-from stream.tools.producer import produce_records
-from stream.tools.reference_index import ReferenceIndex, catch_up
+from stream.clients.producer import produce_records
+from stream.index.reference_index import ReferenceIndex, catch_up
 from tests.support.workers import PipelineEnv, WorkerProc, read_topic_sync, wait_for
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
@@ -131,7 +131,7 @@ def test_search_command_prints_turn_text(kafka_bootstrap: str, redis_url: str, t
 def test_recreated_topic_is_read_again(tmp_path: Path, kafka_bootstrap: str, topic_factory) -> None:
     """A topic deleted and created again under the same name (a local stack restart) must not
     be resumed at the old offsets: its old rows go, its new records are read from 0."""
-    from stream.topics import delete_topics_sync, ensure_topics_sync
+    from stream.kafka.topics import delete_topics_sync, ensure_topics_sync
 
     emb_topic = topic_factory(1)
     asyncio.run(produce_records([(b"old", emb("old", s, [1, s, 0])) for s in range(5)], bootstrap=kafka_bootstrap,

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import redis
 
-from stream.tools.localstack import LocalStack
-from stream.topics import ensure_topics_sync
+from devtools.localstack import LocalStack
+from stream.kafka.topics import ensure_topics_sync
 
 
 def _topics(bootstrap: str) -> set[str]:
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from stream.topics import run_sync
+    from stream.kafka.topics import run_sync
 
     async def names() -> set[str]:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)

@@ -1,4 +1,4 @@
-"""The unreadable-batch guard (stream/unreadable.py) on a real aiokafka consumer and the real
+"""The unreadable-batch guard (stream/kafka/unreadable.py) on a real aiokafka consumer and the real
 local broker, in process (issue #13). The worker-level behaviour (one partition stopped, the
 others flowing, /readyz and metrics, a healthy worker resuming) is in
 tests/test_interop_codecs.py.
@@ -14,8 +14,8 @@ from aiokafka.errors import UnsupportedCodecError
 from prometheus_client import CollectorRegistry
 
 from stream import unreadable
-from stream.topics import run_sync
-from stream.unreadable import UnreadableBatches, disable_codecs_for_tests
+from stream.kafka.topics import run_sync
+from stream.kafka.unreadable import UnreadableBatches, disable_codecs_for_tests
 
 
 async def _produce(bootstrap: str, topic: str, partition: int, values: list[bytes], codec: str | None) -> list[int]:

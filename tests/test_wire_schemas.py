@@ -24,7 +24,7 @@ from schemas.events import (
     TurnEvent,
 )
 from schemas.vectors import encode_vector
-from stream.decode import decode_inbound
+from stream.processing.decode import decode_inbound
 
 import numpy as np
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from schemas.turns import ChatMessage, TurnInput
 from stream.api.errors import overloaded
-from stream.model_thread import ModelThread
+from stream.runtime.model_thread import ModelThread
 from workers.engine import EvoEngine
 from workers.state import ConversationState
 

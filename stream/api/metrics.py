@@ -1,5 +1,5 @@
 """The query API's own Prometheus series, registered on the worker's registry (so /metrics
-shows them next to the pipeline's) without growing the shared stream/metrics.py."""
+shows them next to the pipeline's) without growing the shared stream/runtime/metrics.py."""
 
 from __future__ import annotations
 

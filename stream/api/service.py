@@ -17,9 +17,9 @@ from stream.api.auth import Principal
 from stream.api.batcher import EmbedItem, QueryBatcher
 from stream.api.errors import ApiError, not_found, too_large, unavailable
 from stream.api.models import InputType, MemoryInfo, UnknownConversation
-from stream.checkpoints import CheckpointCorrupt, CheckpointError, FingerprintMismatch
+from stream.state.store import CheckpointCorrupt, CheckpointError, FingerprintMismatch
 from stream.identity import ConversationRef
-from stream.recovery import StoreUnavailable
+from stream.state.availability import StoreUnavailable
 from workers.engine import EvoEngine
 from workers.state import ConversationState
 

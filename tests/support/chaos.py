@@ -9,7 +9,7 @@ Expected outputs and the output checker come from `tests/support/oracle.py`, the
 * `StreamingProducer`: publishes records at a steady rate from a background thread, so faults
   land *while* traffic flows, and remembers the highest seq acknowledged per conversation;
 * `Fleet`: named `WorkerProc`s; `poll()` notices workers that died (telling a planned fault,
-  see stream/faults.py, from an unexpected exit) and restarts them when asked to;
+  see devtools/faults.py, from an unexpected exit) and restarts them when asked to;
 * `RedisProbe`: applied seq per conversation, keys of a namespace (survives Redis outages);
 * `Summary` / `append_report`: `EVOSTREAM_CHAOS_REPORT` (default .run/chaos-report.jsonl),
   rendered into RELIABILITY.md by scripts/chaos_report.py.
@@ -39,7 +39,7 @@ from pathlib import Path
 import redis
 from aiokafka import AIOKafkaProducer
 
-from stream.checkpoints import conversation_keys
+from stream.state.store import conversation_keys
 
 from .oracle import metrics
 from .workers import REPO, PipelineEnv, WorkerProc
@@ -300,7 +300,7 @@ FAULT_LINE = re.compile(rb"EVOSTREAM_FAULT (kill|stop) (\w+) pid=(\d+)")
 
 def fault_env(point: str, *, action: str = "kill", skip: int = 0, prob: float = 1.0,
               seed: int | None = None) -> dict[str, str]:
-    """Environment that arms stream/faults.py in a worker (one fault per process)."""
+    """Environment that arms devtools/faults.py in a worker (one fault per process)."""
     env = {"EVOSTREAM_FAULT_POINT": point, "EVOSTREAM_FAULT_ACTION": action,
            "EVOSTREAM_FAULT_SKIP": str(skip), "EVOSTREAM_FAULT_PROB": str(prob), "EVOSTREAM_FAULT_MAX": "1"}
     if seed is not None:

@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stream.tools.localstack import HOST, TansuBroker, free_ports
+from devtools.localstack import HOST, TansuBroker, free_ports
 
 MODES = ("pass", "cut", "blackhole", "slow", "drop_produce")
 PRODUCE_API_KEY = 0

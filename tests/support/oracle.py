@@ -35,8 +35,8 @@ from schemas.events import (
 )
 from schemas.turns import TurnInput
 from schemas.vectors import decode_vector
-from stream.checkpoints import CheckpointStore
-from stream.topics import run_sync
+from stream.state.store import CheckpointStore
+from stream.kafka.topics import run_sync
 from workers.state import ConversationState
 
 from .traffic import Traffic

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from stream.tools.localstack import HOST, ManagedService, find_redis_server, free_ports
+from devtools.localstack import HOST, ManagedService, find_redis_server, free_ports
 
 CLUSTER_SLOTS = 16384
 

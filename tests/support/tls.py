@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stream.kafka_security import KafkaSecurity
-from stream.tools.localstack import HOST, ManagedService, TansuBroker, free_ports
-from stream.topics import wait_for_broker_sync
+from stream.kafka.security import KafkaSecurity
+from devtools.localstack import HOST, ManagedService, TansuBroker, free_ports
+from stream.kafka.topics import wait_for_broker_sync
 
 
 def _openssl(*args: str, cwd: Path) -> None:

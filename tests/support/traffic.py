@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaProducer
 
 from schemas.events import ConversationDelete, TurnEvent
 from schemas.turns import TurnInput
-from stream.topics import delete_topics_sync, ensure_topics_sync, run_sync
+from stream.kafka.topics import delete_topics_sync, ensure_topics_sync, run_sync
 
 from .workers import PipelineEnv
 

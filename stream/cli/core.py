@@ -1,0 +1,441 @@
+"""The stream commands: worker, demo, produce, query, search, inspect, topics, stack,
+settings, make-tiny-checkpoint.
+
+Each command loads its settings through `load_settings` (flags > EVOSTREAM_* > settings file)
+and lets expected failures propagate as exceptions; `main()` turns them into one line and an
+exit code (stream/cli/errors.py). Heavy imports (torch, faust) happen inside commands so
+that `--help` and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from stream.cli.base import STATE, app, note
+from stream.cli.config import check_environment, load_settings, settings_help
+from stream.cli.errors import CliError, ExitCode
+
+
+def settings(**overrides: Any):  # -> Settings
+    """Check the environment, load and remember the settings (error messages quote them)."""
+    for w in check_environment():
+        if w not in STATE.warnings:
+            STATE.warnings.append(w)
+            print(f"warning: {w}", file=sys.stderr)
+    s = load_settings(**overrides)
+    STATE.settings = s
+    return s
+
+
+def quiet_kafka_logs() -> None:
+    """aiokafka logs every failed connection attempt with a traceback; commands say it once."""
+    import logging
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+
+#: Words in kafka_security.describe_connect_error's line that mean "credentials refused".
+AUTH_WORDS = ("authentication", "TLS", "certificate")
+
+
+def kafka_failure(s: Any, exc: BaseException) -> CliError:
+    """One line saying why Kafka could not be used: the connection is retried once by hand
+    (TCP, TLS, SASL) so that the line names the real cause, not aiokafka's generic
+    "Unable to bootstrap"."""
+    from aiokafka.errors import KafkaError
+
+    from stream.kafka.security import KafkaSecurity, KafkaSecurityError, describe_connect_error
+    from stream.kafka.topics import TopicError, run_sync
+
+    if isinstance(exc, KafkaSecurityError):
+        return CliError(str(exc), ExitCode.USAGE)
+    if isinstance(exc, TopicError):
+        return CliError(str(exc), ExitCode.BROKER)
+    if not isinstance(exc, KafkaError):
+        return CliError(str(exc), ExitCode.BROKER)
+    line = run_sync(lambda: describe_connect_error(s.kafka_bootstrap, KafkaSecurity.from_settings(s), exc))
+    auth = any(w in line for w in AUTH_WORDS)
+    return CliError(f"{line} (EVOSTREAM_KAFKA_BOOTSTRAP)", ExitCode.AUTH if auth else ExitCode.BROKER)
+
+
+def _kafka_call(s: Any, fn: Any) -> Any:
+    from aiokafka.errors import KafkaError
+
+    from stream.kafka.security import KafkaSecurityError
+    from stream.kafka.topics import TopicError
+
+    quiet_kafka_logs()
+    try:
+        return fn()
+    except (KafkaError, KafkaSecurityError, TopicError) as exc:
+        raise kafka_failure(s, exc) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+def resolve_checkpoint(spec: str, revision: str | None = None) -> Path:
+    """The configured checkpoint (a directory or a hub id), or the seeded tiny one (generated
+    once into the cache, with a note: it takes seconds the first time)."""
+    if spec:
+        from workers.evo_model import CheckpointError
+        from workers.model_source import ModelNotAvailable, is_hub_id, resolve_checkpoint_dir
+
+        if is_hub_id(spec):
+            note(f"resolving checkpoint {spec}{'@' + revision if revision else ''} through the hub cache ...")
+        try:
+            path = resolve_checkpoint_dir(spec, revision)
+        except ModelNotAvailable as exc:
+            raise CheckpointError(str(exc)) from exc
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"EVOSTREAM_CHECKPOINT={spec}: {path} is not a checkpoint directory (no config.json)")
+        return path
+    from workers.tiny_checkpoint import cache_dir, cached_tiny_checkpoint
+
+    target = cache_dir() / "checkpoints" / "tiny-qwen3-tiny-s0"
+    if not (target / "model.safetensors").is_file():
+        note(f"no EVOSTREAM_CHECKPOINT: generating the seeded tiny checkpoint in {target} (first run only) ...")
+    return cached_tiny_checkpoint("qwen3", "tiny")
+
+
+def load_engine_with_progress(s: Any):  # -> EvoEngine
+    from workers.engine import EngineConfig, load_engine
+    from workers.rendering import MemoryRendering
+    from workers.scheduler import Budget
+
+    revision = getattr(s, "checkpoint_revision", None)
+    ckpt = resolve_checkpoint(s.checkpoint, revision)
+    cfg = EngineConfig(budget=Budget(s.max_batch_tokens, s.max_batch_rows),
+                       memory_rendering=MemoryRendering(s.memory_rendering),
+                       prefix_cache_max_bytes=getattr(s, "prefix_cache_max_bytes", 0))  # issue #10
+    note(f"loading model and tokenizer from {ckpt} ({s.device}, {s.dtype}) ...")
+    t0 = time.monotonic()
+    engine = load_engine(ckpt, device=s.device, dtype=s.dtype, backbone_config=s.backbone_config, config=cfg)
+    note(f"model ready in {time.monotonic() - t0:.1f}s: {engine.model_name or 'evoembedding'}, hidden "
+         f"{engine.hidden_size}, checkpoint fingerprint {engine.fingerprint}")
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def worker(web_port: Optional[int] = typer.Option(None, "--web-port", help="HTTP port (query, health, metrics); "
+                                                  "overrides EVOSTREAM_WEB_PORT")) -> None:
+    """Run one stream worker (a member of the consumer group). Checks its topics, loads the
+    model, then consumes until SIGTERM/SIGINT; logs "ready: N partitions, listening on URL"
+    once it owns partitions."""
+    from stream.runtime.worker import run_worker
+    from stream.runtime.logs import setup_logging
+
+    s = settings(web_port=web_port)
+    setup_logging(s.log_level, s.log_json)
+    note(f"checking topics on {s.kafka_bootstrap} ...")
+    _kafka_call(s, lambda: _worker_topics(s))
+    engine = load_engine_with_progress(s)
+    note(f"joining group {s.group_id!r} on {s.kafka_bootstrap}; HTTP on http://{s.web_host}:{s.web_port}")
+    run_worker(s, engine)
+
+
+def _ensure_topics(s: Any) -> dict[str, int]:
+    """Create the topics before anything asks the broker for their metadata: some brokers
+    (tansu, Kafka with auto-create on) would otherwise create them with a default partition
+    count. An existing topic is left as it is; a partition-count mismatch is reported."""
+    from stream.kafka.security import KafkaSecurity
+    from stream.kafka.topics import ensure_topics_sync, settings_topics
+
+    counts, configs = settings_topics(s)
+    return ensure_topics_sync(s.kafka_bootstrap, counts, s.topics_replication_factor,
+                              security=KafkaSecurity.from_settings(s), configs=configs)
+
+
+def _worker_topics(s: Any) -> None:
+    """Workers check that their topics exist (creating them needs an admin permission most
+    managed clusters refuse to consumers); with worker_create_topics they create them."""
+    from stream.kafka.security import KafkaSecurity
+    from stream.kafka.topics import TopicsMissing, missing_topics, run_sync, settings_topics
+
+    if s.worker_create_topics:
+        _ensure_topics(s)
+        return
+    names = list(settings_topics(s)[0])
+    missing = run_sync(lambda: missing_topics(s.kafka_bootstrap, names, security=KafkaSecurity.from_settings(s)))
+    if missing:
+        raise TopicsMissing(missing, s.kafka_bootstrap)
+
+
+@app.command()
+def demo(conversations: Optional[int] = typer.Option(None, "--conversations", min=1,
+                                                     help="use only the first N sample conversations"),
+         keep_running: bool = typer.Option(False, "--keep-running",
+                                           help="leave the stack and the worker up afterwards")) -> None:
+    """Local broker + Redis + tiny model + the sample conversations, end to end."""
+    from devtools.demo import run_demo
+
+    rc = run_demo(conversations=conversations, keep_running=keep_running)
+    if rc:
+        raise typer.Exit(rc)
+
+
+@app.command()
+def produce(file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True,
+                                        help="JSONL: one conversation ({conversation_id, turns}) or one turn "
+                                             "event per line"),
+            topic: Optional[str] = typer.Option(None, "--topic", help="default: EVOSTREAM_TURNS_TOPIC"),
+            rate: float = typer.Option(0.0, "--rate", min=0.0, help="records per second (0 = as fast as possible)"),
+            quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar")) -> None:
+    """Replay a JSONL conversation file into the turns topic. The file is streamed (constant
+    memory); conversations are interleaved the way live traffic arrives; a progress bar shows
+    the rate and the time left."""
+    from stream.kafka.security import KafkaSecurity
+    from stream.clients.producer import produce_file
+
+    s = settings()
+    dest = topic or s.turns_topic
+    n = _kafka_call(s, lambda: asyncio.run(produce_file(
+        file, bootstrap=s.kafka_bootstrap, topic=dest, rate=rate, progress=not quiet,
+        security=KafkaSecurity.from_settings(s), idempotent=s.producer_idempotence)))
+    print(f"produced {n} records to {dest}", file=sys.stderr)
+
+
+URL_HELP = "the worker's base URL"
+TENANT_HELP = "the conversation's tenant (default: the API key's only tenant, else none)"  # issue #9
+KEY_HELP = "API key of the worker's query API (Authorization: Bearer)"  # issue #9
+
+
+@app.command()
+def query(conversation: str = typer.Option(..., "--conversation", "-c", help="conversation id"),
+          text: str = typer.Option(..., "--text", "-t", help="the query text"),
+          url: str = typer.Option("http://127.0.0.1:6066", "--url", help=URL_HELP),
+          full_vector: bool = typer.Option(False, "--full-vector", help="print the whole base64 vector"),
+          tenant: Optional[str] = typer.Option(None, "--tenant", help=TENANT_HELP),
+          api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EVOSTREAM_API_KEY", help=KEY_HELP),
+          memoryless: bool = typer.Option(False, "--memoryless", help="no memory yet: embed without memory "
+                                                                        "instead of failing")) -> None:
+    """Embed a query against a conversation's live memory (worker HTTP API, POST /v1/embeddings)."""
+    from stream.clients.query_client import query_worker
+
+    settings()
+    resp = query_worker(url, conversation, text, api_key=api_key, tenant=tenant,
+                        unknown_conversation="memoryless" if memoryless else "error")
+    out = resp.model_dump(mode="json")
+    if not full_vector:
+        out["vector"] = {**out["vector"], "b64": out["vector"]["b64"][:32] + "..."}
+    print(json.dumps(out, indent=2))
+
+
+@app.command()
+def search(conversation: str = typer.Option(..., "--conversation", "-c", help="conversation id"),
+           text: str = typer.Option(..., "--text", "-t", help="the query text"),
+           url: str = typer.Option("http://127.0.0.1:6066", "--url", help=URL_HELP),
+           k: int = typer.Option(5, "-k", min=1, help="number of hits"),
+           tenant: Optional[str] = typer.Option(None, "--tenant", help=TENANT_HELP),
+           api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EVOSTREAM_API_KEY", help=KEY_HELP)
+           ) -> None:
+    """Search one conversation's turns, with their text: the query is embedded by the worker
+    against the conversation's live memory; the turns come from the persistent reference
+    index (EVOSTREAM_INDEX_PATH), brought up to date from the embeddings and turns topics
+    first (only what is new since the last search is read)."""
+    from stream.kafka.security import KafkaSecurity
+    from stream.index.reference_index import ReferenceIndex, search_indexed
+
+    s = settings()
+    with ReferenceIndex(index_path(s)) as index:
+        hits, caught = _kafka_call(s, lambda: asyncio.run(search_indexed(
+            index, s.kafka_bootstrap, s.embeddings_topic, s.turns_topic, url, conversation, text, k,
+            security=KafkaSecurity.from_settings(s), api_key=api_key, tenant=tenant)))
+        note(f"index {index.path}: {index.count()} turns ({caught.embeddings.embeddings} new embeddings, "
+             f"{caught.texts.texts} new texts read in {caught.seconds:.1f}s)")
+    print(json.dumps([h.model_dump(mode="json") for h in hits], indent=2, ensure_ascii=False))
+
+
+def index_path(s: Any) -> Path:
+    from stream.index.reference_index import default_index_path
+    from workers.tokenizer import cache_dir
+
+    return Path(s.index_path) if s.index_path else default_index_path(cache_dir(), s.kafka_bootstrap,
+                                                                       s.embeddings_topic)
+
+
+@app.command()
+def indexer(interval: float = typer.Option(2.0, "--interval", min=0.1, help="seconds between catch-ups"),
+            once: bool = typer.Option(False, "--once", help="catch up once and exit")) -> None:
+    """Keep the persistent reference index (EVOSTREAM_INDEX_PATH) up to date from the
+    embeddings and turns topics until Ctrl-C. Resumes from the offsets stored in the index."""
+    import time as _time
+
+    from stream.kafka.security import KafkaSecurity
+    from stream.index.reference_index import ReferenceIndex, catch_up
+
+    s = settings()
+    with ReferenceIndex(index_path(s)) as index:
+        note(f"indexing {s.embeddings_topic} + {s.turns_topic} on {s.kafka_bootstrap} into {index.path} "
+             f"({index.count()} turns so far)")
+        while True:
+            c = _kafka_call(s, lambda: asyncio.run(catch_up(index, s.kafka_bootstrap, s.embeddings_topic,
+                                                            s.turns_topic, security=KafkaSecurity.from_settings(s))))
+            if c.embeddings.embeddings or c.embeddings.deletes or c.texts.texts or once:
+                note(f"{index.count()} turns indexed (+{c.embeddings.embeddings} embeddings, "
+                     f"{c.embeddings.deletes} deletes, +{c.texts.texts} texts, "
+                     f"{c.embeddings.skipped + c.texts.skipped} skipped) in {c.seconds:.1f}s")
+            if once:
+                return
+            _time.sleep(interval)
+
+
+def _store(s: Any):  # -> CheckpointStore
+    """A checkpoint store for operator commands: the configured model's identity (it keys the
+    checkpoints), short socket timeouts (a person is waiting)."""
+    from stream.state.store import CheckpointStore
+    from stream.state.redis_client import RedisOptions
+    from workers.evo_model import checkpoint_fingerprint, parse_dtype
+
+    ckpt = resolve_checkpoint(s.checkpoint, getattr(s, "checkpoint_revision", None))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    hidden = int(cfg["backbone_config"]["hidden_size"]) if "backbone_config" in cfg else 0
+    return CheckpointStore(s.redis_url, fingerprint=checkpoint_fingerprint(ckpt), hidden_size=hidden,
+                           capacity=int(cfg.get("buffer_capacity", 512)), dtype=parse_dtype(s.dtype),
+                           namespace=s.redis_namespace, socket_timeout_s=3.0,
+                           redis_options=RedisOptions.from_settings(s))  # issue #8: TLS / password files
+
+
+def _with_store(s: Any, fn: Any) -> Any:
+    async def run() -> Any:
+        store = _store(s)
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+STORE_TENANT_HELP = "the conversation's tenant (default: none)"
+
+
+@app.command()
+def inspect(conversation: str = typer.Argument(..., help="conversation id"),
+            tenant: Optional[str] = typer.Option(None, "--tenant", help=STORE_TENANT_HELP)) -> None:
+    """Show a conversation's checkpoint in Redis (sizes, TTL, outbox, offsets)."""
+    from stream.identity import ConversationRef
+
+    s = settings()
+    info = _with_store(s, lambda store: store.inspect(ConversationRef(tenant, conversation)))
+    if info is None:
+        raise CliError(f"no checkpoint for conversation {conversation!r}"
+                       f"{' of tenant ' + repr(tenant) if tenant else ''} in {s.redis_namespace!r}", ExitCode.FAILED)
+    print(json.dumps(info, indent=2, default=str))
+
+
+@app.command()
+def reset(conversation: str = typer.Argument(..., help="conversation id"),
+          tenant: Optional[str] = typer.Option(None, "--tenant", help=STORE_TENANT_HELP),
+          yes: bool = typer.Option(False, "--yes", "-y", help="do it (without this flag, only say what would happen)")
+          ) -> None:
+    """Drop a conversation's memory (e.g. one quarantined as checkpoint_corrupt): its next turn
+    starts an empty memory. Replay its dead letters afterwards (`evostream dead-letters`)."""
+    from stream.identity import ConversationRef
+
+    s = settings()
+    ref = ConversationRef(tenant, conversation)
+    if not yes:
+        raise CliError(f"this drops the memory of conversation {ref}; rerun with --yes", ExitCode.USAGE)
+    existed, last_seq = _with_store(s, lambda store: store.reset(ref))
+    if not existed:
+        raise CliError(f"nothing stored for conversation {ref} in {s.redis_namespace!r}", ExitCode.FAILED)
+    print(f"reset conversation {ref}: memory dropped (last applied seq {last_seq}); its next turn starts afresh")
+
+
+@app.command()
+def topics(wait: float = typer.Option(60.0, "--wait", min=0.0, help="seconds to wait for the broker")) -> None:
+    """Create the topics (admin step, idempotent) with partitions, replication and configs
+    from the settings. Exit 2 when an existing topic has another partition count."""
+    from stream.kafka.security import KafkaSecurity
+    from stream.kafka.topics import run_sync, settings_topics, wait_for_broker
+
+    s = settings()
+    note(f"waiting up to {wait:.0f}s for the broker at {s.kafka_bootstrap} ...")
+
+    def go() -> dict[str, int]:
+        try:
+            run_sync(lambda: wait_for_broker(s.kafka_bootstrap, wait, security=KafkaSecurity.from_settings(s)))
+        except (TimeoutError, ConnectionError) as exc:
+            auth = any(w in str(exc) for w in AUTH_WORDS)
+            raise CliError(f"cannot reach the Kafka broker at {s.kafka_bootstrap} (EVOSTREAM_KAFKA_BOOTSTRAP): {exc}",
+                           ExitCode.AUTH if auth else ExitCode.BROKER) from exc
+        return _ensure_topics(s)
+
+    got = _kafka_call(s, go)
+    wanted = settings_topics(s)[0]
+    for name, n in got.items():
+        print(f"{name}: {n} partitions" + ("" if n == wanted[name] else f" (wanted {wanted[name]})"))
+    if got != wanted:
+        raise typer.Exit(int(ExitCode.USAGE))
+
+
+class StackAction(str, Enum):
+    start = "start"
+    stop = "stop"
+    status = "status"
+    env = "env"
+
+
+@app.command()
+def stack(action: StackAction = typer.Argument(..., help="start, stop, status, or env (print the variables)"),
+          run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="default: .run/localstack in the repo"),
+          export: bool = typer.Option(False, "--export",
+                                      help="env: print `export` lines, for eval \"$(evostream stack env --export)\"")
+          ) -> None:
+    """Start/stop the local broker + Redis (the ones the demo and the tests use). A stack start
+    is a clean slate: the broker keeps nothing across a stop, and neither does Redis."""
+    from devtools.localstack import main as stack_main
+
+    rc = stack_main([action.value] + (["--run-dir", str(run_dir)] if run_dir else [])
+                    + (["--export"] if export else []))
+    if rc:
+        raise typer.Exit(rc)
+
+
+@app.command("settings", help="Print the effective settings (flags > EVOSTREAM_* > settings file > defaults) "
+                              "as JSON; secrets are masked.\n\nEvery setting:\n\n" + settings_help())
+def settings_cmd() -> None:
+    import re as _re
+
+    from stream.cli.errors import redact
+
+    s = settings()
+    out = json.loads(s.model_dump_json())
+    for name, value in out.items():
+        if value and _re.search(r"(password|secret|token|api_keys)$", name):
+            out[name] = "***"  # SecretStr fields already print as stars; API keys are dict keys
+        elif isinstance(value, str) and "://" in value:
+            out[name] = redact(value)  # a password inside a URL
+    print(json.dumps(out, indent=2))
+
+
+class Family(str, Enum):
+    qwen3 = "qwen3"
+    qwen3_5 = "qwen3_5"
+
+
+class Size(str, Enum):
+    tiny = "tiny"
+    small = "small"
+    bench1024 = "bench1024"
+
+
+@app.command("make-tiny-checkpoint")
+def make_tiny_checkpoint(out_dir: Path = typer.Argument(..., help="directory to write"),
+                         family: Family = typer.Option(Family.qwen3, "--family", help="backbone family"),
+                         size: Size = typer.Option(Size.tiny, "--size", help="model size"),
+                         seed: int = typer.Option(0, "--seed", help="weights seed")) -> None:
+    """Write a seeded tiny checkpoint in the released layout (random weights, real tokenizer)."""
+    from workers.tiny_checkpoint import make_tiny_checkpoint as make
+
+    p = make(out_dir, family.value, size.value, seed=seed)
+    print(f"wrote tiny {family.value}/{size.value} checkpoint (seed {seed}) to {p}")

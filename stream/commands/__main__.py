@@ -1,3 +1,0 @@
-from stream.commands import main
-
-raise SystemExit(main())
