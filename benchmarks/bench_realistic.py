@@ -84,6 +84,10 @@ def run_dtype(engine: EvoEngine, plain: EvoEngine, turns: list[TurnInput], rep: 
     ms, pos, embs = [], [], []
     before_last: ConversationState | None = None
     cache_before_last = None
+    cache = engine.prefix_cache
+    assert cache is not None
+    entry = None  # the largest prefix the segment kept: the last one seen (issue #22 item 5: the
+    # segment's 16th turn discards it, as the next turn opens a new segment)
     for k, t in enumerate(turns):
         if k == len(turns) - 1:
             before_last = states[t.conversation_id].copy()
@@ -93,11 +97,11 @@ def run_dtype(engine: EvoEngine, plain: EvoEngine, turns: list[TurnInput], rep: 
         ms.append(1000 * (time.perf_counter() - t0))
         pos.append(engine.last_stats.real_tokens)
         embs.append(out.embedding)
+        entry = cache.peek(t.conversation_id) or entry
         log(f"[{tag}] turn {k + 1} of the segment: {ms[-1]:.0f} ms, {pos[-1]} positions, "
             f"reused {engine.last_stats.reused_positions}")
-    cache = engine.prefix_cache
-    assert cache is not None
-    entry = cache._entries[turns[0].conversation_id].prefix
+    if entry is None:
+        raise SystemExit("no prefix-cache entry was kept: time at least 2 turns (--turns)")
     cid = turns[-1].conversation_id
     log(f"[{tag}] the last turn again without the prefix cache (and again with it), x{reps} interleaved ...")
     plain_ms: list[float] = []

@@ -118,6 +118,12 @@ class PrefixCache:
         self._emit("store", n)
         return True
 
+    def peek(self, conv_key: str) -> PrefixState | None:
+        """The entry held for `conv_key` without validating or touching it (benchmarks measure
+        its size); None when there is none."""
+        e = self._entries.get(conv_key)
+        return e.prefix if e is not None else None
+
     def clone(self) -> "PrefixCache":
         """An independent cache holding the same entries (entries are never mutated in place, so
         they are shared): lets a benchmark run the same step twice from the same cache."""
