@@ -200,9 +200,10 @@ class Settings(BaseSettings):
     # --- state cache ---
     cache_max_bytes: int = Field(256 * 1024 * 1024, ge=0)
 
-    # --- segment-prefix cache of the model step (issue #10) ---
-    prefix_cache_max_bytes: int = Field(
-        0, ge=0, description="bytes of open-segment memory prefixes kept for the next turn (LRU); 0 = off")
+    # --- segment-prefix cache of the model step (issue #10), on by default (issue #22) ---
+    prefix_cache_max_bytes: int | Literal["auto"] = Field(
+        "auto", description="bytes of open-segment memory prefixes kept for the next turn (LRU); 0 = off; "
+                            "auto = 1/8 of the worker's memory (cgroup limit, RAM or GPU), 64 MiB to 4 GiB")
 
     # --- web / ops ---
     web_host: str = "127.0.0.1"
@@ -250,6 +251,13 @@ class Settings(BaseSettings):
     log_repeat_window_s: float = Field(
         60.0, gt=0, description="Kafka client libraries log each kind of line at most log_repeat_burst times per window")
     log_repeat_burst: int = Field(3, ge=1)
+
+    @field_validator("prefix_cache_max_bytes")
+    @classmethod
+    def _cache_budget(cls, v: int | str) -> int | str:
+        if v != "auto" and int(v) < 0:
+            raise ValueError("a cache budget is >= 0 bytes or 'auto'")
+        return v
 
     @field_validator("memory_rendering")
     @classmethod

@@ -105,22 +105,38 @@ def resolve_checkpoint(spec: str, revision: str | None = None) -> Path:
     return cached_tiny_checkpoint("qwen3", "tiny")
 
 
-def load_engine_with_progress(s: Any):  # -> EvoEngine
-    from workers.engine import EngineConfig, load_engine
+def engine_config(s: Any):  # -> EngineConfig
+    """The engine configuration a worker runs with, from its settings: batching, rendering, and
+    the model-side cache budgets (issue #10/#22: `auto` resolved from the machine, see
+    workers/memory_budget.py)."""
+    from workers.engine import EngineConfig
+    from workers.memory_budget import resolve_cache_bytes
     from workers.rendering import MemoryRendering
     from workers.scheduler import Budget
 
+    return EngineConfig(budget=Budget(s.max_batch_tokens, s.max_batch_rows),
+                        memory_rendering=MemoryRendering(s.memory_rendering),
+                        prefix_cache_max_bytes=resolve_cache_bytes(s.prefix_cache_max_bytes, s.device))
+
+
+def load_engine_with_progress(s: Any):  # -> EvoEngine
+    from workers.engine import load_engine
+
     revision = getattr(s, "checkpoint_revision", None)
     ckpt = resolve_checkpoint(s.checkpoint, revision)
-    cfg = EngineConfig(budget=Budget(s.max_batch_tokens, s.max_batch_rows),
-                       memory_rendering=MemoryRendering(s.memory_rendering),
-                       prefix_cache_max_bytes=getattr(s, "prefix_cache_max_bytes", 0))  # issue #10
+    cfg = engine_config(s)
     note(f"loading model and tokenizer from {ckpt} ({s.device}, {s.dtype}) ...")
     t0 = time.monotonic()
     engine = load_engine(ckpt, device=s.device, dtype=s.dtype, backbone_config=s.backbone_config, config=cfg)
     note(f"model ready in {time.monotonic() - t0:.1f}s: {engine.model_name or 'evoembedding'}, hidden "
          f"{engine.hidden_size}, checkpoint fingerprint {engine.fingerprint}")
+    note(f"segment-prefix cache budget: {_mib(cfg.prefix_cache_max_bytes)}"
+         f"{' (auto)' if s.prefix_cache_max_bytes == 'auto' else ''}")
     return engine
+
+
+def _mib(n: int) -> str:
+    return "off" if n == 0 else f"{n / 2**20:,.0f} MiB"
 
 
 # ---------------------------------------------------------------------------------------------
