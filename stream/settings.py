@@ -204,6 +204,11 @@ class Settings(BaseSettings):
     prefix_cache_max_bytes: int | Literal["auto"] = Field(
         "auto", description="bytes of open-segment memory prefixes kept for the next turn (LRU); 0 = off; "
                             "auto = 1/8 of the worker's memory (cgroup limit, RAM or GPU), 64 MiB to 4 GiB")
+    # --- query-ready memory (issue #22) ---
+    query_cache_max_bytes: int | Literal["auto"] = Field(
+        "auto", description="bytes of query-ready memories (the retriever's work over each conversation's "
+                            "queue, LRU) so queries and the next turn compute only their own tokens; 0 = off; "
+                            "auto as for prefix_cache_max_bytes")
 
     # --- web / ops ---
     web_host: str = "127.0.0.1"
@@ -252,7 +257,7 @@ class Settings(BaseSettings):
         60.0, gt=0, description="Kafka client libraries log each kind of line at most log_repeat_burst times per window")
     log_repeat_burst: int = Field(3, ge=1)
 
-    @field_validator("prefix_cache_max_bytes")
+    @field_validator("prefix_cache_max_bytes", "query_cache_max_bytes")
     @classmethod
     def _cache_budget(cls, v: int | str) -> int | str:
         if v != "auto" and int(v) < 0:

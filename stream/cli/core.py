@@ -116,7 +116,8 @@ def engine_config(s: Any):  # -> EngineConfig
 
     return EngineConfig(budget=Budget(s.max_batch_tokens, s.max_batch_rows),
                         memory_rendering=MemoryRendering(s.memory_rendering),
-                        prefix_cache_max_bytes=resolve_cache_bytes(s.prefix_cache_max_bytes, s.device))
+                        prefix_cache_max_bytes=resolve_cache_bytes(s.prefix_cache_max_bytes, s.device),
+                        query_cache_max_bytes=resolve_cache_bytes(s.query_cache_max_bytes, s.device))
 
 
 def load_engine_with_progress(s: Any):  # -> EvoEngine
@@ -130,8 +131,9 @@ def load_engine_with_progress(s: Any):  # -> EvoEngine
     engine = load_engine(ckpt, device=s.device, dtype=s.dtype, backbone_config=s.backbone_config, config=cfg)
     note(f"model ready in {time.monotonic() - t0:.1f}s: {engine.model_name or 'evoembedding'}, hidden "
          f"{engine.hidden_size}, checkpoint fingerprint {engine.fingerprint}")
-    note(f"segment-prefix cache budget: {_mib(cfg.prefix_cache_max_bytes)}"
-         f"{' (auto)' if s.prefix_cache_max_bytes == 'auto' else ''}")
+    note(f"cache budgets: segment prefixes {_mib(cfg.prefix_cache_max_bytes)}"
+         f"{' (auto)' if s.prefix_cache_max_bytes == 'auto' else ''}, query-ready memory "
+         f"{_mib(cfg.query_cache_max_bytes)}{' (auto)' if s.query_cache_max_bytes == 'auto' else ''}")
     return engine
 
 

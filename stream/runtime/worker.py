@@ -82,6 +82,9 @@ class Worker:
         self.ready = False
         self.store_ready = False  # Redis checked (reachable, safe config, scripts loaded) at start
         engine.set_prefix_cache_hook(self._on_prefix_cache_event)  # issue #10 cache -> Prometheus
+        engine.set_query_cache_hook(self._on_query_cache_event)    # issue #22
+        for name, n in (("prefix", engine.config.prefix_cache_max_bytes), ("query", engine.config.query_cache_max_bytes)):
+            self.metrics.cache_budget_bytes.labels(cache=name).set(n)
         self.batches = 0
         # Broker connectivity and bounded shutdown (issue #12): readiness needs the broker to
         # answer; SIGTERM stops taking batches (see stream/runtime/shutdown.py, run_worker).
@@ -173,6 +176,8 @@ class Worker:
             worker.ready = False
             # revoke, not just drop: a batch still in flight must not put them back afterwards
             dropped = worker.pipeline.cache.revoke(mine)
+            # issue #22: the model-side caches too, on the model thread (after any step in flight)
+            worker.executor.submit(worker.drop_model_caches)
             worker.lag.revoke(mine)
             worker.unreadable.forget(s.turns_topic, mine)
             log.info("partitions revoked %s: dropped %d cached conversation states", sorted(mine), dropped)
@@ -232,6 +237,20 @@ class Worker:
         cache = self.engine.prefix_cache
         if cache is not None:
             self.metrics.prefix_cache_bytes.set(cache.bytes)
+
+    def drop_model_caches(self) -> None:
+        """On the model thread, after a revoke: the engine's per-conversation caches go (issue #22;
+        the conversations may now be advanced by another worker: entries would only miss)."""
+        self.engine.drop_conversation_caches()
+        self.metrics.prefix_cache_bytes.set(0)
+        self.metrics.query_cache_bytes.set(0)
+
+    def _on_query_cache_event(self, event: str, nbytes: int) -> None:
+        """The same for the query-ready memory (issue #22)."""
+        self.metrics.query_cache_events.labels(event=event).inc()
+        cache = self.engine.query_cache
+        if cache is not None:
+            self.metrics.query_cache_bytes.set(cache.bytes)
 
     # -- broker connectivity and shutdown (issue #12) --------------------------------------------
     def _on_broker_change(self, old: BrokerState, new: BrokerState) -> None:
