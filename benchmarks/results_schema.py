@@ -29,11 +29,15 @@ class RunInfo(BaseModel):
     command: str
     date_utc: str
     machine: str
+    cpu: str = Field("", description="the host's CPU model, flags and torch's kernel level (issue #22: "
+                                     "CPU figures name their host)")
 
     @classmethod
     def now(cls, command: str) -> "RunInfo":
+        from workers.precision import cpu_facts
+
         return cls(command=command, date_utc=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                   machine=f"{platform.platform()}, {os.cpu_count()} CPUs")
+                   machine=f"{platform.platform()}, {os.cpu_count()} CPUs", cpu=cpu_facts().describe())
 
 
 class TimedTurn(BaseModel):
@@ -121,3 +125,62 @@ def record_e2e_run(run: E2ERun, results_dir: Path = RESULTS_DIR) -> Path:
     res = E2EResults.model_validate_json(path.read_text()) if path.exists() else E2EResults()
     res.runs[run.section] = run
     return write_json(res, path)
+
+
+QUERY_CACHE_FILE = "query_cache.json"
+
+
+class QueryCacheSize(BaseModel):
+    """bench_query_cache at one model size: queries and one continuing turn against a full queue,
+    with and without the query-ready memory (issue #22), interleaved in one run."""
+
+    model: str
+    family: str
+    dtype: str
+    threads: int
+    queue_len: int
+    ready_point: int = Field(description="queue positions the query-ready memory covers (Qwen3.5: its 64-grid)")
+    query_tokens: float = Field(description="mean own tokens of a query (instruction included)")
+    positions_per_query_cached: float
+    positions_per_query_uncached: float
+    positions_ratio_cached: float = Field(description="positions computed / the query's own tokens")
+    positions_ratio_uncached: float
+    query_ms_cached: float = Field(description="one query per pass, median")
+    query_ms_uncached: float
+    single_query_speedup: float
+    batch: int
+    batch_ms_cached: float = Field(description="`batch` queries (one per conversation) in one pass, median")
+    batch_ms_uncached: float
+    queries_per_s_cached: float
+    queries_per_s_uncached: float
+    throughput_ratio: float = Field(description="queries/s cached / uncached, batched passes")
+    query_max_diff: float
+    turn_ms_cached: float = Field(description="a continuing turn: prefix cache + query-ready memory (ready pass included)")
+    turn_ms_uncached: float = Field(description="the same turn, the plain path (no cache)")
+    turn_ms_prefix_only: float = Field(description="the same turn, prefix cache only (before issue #22)")
+    turn_positions_cached: int
+    turn_positions_uncached: int
+    turn_positions_prefix_only: int
+    ready_positions: int
+    turn_max_diff: float
+    ready_bytes: int
+    conversations_per_gib: int
+
+
+class WorkRatio(BaseModel):
+    """Positions computed over a full-queue 16-turn segment / the model minimum (bench_engine's
+    definition), by an engine configured as a worker with default settings."""
+
+    family: str
+    prefix_cache_bytes: int
+    query_cache_bytes: int
+    turns: str
+    minimum: int
+    computed: int
+    ratio: float
+
+
+class QueryCacheResults(BaseModel):
+    run: RunInfo
+    sizes: dict[str, QueryCacheSize]
+    default_work: dict[str, WorkRatio] = Field(default_factory=dict)

@@ -134,6 +134,15 @@ class QueryCache:
         self._emit("store", n)
         return True
 
+    def clone(self) -> "QueryCache":
+        """An independent cache with the same entries (entries are never changed in place, so
+        they are shared): a benchmark repeats a step from the same cache."""
+        other = QueryCache(self.max_bytes, self.on_event)
+        other._entries = OrderedDict((k, _Entry(e.key, e.state, e.nbytes, e.used)) for k, e in self._entries.items())
+        other._by_key = dict(self._by_key)
+        other.bytes = self.bytes
+        return other
+
     def discard(self, conv_key: str) -> None:
         e = self._entries.pop(conv_key, None)
         if e is not None:
