@@ -132,7 +132,11 @@ def bench_size(size: str, *, dtype: torch.dtype, n_queries: int, batch: int, rep
         diffs.append(float(np.abs(vu - vc).max()))
         log(f"    pass {r + 1}: uncached {mu:,.0f} ms, cached {mc:,.0f} ms ({cached.last_query_stats.hits} hits)")
     entry = cached.query_cache.peek(cid)  # type: ignore[union-attr]
-    assert entry is not None
+    prefix = cached.prefix_cache.peek(cid)  # type: ignore[union-attr]
+    assert entry is not None and prefix is not None
+    fixed = sum(t.numel() * t.element_size() for d in (prefix.conv, prefix.recurrent) for t in d.values())
+    per_pos = (prefix.nbytes() - fixed) / max(1, prefix.length)
+    seg_max = cached.capacity + cached.config.segment.max_tokens + cached.config.segment.max_turns * cached.L
     qms_c, qms_u = statistics.median(single_c), statistics.median(single_u)
     bms_c, bms_u = statistics.median(batch_c), statistics.median(batch_u)
     tokens = statistics.mean(own)
@@ -151,7 +155,9 @@ def bench_size(size: str, *, dtype: torch.dtype, n_queries: int, batch: int, rep
         turn_ms_cached=ms_cached, turn_ms_uncached=ms_plain, turn_ms_prefix_only=ms_prefix,
         turn_positions_cached=pos_cached, turn_positions_uncached=pos_plain, turn_positions_prefix_only=pos_prefix,
         ready_positions=ready_pos, turn_max_diff=turn_diff,
-        ready_bytes=entry.nbytes(), conversations_per_gib=2**30 // entry.nbytes())
+        ready_bytes=entry.nbytes(), conversations_per_gib=2**30 // entry.nbytes(),
+        prefix_bytes=prefix.nbytes(), prefix_positions=prefix.length, prefix_fixed_bytes=fixed,
+        prefix_bytes_per_position=per_pos, prefix_worst_bytes=fixed + per_pos * seg_max)
 
 
 def default_work_ratio(family: str, n_turns: int = 48) -> WorkRatio:
@@ -214,6 +220,10 @@ def section(data: dict) -> str:
         row("its positions: both caches (the ready pass included)", "turn_positions_cached", ",d"),
         row("query-ready memory per conversation, bytes", "ready_bytes", ",d"),
         row("conversations per GiB of EVOSTREAM_QUERY_CACHE_MAX_BYTES", "conversations_per_gib", ",d"),
+        row("segment-prefix cache entry after the continuing turn, bytes", "prefix_bytes", ",d"),
+        row("... of which linear-attention states (fixed), bytes", "prefix_fixed_bytes", ",d"),
+        row("... per further position, bytes", "prefix_bytes_per_position", ",.0f"),
+        row("segment-prefix cache entry at a segment's largest row, bytes", "prefix_worst_bytes", ",.0f"),
     ]
     if data.get("default_work"):
         lines += ["", "The default configuration (both caches `auto`), positions computed over a full-queue "

@@ -165,6 +165,11 @@ class QueryCacheSize(BaseModel):
     turn_max_diff: float
     ready_bytes: int
     conversations_per_gib: int
+    prefix_bytes: int = Field(description="the segment-prefix cache entry after the continuing turn")
+    prefix_positions: int
+    prefix_fixed_bytes: int = Field(description="linear-attention states: independent of the prefix length")
+    prefix_bytes_per_position: float
+    prefix_worst_bytes: float = Field(description="at a segment's largest memory row (C + 2048 + 16 L positions)")
 
 
 class WorkRatio(BaseModel):
@@ -184,3 +189,40 @@ class QueryCacheResults(BaseModel):
     run: RunInfo
     sizes: dict[str, QueryCacheSize]
     default_work: dict[str, WorkRatio] = Field(default_factory=dict)
+
+
+PRECISION_FILE = "precision.json"
+
+
+class DtypeTiming(BaseModel):
+    """One compute dtype at one model size: a continuing turn and a query, timed on this host."""
+
+    dtype: str
+    turn_ms: float = Field(description="a continuing turn (prefix cache on), median")
+    turn_ms_all: list[float]
+    query_ms: float = Field(description="one query against a full queue (no query cache), median")
+    positions_per_turn: int
+
+
+class PrecisionResults(BaseModel):
+    """bench_precision: which compute dtype is faster on this CPU, which kernels ran, and what
+    bfloat16 storage does to the numbers (issue #22)."""
+
+    run: RunInfo
+    model: str
+    torch_capability: str
+    cpu_flags: list[str]
+    onednn_bf16_matmul: str = Field(description="oneDNN's name of the bf16 matmul implementation that ran")
+    probe_fp32_ms: float
+    probe_bf16_ms: float
+    probe_ratio: float = Field(description="bf16 / fp32 time of the start-up probe (layer-0 matmuls)")
+    probe_choice: str
+    timings: dict[str, DtypeTiming]
+    bf16_over_fp32_turn: float = Field(description="whole continuing turn, bf16 time / fp32 time")
+    bf16_over_fp32_query: float
+    bf16_compute_cosine_min: float = Field(description="turn + query embeddings, bf16 compute vs fp32 compute")
+    storage_turns: int
+    storage_reload_max_diff: float = Field(description="bf16 storage, fp32 compute: embeddings with a reload from "
+                                                       "the stored bytes after every turn vs never reloading")
+    storage_cosine_min: float = Field(description="bf16 storage vs float32 storage, every turn's embedding")
+    storage_roundtrip_exact: bool = Field(description="in-memory latents == latents read back from the stored bytes")

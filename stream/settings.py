@@ -170,8 +170,11 @@ class Settings(BaseSettings):
         default_factory=dict, description='tenant -> idle TTL in seconds (null = never), JSON; "" = the default tenant; '
                                           "others use state_ttl_s")
     cold_tier_path: str | None = Field(
-        None, description="SQLite file of the cold tier: conversations frozen by `python -m stream.state.cold_tier freeze` "
-                          "are brought back from it on their next turn")
+        None, description="directory of the cold tier's SQLite shards (an existing single file is read as one shard): "
+                          "conversations frozen by `evostream cold-tier freeze` are brought back on their next turn")
+    cold_tier_shards: int = Field(
+        16, ge=1, le=4096, description="SQLite files of a new cold tier (conversations spread by hash); an existing "
+                                       "tier keeps the count its manifest records")
 
     # --- model ---
     checkpoint: str = Field("", description="checkpoint directory or hub id (owner/name); empty = the seeded tiny one")
@@ -185,7 +188,9 @@ class Settings(BaseSettings):
         None, description="`evostream search`/`indexer`: SQLite file of the persistent reference index; "
                           "default: one per broker and topic under the cache dir")
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="compute dtype; auto = bfloat16 on CUDA, on CPU what a start-up probe measures faster, "
+                               "with float32 memory (issue #22)")
     memory_rendering: str = "chatml"
 
     # --- batching ---

@@ -94,7 +94,6 @@ def test_batches_of_turns_and_of_queries_mix_hits_and_misses(engines):
         for cid in sa:
             assert sa[cid].equals(sb[cid], atol=TOL * (8 if fam == "qwen3_5" else 1))
     # a batch of queries: ready conversations, one the cache never saw, no memory at all
-    stranger = plain.step({}, make_turns("x", [(9, 9)] * 3, seed=77)[:1])  # noqa: F841 - plain only
     unseen: dict[str, ConversationState] = {}
     for t in make_turns("u", [(5, 5)] * 5, seed=78):
         plain.step(unseen, [t])

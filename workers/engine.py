@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -34,7 +34,9 @@ import numpy as np
 import torch
 
 from schemas.turns import TurnInput
-from workers.evo_model import EvoEmbeddingModel, LoadedModel, load_checkpoint
+from workers.evo_model import EvoEmbeddingModel
+from workers.loading import LoadedModel, load_checkpoint
+from workers.precision import ProbeResult, choose_compute_dtype
 from workers.prefix_cache import CacheEvent, PrefixCache
 from workers.prefix_pass import PrefixPass, PrefixState
 from workers.query_cache import QueryCache
@@ -95,6 +97,9 @@ class EngineConfig:
     prefix_cache_max_bytes: int = 0
     # bytes of query-ready memories (query_cache.py); 0 = off: queries re-read the queue
     query_cache_max_bytes: int = 0
+    # dtype of the conversations' memory when it differs from the compute dtype (workers/precision.py:
+    # EVOSTREAM_DTYPE=auto computes in what the host runs fastest, and keeps float32 memory); None = the model's
+    state_dtype: torch.dtype | None = None
 
 
 class EvoEngine:
@@ -118,6 +123,7 @@ class EvoEngine:
         self.query_cache: QueryCache | None = (
             QueryCache(config.query_cache_max_bytes) if config.query_cache_max_bytes > 0 else None)
         self.last_query_stats = QueryStats()
+        self.precision: ProbeResult | None = None  # set by load_engine(dtype="auto")
 
     def set_prefix_cache_hook(self, hook: CacheEvent | None) -> None:
         """Metric hook of the prefix cache (see prefix_cache.CacheEvent); no-op when it is off."""
@@ -151,6 +157,10 @@ class EvoEngine:
     # -- state -------------------------------------------------------------------------------
     @property
     def state_dtype(self) -> torch.dtype:
+        return self.config.state_dtype or self.model.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
         return self.model.dtype
 
     def new_state(self) -> ConversationState:
@@ -378,7 +388,18 @@ class EvoEngine:
 
 def load_engine(checkpoint: str | Path | LoadedModel, *, device: str = "cpu", dtype: str = "float32",
                 backbone_config: str | None = None, config: EngineConfig = EngineConfig()) -> EvoEngine:
+    """An engine on `checkpoint`. `dtype="auto"`: the weights load in float32, the compute dtype
+    is chosen for this host (workers/precision.py: bfloat16 on CUDA, a measured probe on CPU),
+    the memory stays float32; `engine.precision` says what was chosen and why."""
+    auto = dtype == "auto"
     lm = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(
-        checkpoint, device=device, dtype=dtype, backbone_config=backbone_config)
-    return EvoEngine(lm.model, lm.tokenizer, fingerprint=lm.fingerprint,
-                     model_name=lm.model.config.base_model_name_or_path, config=config)
+        checkpoint, device=device, dtype="float32" if auto else dtype, backbone_config=backbone_config)
+    precision: ProbeResult | None = None
+    if auto:
+        precision = choose_compute_dtype(lm.model, device)
+        lm.model.to({"bfloat16": torch.bfloat16, "float32": torch.float32}[precision.chosen])
+        config = replace(config, state_dtype=torch.float32)
+    engine = EvoEngine(lm.model, lm.tokenizer, fingerprint=lm.fingerprint,
+                       model_name=lm.model.config.base_model_name_or_path, config=config)
+    engine.precision = precision
+    return engine

@@ -32,6 +32,8 @@ from typing import Any, Iterator
 
 import torch
 
+from workers.evo_model import parse_dtype
+
 BF16_MARGIN = 0.9
 """bfloat16 is chosen when its probe time is below this fraction of float32's."""
 
@@ -187,6 +189,4 @@ def choose_compute_dtype(model: torch.nn.Module, device: str) -> ProbeResult:
 def state_dtype_for(setting: str) -> torch.dtype:
     """The dtype of the memory a worker with EVOSTREAM_DTYPE=`setting` stores and reads: the
     compute dtype when one is named, float32 under auto (one state format for a mixed fleet)."""
-    from workers.evo_model import parse_dtype
-
     return torch.float32 if setting == "auto" else parse_dtype(setting)

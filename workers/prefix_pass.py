@@ -227,7 +227,8 @@ class PrefixPass:
             q = q.repeat_interleave(rep, dim=2)
             k = k.repeat_interleave(rep, dim=2)
         kernel = _chunk_kernel()
-        # one kernel call per chunk: each is exactly the chunk an uncached pass computes (module doc)
+        # one kernel call per chunk where a state inside the row is kept: each is exactly the chunk an
+        # uncached pass computes (module doc)
         outs = []
         state = init
         want = {r: keep[r] - starts[r] for r in range(B)} if keep is not None else {}
@@ -235,13 +236,17 @@ class PrefixPass:
             if want[r] == 0:
                 out_states[r].recurrent[layer] = (init[r].clone() if init is not None
                                                   else _zero_state(mod, h.device))
-        for c0 in range(0, n, CHUNK):
-            c1 = min(n, c0 + CHUNK)
+        # one call for the whole row when no state is wanted inside it (a query or a turn embedding,
+        # and a ready pass that keeps its end): the kernel runs the same chunks from the same state
+        # either way (measured bit-identical), with less per-call overhead
+        whole = all(w in (0, n) for w in want.values())
+        for c0 in range(0, n, max(1, n) if whole else CHUNK):
+            c1 = n if whole else min(n, c0 + CHUNK)
             o, state = kernel(q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], g=g[:, c0:c1], beta=beta[:, c0:c1],
                               initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
             outs.append(o)
             for r in want:
-                if want[r] == c1 and c1 % CHUNK == 0:
+                if want[r] == c1 and want[r] and c1 % CHUNK == 0:
                     out_states[r].recurrent[layer] = state[r].clone()
         for r in want:
             assert keep is not None

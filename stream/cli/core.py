@@ -85,7 +85,7 @@ def resolve_checkpoint(spec: str, revision: str | None = None) -> Path:
     """The configured checkpoint (a directory or a hub id), or the seeded tiny one (generated
     once into the cache, with a note: it takes seconds the first time)."""
     if spec:
-        from workers.evo_model import CheckpointError
+        from workers.loading import ModelLoadError
         from workers.model_source import ModelNotAvailable, is_hub_id, resolve_checkpoint_dir
 
         if is_hub_id(spec):
@@ -93,9 +93,9 @@ def resolve_checkpoint(spec: str, revision: str | None = None) -> Path:
         try:
             path = resolve_checkpoint_dir(spec, revision)
         except ModelNotAvailable as exc:
-            raise CheckpointError(str(exc)) from exc
+            raise ModelLoadError(str(exc)) from exc
         if not (path / "config.json").is_file():
-            raise CheckpointError(f"EVOSTREAM_CHECKPOINT={spec}: {path} is not a checkpoint directory (no config.json)")
+            raise ModelLoadError(f"EVOSTREAM_CHECKPOINT={spec}: {path} is not a checkpoint directory (no config.json)")
         return path
     from workers.tiny_checkpoint import cache_dir, cached_tiny_checkpoint
 
@@ -131,10 +131,22 @@ def load_engine_with_progress(s: Any):  # -> EvoEngine
     engine = load_engine(ckpt, device=s.device, dtype=s.dtype, backbone_config=s.backbone_config, config=cfg)
     note(f"model ready in {time.monotonic() - t0:.1f}s: {engine.model_name or 'evoembedding'}, hidden "
          f"{engine.hidden_size}, checkpoint fingerprint {engine.fingerprint}")
+    note(precision_note(engine))
     note(f"cache budgets: segment prefixes {_mib(cfg.prefix_cache_max_bytes)}"
          f"{' (auto)' if s.prefix_cache_max_bytes == 'auto' else ''}, query-ready memory "
          f"{_mib(cfg.query_cache_max_bytes)}{' (auto)' if s.query_cache_max_bytes == 'auto' else ''}")
     return engine
+
+
+def precision_note(engine: Any) -> str:
+    """What the model computes in and which CPU kernels that means (issue #22: reported, not assumed)."""
+    from workers.precision import cpu_facts
+
+    dt = str(engine.compute_dtype).removeprefix("torch.")
+    memory = str(engine.state_dtype).removeprefix("torch.")
+    probe = engine.precision.describe() if engine.precision is not None else f"compute dtype {dt} (EVOSTREAM_DTYPE)"
+    where = "" if str(engine.model.device).startswith("cuda") else f"; CPU {cpu_facts().describe()}"
+    return f"{probe}; memory kept in {memory}{where}"
 
 
 def _mib(n: int) -> str:
@@ -311,13 +323,14 @@ def _store(s: Any):  # -> CheckpointStore
     checkpoints), short socket timeouts (a person is waiting)."""
     from stream.state.store import CheckpointStore
     from stream.state.redis_client import RedisOptions
-    from workers.evo_model import checkpoint_fingerprint, parse_dtype
+    from workers.loading import checkpoint_fingerprint
+    from workers.precision import state_dtype_for
 
     ckpt = resolve_checkpoint(s.checkpoint, getattr(s, "checkpoint_revision", None))
     cfg = json.loads((ckpt / "config.json").read_text())
     hidden = int(cfg["backbone_config"]["hidden_size"]) if "backbone_config" in cfg else 0
     return CheckpointStore(s.redis_url, fingerprint=checkpoint_fingerprint(ckpt), hidden_size=hidden,
-                           capacity=int(cfg.get("buffer_capacity", 512)), dtype=parse_dtype(s.dtype),
+                           capacity=int(cfg.get("buffer_capacity", 512)), dtype=state_dtype_for(s.dtype),
                            namespace=s.redis_namespace, socket_timeout_s=3.0,
                            redis_options=RedisOptions.from_settings(s))  # issue #8: TLS / password files
 

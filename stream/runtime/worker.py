@@ -83,6 +83,9 @@ class Worker:
         self.store_ready = False  # Redis checked (reachable, safe config, scripts loaded) at start
         engine.set_prefix_cache_hook(self._on_prefix_cache_event)  # issue #10 cache -> Prometheus
         engine.set_query_cache_hook(self._on_query_cache_event)    # issue #22
+        self.metrics.compute_info.labels(  # issue #22: which precision (and kernels) this worker runs
+            dtype=str(engine.compute_dtype).removeprefix("torch."), memory_dtype=str(engine.state_dtype).removeprefix("torch."),
+            bf16_kernel=engine.precision.bf16_kernel if engine.precision is not None else "").set(1)
         for name, n in (("prefix", engine.config.prefix_cache_max_bytes), ("query", engine.config.query_cache_max_bytes)):
             self.metrics.cache_budget_bytes.labels(cache=name).set(n)
         self.batches = 0
