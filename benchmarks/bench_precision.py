@@ -32,7 +32,7 @@ import torch
 
 from benchmarks.bench_engine import log, make_turn
 from benchmarks.bench_realistic import full_queue_state
-from benchmarks.figures import lookup, render_value
+from benchmarks.figures import marker
 from benchmarks.report import update_section
 from benchmarks.results_schema import PRECISION_FILE, RESULTS_DIR, DtypeTiming, PrecisionResults, RunInfo, write_json
 from workers.engine import EngineConfig, EvoEngine, load_engine
@@ -48,12 +48,16 @@ QUERY = "which order was charged twice last month"
 
 def time_dtype(model, tok, dtype: torch.dtype, reps: int) -> tuple[DtypeTiming, np.ndarray]:
     model.to(dtype)
-    engine = EvoEngine(model, tok, config=EngineConfig(prefix_cache_max_bytes=1 << 40))
+    engine = EvoEngine(model, tok, config=EngineConfig(prefix_cache_max_bytes=1 << 40, query_cache_max_bytes=1 << 40))
     rng = random.Random(3)
     st = full_queue_state(engine)
     states = {"p": st}
-    log(f"[{dtype}] the segment's first turn (not timed: fills the prefix cache) ...")
+    log(f"[{dtype}] warm-up, then the segment's first turn ...")
+    engine.step({"w": full_queue_state(engine, seed=1)}, [make_turn(rng, "w", 100, (3, 4), (3, 4))])
+    t0 = time.perf_counter()
     engine.step(states, [make_turn(rng, "p", 100, (10, 20), (15, 25))])
+    first_ms = 1000 * (time.perf_counter() - t0)
+    log(f"    [{dtype}] first turn: {first_ms:,.0f} ms")
     ms, embs, pos = [], [], 0
     for k in range(reps):
         t = make_turn(rng, "p", 101 + k, (10, 20), (15, 25))
@@ -64,11 +68,14 @@ def time_dtype(model, tok, dtype: torch.dtype, reps: int) -> tuple[DtypeTiming, 
         embs.append(out.embedding)
         log(f"    [{dtype}] continuing turn {k + 1}: {ms[-1]:,.0f} ms ({pos} positions)")
     t0 = time.perf_counter()
-    q = engine.embed_queries([(states["p"], QUERY)])[0]
+    with engine.scratch():  # no query-ready memory: the query reads the whole queue, like a first query
+        q = engine.embed_queries([(states["p"], QUERY)])[0]
     q_ms = 1000 * (time.perf_counter() - t0)
     log(f"    [{dtype}] one query: {q_ms:,.0f} ms")
-    timing = DtypeTiming(dtype=str(dtype).removeprefix("torch."), turn_ms=statistics.median(ms), turn_ms_all=ms,
-                         query_ms=q_ms, positions_per_turn=pos)
+    seg = (first_ms + 15 * statistics.median(ms)) / 16
+    timing = DtypeTiming(dtype=str(dtype).removeprefix("torch."), first_turn_ms=first_ms, turn_ms=statistics.median(ms),
+                         turn_ms_all=ms, segment_turn_ms=seg, turns_per_s=1000 / seg, query_ms=q_ms,
+                         positions_per_turn=pos)
     return timing, np.stack(embs + [q])
 
 
@@ -108,8 +115,7 @@ def storage(turns: int) -> tuple[float, float, bool]:
 
 
 def _fig(data: dict, path: str, fmt: str = "", suffix: str = "") -> str:
-    spec = f":{fmt}" + (f"|{suffix}" if suffix else "") if (fmt or suffix) else ""
-    return f"<!--fig {PRECISION_FILE}:{path}{spec}-->{render_value(lookup(data, path), fmt, suffix)}<!--/fig-->"
+    return marker(PRECISION_FILE, data, path, fmt, suffix)
 
 
 def section(data: dict) -> str:
@@ -125,11 +131,15 @@ def section(data: dict) -> str:
         f"{f('probe_bf16_ms', '.1f', 'ms')} bfloat16 ({f('probe_ratio', '.2f', 'x')}) and would choose "
         f"**{f('probe_choice')}** on this host.", "",
         "| measure | " + " | ".join(dts) + " |", "|---|" + "---|" * len(dts),
+        "| a segment's first turn (re-reads the snapshot), ms | " + " | ".join(f(f"timings.{d}.first_turn_ms", ",.0f") for d in dts) + " |",
         "| a continuing turn, ms (median) | " + " | ".join(f(f"timings.{d}.turn_ms", ",.0f") for d in dts) + " |",
+        "| ms per turn over a 16-turn segment | " + " | ".join(f(f"timings.{d}.segment_turn_ms", ",.0f") for d in dts) + " |",
+        "| one worker, one conversation: turns/s | " + " | ".join(f(f"timings.{d}.turns_per_s", ".3f") for d in dts) + " |",
         "| its positions | " + " | ".join(f(f"timings.{d}.positions_per_turn", ",d") for d in dts) + " |",
         "| one query against a full queue, ms | " + " | ".join(f(f"timings.{d}.query_ms", ",.0f") for d in dts) + " |",
         "",
-        f"- bfloat16 / float32 time on this host: a turn {f('bf16_over_fp32_turn', '.2f', 'x')}, a query "
+        f"- Faster on this host: **{f('faster')}**. bfloat16 / float32 time: a continuing turn "
+        f"{f('bf16_over_fp32_turn', '.2f', 'x')}, a query "
         f"{f('bf16_over_fp32_query', '.2f', 'x')} (below 1: bfloat16 is faster here). The figure is the host's, "
         "not the model's: it follows the CPU's bf16 instructions (AMX tiles run bf16 matmuls natively, "
         "AVX512-BF16 only has dot products), so measure on yours: this command, or `EVOSTREAM_DTYPE=auto`.",
@@ -174,12 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         run=RunInfo.now(cmd),
         model=(f"random seeded qwen3_5 `{args.size}` (hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
                f"LoRA r=64), {args.threads} torch thread(s)"),
-        torch_capability=facts.torch_capability, cpu_flags=list(facts.flags),
+        params=sum(p.numel() for p in model.parameters()), torch_capability=facts.torch_capability, cpu_flags=list(facts.flags),
         onednn_bf16_matmul=onednn_matmul_impl(torch.bfloat16) or "none (not oneDNN)",
         probe_fp32_ms=probe.float32_ms or 0.0, probe_bf16_ms=probe.bfloat16_ms or 0.0, probe_ratio=probe.ratio or 0.0,
         probe_choice=probe.chosen, timings=timings,
         bf16_over_fp32_turn=timings["bfloat16"].turn_ms / timings["float32"].turn_ms,
         bf16_over_fp32_query=timings["bfloat16"].query_ms / timings["float32"].query_ms,
+        faster=min(timings.values(), key=lambda t: t.segment_turn_ms).dtype,
         bf16_compute_cosine_min=cos, storage_turns=args.storage_turns, storage_reload_max_diff=diff,
         storage_cosine_min=scos, storage_roundtrip_exact=exact)
     data = res.model_dump(mode="json")

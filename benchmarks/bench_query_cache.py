@@ -39,7 +39,7 @@ import torch
 
 from benchmarks.bench_engine import log, make_turn, model_minimum, stream_counting
 from benchmarks.bench_realistic import full_queue_state
-from benchmarks.figures import lookup, render_value
+from benchmarks.figures import marker
 from benchmarks.report import update_section
 from benchmarks.results_schema import (QUERY_CACHE_FILE, RESULTS_DIR, QueryCacheResults, QueryCacheSize, RunInfo,
                                        WorkRatio, write_json)
@@ -184,8 +184,7 @@ def default_work_ratio(family: str, n_turns: int = 48) -> WorkRatio:
 
 
 def _fig(data: dict, path: str, fmt: str = "", suffix: str = "") -> str:
-    spec = f":{fmt}" + (f"|{suffix}" if suffix else "") if (fmt or suffix) else ""
-    return f"<!--fig {QUERY_CACHE_FILE}:{path}{spec}-->{render_value(lookup(data, path), fmt, suffix)}<!--/fig-->"
+    return marker(QUERY_CACHE_FILE, data, path, fmt, suffix)
 
 
 def section(data: dict) -> str:

@@ -198,8 +198,11 @@ class DtypeTiming(BaseModel):
     """One compute dtype at one model size: a continuing turn and a query, timed on this host."""
 
     dtype: str
-    turn_ms: float = Field(description="a continuing turn (prefix cache on), median")
+    first_turn_ms: float = Field(description="a segment's first turn (re-reads the 512-latent snapshot)")
+    turn_ms: float = Field(description="a continuing turn (both caches on, as a default worker), median")
     turn_ms_all: list[float]
+    segment_turn_ms: float = Field(description="mean ms per turn over a 16-turn segment: (first + 15 x continuing) / 16")
+    turns_per_s: float = Field(description="one worker, one conversation at a time: 1000 / segment_turn_ms")
     query_ms: float = Field(description="one query against a full queue (no query cache), median")
     positions_per_turn: int
 
@@ -210,6 +213,7 @@ class PrecisionResults(BaseModel):
 
     run: RunInfo
     model: str
+    params: int = Field(description="parameters of the model (weights: x4 bytes in float32, x2 in bfloat16)")
     torch_capability: str
     cpu_flags: list[str]
     onednn_bf16_matmul: str = Field(description="oneDNN's name of the bf16 matmul implementation that ran")
@@ -220,9 +224,41 @@ class PrecisionResults(BaseModel):
     timings: dict[str, DtypeTiming]
     bf16_over_fp32_turn: float = Field(description="whole continuing turn, bf16 time / fp32 time")
     bf16_over_fp32_query: float
+    faster: str = Field(description="the compute dtype measured faster on this host (segment turn)")
     bf16_compute_cosine_min: float = Field(description="turn + query embeddings, bf16 compute vs fp32 compute")
     storage_turns: int
     storage_reload_max_diff: float = Field(description="bf16 storage, fp32 compute: embeddings with a reload from "
                                                        "the stored bytes after every turn vs never reloading")
     storage_cosine_min: float = Field(description="bf16 storage vs float32 storage, every turn's embedding")
     storage_roundtrip_exact: bool = Field(description="in-memory latents == latents read back from the stored bytes")
+
+
+QUERY_API_FILE = "query_api.json"
+
+
+class QueryApiRun(BaseModel):
+    """bench_query against one worker configuration (tiny checkpoint, local stack)."""
+
+    query_cache_bytes: int
+    latency_idle_p50_ms: float
+    latency_idle_p99_ms: float
+    latency_idle_ok: int
+    latency_idle_n: int
+    baseline_turns_per_s: float = Field(description="mean of the backlog runs before and after the flood")
+    baseline_spread: float = Field(description="the two baseline runs' ratio: the machine's noise during the run")
+    flood_turns_per_s: float
+    flood_over_baseline: float
+    flood_answered: int = Field(description="requests answered 200 during the flood (4 queries each)")
+    flood_requests_per_s: float
+    flood_p50_ms: float
+    flood_p99_ms: float = Field(description="query p99 while a backlog is being ingested")
+    flood_codes: dict[str, int]
+
+
+class QueryApiResults(BaseModel):
+    run: RunInfo
+    qps: float
+    seconds: float
+    flood_clients: int
+    backlog_turns: int
+    runs: dict[str, QueryApiRun]
