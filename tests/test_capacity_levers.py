@@ -25,6 +25,7 @@ import torch
 from schemas.events import MemoryOrigin
 from schemas.turns import ChatMessage, TurnInput
 from stream.state.store import CheckpointCorrupt, CheckpointStore, CommitStatus, TurnCommit
+from stream.state.cold_store import ColdStore
 from stream.state.cold_tier import ColdTier
 from stream.identity import ConversationRef
 from workers.state import ConversationState, StateDelta
@@ -280,14 +281,17 @@ async def test_cold_tier_leaves_a_conversation_that_moved_on_during_the_freeze(r
     loop = asyncio.get_running_loop()
     try:
         await drive(store, ref, 2)
-        real_put = cold._put
+        real_put = ColdStore.put
 
-        def put_then_commit(recs: Any) -> None:
-            real_put(recs)
+        def put_then_commit(shard: Any, recs: Any) -> None:
+            real_put(shard, recs)
             asyncio.run_coroutine_threadsafe(drive(writer, ref, 1, seed=5), loop).result(timeout=30)
 
-        cold._put = put_then_commit  # type: ignore[method-assign]
-        rep = await cold.freeze(store, [ref])
+        ColdStore.put = staticmethod(put_then_commit)  # type: ignore[method-assign]
+        try:
+            rep = await cold.freeze(store, [ref])
+        finally:
+            ColdStore.put = staticmethod(real_put)  # type: ignore[method-assign]
         assert rep.frozen == 0 and rep.changed == 1 and cold.count() == 0
         got = await store.load(ref)
         assert got is not None and got.seq == 2  # the newer commit is intact, in Redis

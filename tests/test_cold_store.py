@@ -53,10 +53,10 @@ def test_a_corrupt_shard_is_quarantined_alone_and_retried_after_repair(tmp_path:
     for index, group in store.by_shard(tags).items():
         ColdStore.put(store.shards[index], [_rec(t) for t in group])
     victim = store.shard(tags[0])
+    victim.close()  # the last connection folds the WAL into the file: a backup of it is complete
     good = bytes(victim.path.read_bytes())
-    victim.close()
     for p in victim.path.parent.glob(victim.path.name + "-*"):
-        p.unlink()  # the WAL was folded in when the connection closed
+        p.unlink()
     victim.path.write_bytes(b"overwritten by hand " * 300)
     with pytest.raises(ShardUnreadable, match="unreadable.*quarantined"):
         ColdStore.get(victim, [tags[0]])

@@ -64,7 +64,7 @@ def _dead_letters_for(penv, keys: set[tuple[str, int]], timeout: float, worker: 
         time.sleep(1.0)
 
 
-def test_a_corrupt_cold_tier_quarantines_its_conversations_and_a_restarted_worker_starts(
+def test_a_corrupt_cold_tier_quarantines_its_conversations_and_the_worker_goes_on(
         kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> None:
     topics = TopicMaker(kafka_bootstrap, "cold-corrupt")
     procs = Workers()
@@ -82,22 +82,42 @@ def test_a_corrupt_cold_tier_quarantines_its_conversations_and_a_restarted_worke
         produce(kafka_bootstrap, penv.turns_topic,
                 [turn_record("frozen-a", 3, "after the corruption"), turn_record("fresh", 0, "hello"),
                  turn_record("fresh", 1, "still here")])
-        letters = _dead_letters_for(penv, {("frozen-a", 3)}, timeout=180, worker=worker)
+        letters = _dead_letters_for(penv, {("frozen-a", 3)}, timeout=120, worker=worker)
         dl = letters[("frozen-a", 3)]
         assert dl.reason_code is DeadLetterReason.CHECKPOINT_CORRUPT
         assert "cold" in dl.reason and "unreadable" in dl.reason, dl.reason
         wait_for_embeddings(penv, {("fresh", 0), ("fresh", 1)}, timeout=180, workers=[worker])
         assert worker.alive()
 
-        # a restarted worker starts (the file is still bad) and keeps quarantining only those
-        worker.stop()
-        worker.start()
+    finally:
+        procs.stop_all()
+        topics.close()
+
+
+def test_a_worker_starts_with_a_corrupt_cold_tier_and_quarantines_only_its_conversations(
+        kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> None:
+    """The restart half: a worker whose cold tier is already overwritten must start (before the
+    fix: exit 70 within seconds, `file is not a database`) and process everything else."""
+    topics = TopicMaker(kafka_bootstrap, "cold-restart")
+    procs = Workers()
+    cold_path = tmp_path / "cold.sqlite"
+    try:
+        penv = pipeline_env(topics, kafka_bootstrap, redis_url, partitions=2,
+                            extra={"EVOSTREAM_COLD_TIER_PATH": str(cold_path)})
+        produce(kafka_bootstrap, penv.turns_topic, [turn_record(c, i, f"turn {i} of {c}") for c in FROZEN for i in range(2)])
+        first = procs.add(WorkerProc(penv, tmp_path, "first").start())
+        wait_for_embeddings(penv, {(c, i) for c in FROZEN for i in range(2)}, timeout=300, workers=[first])
+        first.stop()
+        assert asyncio.run(_freeze_all(redis_url, penv.namespace, cold_path)) == 2
+        assert _overwrite_cold_files(cold_path)
+        worker = procs.add(WorkerProc(penv, tmp_path, "restarted").start())
         worker.wait_ready(timeout=180)
         produce(kafka_bootstrap, penv.turns_topic,
-                [turn_record("frozen-b", 3, "after the restart"), turn_record("fresh", 2, "and again")])
-        letters = _dead_letters_for(penv, {("frozen-b", 3)}, timeout=180, worker=worker)
-        assert letters[("frozen-b", 3)].reason_code is DeadLetterReason.CHECKPOINT_CORRUPT
-        wait_for_embeddings(penv, {("fresh", 2)}, timeout=180, workers=[worker])
+                [turn_record("frozen-b", 2, "after the restart"), turn_record("fresh", 0, "hello")])
+        letters = _dead_letters_for(penv, {("frozen-b", 2)}, timeout=180, worker=worker)
+        assert letters[("frozen-b", 2)].reason_code is DeadLetterReason.CHECKPOINT_CORRUPT
+        assert "unreadable" in letters[("frozen-b", 2)].reason
+        wait_for_embeddings(penv, {("fresh", 0)}, timeout=180, workers=[worker])
         assert worker.alive()
     finally:
         procs.stop_all()

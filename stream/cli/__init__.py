@@ -15,6 +15,7 @@ import traceback
 import typer
 
 from stream.cli import core as _core  # noqa: F401 - registers the commands
+from stream.cli import cold_tier as _cold_tier  # noqa: F401 - registers the group
 from stream.cli import dead_letters as _dead_letters  # noqa: F401 - registers the group
 from stream.cli.base import STATE, app
 from stream.cli.errors import CliError, ExitCode, explain

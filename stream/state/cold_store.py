@@ -248,9 +248,12 @@ class ColdStore:
 
     # --- every shard ----------------------------------------------------------------------
     def each(self, fn: Callable[[sqlite3.Connection], T]) -> list[T]:
-        """`fn` on every readable shard (quarantined ones are skipped: see `quarantined`)."""
+        """`fn` on every readable shard (quarantined ones are skipped: see `quarantined`; a shard
+        whose file was never created holds nothing and is not created by looking at it)."""
         out = []
         for s in self.shards:
+            if not s.path.exists():
+                continue
             try:
                 out.append(s.run(fn))
             except ShardUnreadable:

@@ -826,9 +826,10 @@ class CheckpointStore:
             raise CheckpointCorrupt(
                 f"conversation {ref}: state keys without their meta (meta evicted or deleted by hand)")
         if kind == "cold":  # issue #14: moved to the cold tier; never mistake it for a new one
+            why = self.cold.why_missing(ref) if self.cold is not None else None  # issue #17: a bad shard says so
             raise CheckpointCorrupt(
-                f"conversation {ref}: its state was moved to the cold tier and could not be brought "
-                f"back (no cold tier configured: EVOSTREAM_COLD_TIER_PATH, or its copy is gone)")
+                f"conversation {ref}: its state was moved to the cold tier and could not be brought back ("
+                + (why or "no cold tier configured: EVOSTREAM_COLD_TIER_PATH, or its copy is gone") + ")")
         if kind != "live":
             self._counts.drop(ref)
             empty = ConversationState(hidden_size=self.hidden_size, capacity=self.capacity, dtype=self.dtype,
