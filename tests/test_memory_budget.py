@@ -44,10 +44,12 @@ def test_explicit_budgets_pass_through_and_negative_is_refused() -> None:
         mb.resolve_cache_bytes(-1)
 
 
-def test_a_worker_with_default_settings_runs_the_prefix_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in ("EVOSTREAM_PREFIX_CACHE_MAX_BYTES", "EVOSTREAM_CONFIG"):
+def test_a_worker_with_default_settings_runs_both_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("EVOSTREAM_PREFIX_CACHE_MAX_BYTES", "EVOSTREAM_QUERY_CACHE_MAX_BYTES", "EVOSTREAM_CONFIG"):
         monkeypatch.delenv(k, raising=False)
     cfg = engine_config(Settings())
-    assert cfg.prefix_cache_max_bytes >= mb.AUTO_MIN
+    assert cfg.prefix_cache_max_bytes >= mb.AUTO_MIN and cfg.query_cache_max_bytes >= mb.AUTO_MIN
     monkeypatch.setenv("EVOSTREAM_PREFIX_CACHE_MAX_BYTES", "0")
-    assert engine_config(Settings()).prefix_cache_max_bytes == 0
+    monkeypatch.setenv("EVOSTREAM_QUERY_CACHE_MAX_BYTES", "12345")
+    cfg = engine_config(Settings())
+    assert cfg.prefix_cache_max_bytes == 0 and cfg.query_cache_max_bytes == 12345

@@ -68,12 +68,13 @@ def test_streamed_turns_and_queries_equal_the_uncached_path(engines):
         # the turn's own embedding pass read the queue its predecessor made ready
         assert cached.last_stats.query_reused_positions == pre
         assert sa["solo"].equals(sb["solo"], atol=TOL * (8 if fam == "qwen3_5" else 1))
-        _same(_queries(plain, [sa["solo"]]), _queries(cached, [sb["solo"]]), f"queries after turn {t.seq}")
+        one = QUESTIONS[t.seq % len(QUESTIONS):][:1]  # one query per turn keeps this test short
+        _same(_queries(plain, [sa["solo"]], one), _queries(cached, [sb["solo"]], one), f"query after turn {t.seq}")
         qs = cached.last_query_stats
         ready = cached.ready_point(sb["solo"]) > 0       # (Qwen3.5: a queue shorter than one chunk is read whole)
-        assert qs.hits == (len(QUESTIONS) if ready else 0)  # every query read a ready queue ...
+        assert qs.hits == (1 if ready else 0)  # every query read a ready queue ...
         tail = sb["solo"].queue.shape[0] - cached.ready_point(sb["solo"])
-        assert qs.positions == qs.own_tokens + len(QUESTIONS) * tail  # ... and computed only its own part
+        assert qs.positions == qs.own_tokens + tail  # ... and computed only its own part
         own_only += tail == 0
     assert own_only >= (40 if fam == "qwen3" else 10)
     assert sb["solo"].memory_len == 512 and cached.ready_point(sb["solo"]) == 512

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from workers.prefix_cache import CacheEvent
+from workers.byte_lru import ByteLRU, CacheEvent
 from workers.prefix_pass import PrefixState
 from workers.state import ConversationState
 
@@ -54,26 +54,11 @@ class QueryCacheStats:
     rejected: int = 0
 
 
-class QueryCache:
+class QueryCache(ByteLRU):
     def __init__(self, max_bytes: int, on_event: CacheEvent | None = None):
-        if max_bytes < 0:
-            raise ValueError("max_bytes must be >= 0")
-        self.max_bytes = max_bytes
-        self.on_event = on_event
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        super().__init__(max_bytes, on_event)
         self._by_key: dict[ReadyKey, str] = {}
-        self.bytes = 0
         self.stats = QueryCacheStats()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, conv_key: str) -> bool:
-        return conv_key in self._entries
-
-    def _emit(self, event: str, nbytes: int) -> None:
-        if self.on_event is not None:
-            self.on_event(event, nbytes)
 
     # -- lookups ---------------------------------------------------------------------------
     def find(self, state: ConversationState, k: int) -> PrefixState | None:
@@ -112,17 +97,8 @@ class QueryCache:
         """Keep `ready` (the retriever over `state.queue[:ready.length]`) as `conv_key`'s entry."""
         self.discard(conv_key)
         n = ready.nbytes()
-        if n > self.max_bytes:
-            self.stats.rejected += 1
-            self._emit("reject", n)
+        if not self._make_room(n):
             return False
-        while self._entries and self.bytes + n > self.max_bytes:
-            old_conv = next(iter(self._entries))
-            old = self._entries[old_conv]
-            self.discard(old_conv)
-            self.stats.evictions += 1
-            self.stats.evicted_unused += not old.used
-            self._emit("evict", old.nbytes)
         key = (ready.length, state.queue_digest(ready.length))
         other = self._by_key.get(key)
         if other is not None:  # two conversations with the same queue bytes: one entry serves both
@@ -143,14 +119,15 @@ class QueryCache:
         other.bytes = self.bytes
         return other
 
+    def _evicted(self, entry: _Entry) -> None:
+        self.stats.evicted_unused += not entry.used
+
     def discard(self, conv_key: str) -> None:
-        e = self._entries.pop(conv_key, None)
-        if e is not None:
-            self.bytes -= e.nbytes
-            if self._by_key.get(e.key) == conv_key:
-                del self._by_key[e.key]
+        e = self._entries.get(conv_key)
+        super().discard(conv_key)
+        if e is not None and self._by_key.get(e.key) == conv_key:
+            del self._by_key[e.key]
 
     def clear(self) -> None:
-        self._entries.clear()
+        super().clear()
         self._by_key.clear()
-        self.bytes = 0
