@@ -43,14 +43,9 @@ from schemas.events import (
 from schemas.turns import TurnInput
 from schemas.vectors import encode_vector
 from stream.runtime.logs import fields as log_fields
-from stream.state.store import (
-    CheckpointProblem,
-    CheckpointStore,
-    CommitStatus,
-    SourceOffset,
-    StaleDelete,
-    TurnCommit,
-)
+from stream.state.errors import StaleDelete
+from stream.state.records import CommitStatus, MemoryProblem, SourceOffset, TurnCommit
+from stream.state.store import MemoryStore
 from stream.processing.decode import Rejection, decode_inbound, make_dead_letter
 from stream.processing.input_shapes import InputShapes
 from stream.kafka.emitter import OutMessage
@@ -128,7 +123,7 @@ def conversation_ref(ev: TurnEvent | ConversationDelete) -> ConversationRef:
 
 
 class TurnPipeline:
-    def __init__(self, engine: EvoEngine, store: CheckpointStore, emitter: Emitter, settings: Settings,
+    def __init__(self, engine: EvoEngine, store: MemoryStore, emitter: Emitter, settings: Settings,
                  executor: Executor, metrics: Metrics | None = None, cache: StateCache | None = None):
         self.engine = engine
         self.store = store
@@ -340,7 +335,7 @@ class TurnPipeline:
                 self.cache.discard(ref)
                 code = (DeadLetterReason.FINGERPRINT_MISMATCH if res.status is CommitStatus.FINGERPRINT
                         else DeadLetterReason.CHECKPOINT_CORRUPT)
-                problem = CheckpointProblem(ref, code, f"commit refused: {res.status.value}")
+                problem = MemoryProblem(ref, code, f"commit refused: {res.status.value}")
                 for d, _, _ in by_ref[ref]:
                     self._quarantined(d, problem, out, rep)
             else:  # STALE: the view changed (another writer, a delete); our in-memory state is void
@@ -404,7 +399,7 @@ class TurnPipeline:
 
     # ------------------------------------------------------------------------------------------
     async def _load_views(self, refs: list[ConversationRef]
-                          ) -> tuple[dict[ConversationRef, _View], dict[ConversationRef, CheckpointProblem]]:
+                          ) -> tuple[dict[ConversationRef, _View], dict[ConversationRef, MemoryProblem]]:
         views: dict[ConversationRef, _View] = {}
         missing = []
         for ref in refs:
@@ -416,11 +411,11 @@ class TurnPipeline:
                 views[ref] = _View(e.state, e.gen, e.state.seq, MemoryOrigin.CONTINUED, fresh=False,
                                    gen_start=e.gen_start)
                 self.metrics.cache_hits.inc()
-        problems: dict[ConversationRef, CheckpointProblem] = {}
+        problems: dict[ConversationRef, MemoryProblem] = {}
         if missing:
             loaded = await self._with_store(lambda: self.store.load_many(missing), "load")
             for ref, got in loaded.items():
-                if isinstance(got, CheckpointProblem):
+                if isinstance(got, MemoryProblem):
                     problems[ref] = got
                 else:
                     # a cached state has no pending outbox we do not already know about:
@@ -446,7 +441,7 @@ class TurnPipeline:
                     log.warning("checkpoint store unavailable during %s (%s): pausing consumption", what, exc)
                 self.paused = True
                 self.metrics.paused.set(1)
-                await self.store.wait_until_available()
+                await self.store.server.wait_until_available()
 
     async def _delete(self, ev: ConversationDelete, ref: ConversationRef, rec: InboundRecord,
                       rep: BatchReport) -> OutMessage | None:
@@ -469,7 +464,7 @@ class TurnPipeline:
                                    at=datetime.now(timezone.utc), tenant=ref.tenant)
         return OutMessage(self.settings.embeddings_topic, ref.conversation_id.encode(), tomb.model_dump_json().encode())
 
-    def _quarantined(self, d: _Due, problem: CheckpointProblem, out: list[OutMessage], rep: BatchReport) -> None:
+    def _quarantined(self, d: _Due, problem: MemoryProblem, out: list[OutMessage], rep: BatchReport) -> None:
         """A turn of a conversation that cannot be continued: dead-lettered with the reason,
         counted; the rest of the batch (and the partition) flows on."""
         self.metrics.quarantined.labels(reason=problem.code.value).inc()

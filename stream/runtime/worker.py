@@ -22,7 +22,8 @@ import faust
 from faust.web import Request, Response, View
 
 from stream.kafka.broker_health import BrokerMonitor, BrokerState, apply_consumer_backoff, throttle_reconnects
-from stream.state.store import CheckpointStore, UnsafeRedisConfig
+from stream.state.errors import UnsafeRedisConfig
+from stream.state.store import MemoryStore
 from stream.kafka.emitter import KafkaEmitter
 from stream.kafka.security import KafkaSecurity
 from stream.state.redis_client import RedisOptions
@@ -51,7 +52,7 @@ class Worker:
         # One thread owns the model: steps and queries queue behind each other on it.
         # (stream/runtime/model_thread.py: also tells the query API whether ingestion is busy, issue #9)
         self.executor = ModelThread(thread_name_prefix="evo-model")
-        self.store = CheckpointStore(
+        self.store = MemoryStore(
             settings.redis_url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
             capacity=engine.capacity, dtype=engine.state_dtype, namespace=settings.redis_namespace,
             ttl_s=settings.state_ttl_s, marker_ttl_s=settings.marker_ttl_s, compact_every=settings.compact_every,
@@ -200,9 +201,9 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - broker away at start: send_all starts it later
                 log.warning("producer not started (%s: %s); it is retried with the first emit", type(exc).__name__, exc)
             try:
-                await worker.store.check_credentials()
-                await worker.store.wait_until_available()
-                redis_cfg = await worker.store.check_server(allow_eviction=s.redis_allow_eviction)
+                await worker.store.server.check_credentials()
+                await worker.store.server.wait_until_available()
+                redis_cfg = await worker.store.server.check_server(allow_eviction=s.redis_allow_eviction)
             except UnsafeRedisConfig as exc:
                 # One clear line and a distinct exit code (78, EX_CONFIG): a restart loop
                 # cannot fix a server setting.
