@@ -36,7 +36,8 @@ from schemas.events import (
     DeadLetterReason,
     TurnEvent,
 )
-from stream.processing.decode import Rejection, decode_inbound
+from stream.processing.dead_letters import Rejection
+from stream.processing.decode import decode_inbound
 from devtools.localstack import LocalStack
 from tests.strategies import hostile_records
 from tests.support.chaos import (

@@ -37,7 +37,8 @@ from stream.state.store import MemoryStore
 from stream.kafka.emitter import OutMessage
 from stream.identity import ConversationRef
 from stream.runtime.metrics import Metrics
-from stream.processing.pipeline import InboundRecord, TurnPipeline
+from stream.processing.pipeline import TurnPipeline
+from stream.processing.records import InboundRecord
 from stream.settings import GapPolicy, Settings
 from stream.state.cache import StateCache
 from tests.support.oracle import TOL, compute_expected, offline_engine

@@ -32,8 +32,9 @@ from stream.kafka.lag import LagGauge
 from stream.runtime.metrics import Metrics
 from stream.runtime.model_thread import ModelThread
 from stream.state.cold_tier import store_levers
-from stream.processing.pipeline import InboundRecord, TurnPipeline
-from stream.kafka.unreadable import disable_codecs_for_tests, watch_app
+from stream.processing.pipeline import TurnPipeline
+from stream.processing.records import InboundRecord
+from stream.kafka.unreadable import watch_app
 from stream.settings import Settings
 from stream.runtime.shutdown import ShutdownGuard
 from workers.engine import EvoEngine
@@ -63,7 +64,6 @@ class Worker:
             **store_levers(settings))  # issue #14: storage dtype, per-tenant TTL, cold tier
         from stream.processing.dead_letters import OversizeHandler
 
-        disable_codecs_for_tests()  # TEST-ONLY hook (issue #13), before any client is configured
         # Kafka TLS/SASL (issue #8): one resolved object for the emitter and faust's clients.
         self.kafka_security = KafkaSecurity.from_settings(settings)
         # Records are bounded by the broker's limit (issue #8): the client refuses what the
@@ -148,8 +148,14 @@ class Worker:
                 ]
                 if worker.stopping:  # shutting down (issue #12): not processed, not acked -> replayed
                     continue
+
+                async def acknowledge(_records: list[InboundRecord], events: list = events) -> None:
+                    for e in events:
+                        await stream.ack(e)
+
                 try:
-                    await worker.pipeline.process(records)
+                    # the batch's whole commit protocol, acknowledgement last (processing/commit.py)
+                    await worker.pipeline.process(records, acknowledge)
                 except Exception:  # noqa: BLE001 - see below
                     # Never let faust restart the agent past an unprocessed batch: the next
                     # turns of those conversations would be applied over a hole. Die instead;
@@ -159,8 +165,6 @@ class Worker:
                                  "replayed", len(records), exc_info=True)
                     logging.shutdown()
                     os._exit(70)
-                for e in events:
-                    await stream.ack(e)
                 worker.batches += 1
                 for r in records:
                     worker.lag.processed(r.partition, r.offset)
