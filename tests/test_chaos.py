@@ -30,12 +30,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from schemas.events import (
-    MAX_CONVERSATION_ID_CHARS,
-    ConversationDelete,
-    DeadLetterReason,
-    TurnEvent,
-)
+from schemas.events import ConversationDelete, DeadLetterReason, TurnEvent
+from schemas.fields import MAX_CONVERSATION_ID_CHARS
 from stream.processing.dead_letters import Rejection
 from stream.processing.decode import decode_inbound
 from devtools.localstack import LocalStack
