@@ -1,7 +1,7 @@
 """Cold tier freeze and thaw rates (issue #22): one SQLite file vs shards written in parallel.
 
 `--conversations` conversations of the 0.8B shape (hidden 1024, float32 latents, `--turns` turns
-each, driven through the real CheckpointStore as benchmarks/capacity_measure.py does) in a local
+each, driven through the real MemoryStore as benchmarks/capacity_measure.py does) in a local
 Valkey without persistence; then, for each layout:
 
 - `single`: one shard, one batch at a time (the layout before issue #22);
@@ -38,7 +38,7 @@ from benchmarks.results_schema import RESULTS_DIR, RunInfo, write_json  # noqa: 
 from devtools.localstack import RedisServer  # noqa: E402
 from stream.identity import ConversationRef  # noqa: E402
 from stream.state.cold_tier import ColdTier  # noqa: E402
-from stream.state.store import CheckpointStore  # noqa: E402
+from stream.state.store import MemoryStore  # noqa: E402
 
 COLD_TIER_FILE = "cold_tier.json"
 HIDDEN = 1024
@@ -71,8 +71,8 @@ class ColdTierRun(BaseModel):
     layouts: dict[str, Layout]
 
 
-def _store(url: str, ns: str, cold: ColdTier | None) -> CheckpointStore:
-    return CheckpointStore(url, fingerprint="capacity", hidden_size=HIDDEN, capacity=512, dtype=torch.float32,
+def _store(url: str, ns: str, cold: ColdTier | None) -> MemoryStore:
+    return MemoryStore(url, fingerprint="capacity", hidden_size=HIDDEN, capacity=512, dtype=torch.float32,
                            namespace=ns, cold=cold)
 
 

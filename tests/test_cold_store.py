@@ -19,7 +19,8 @@ from stream.identity import ConversationRef
 from stream.state.cold_store import _SCHEMA, MANIFEST, ColdRecord, ColdStore, ShardUnreadable, shard_of
 from stream.state.cold_tier import ColdTier
 from schemas.events import DeadLetterReason
-from stream.state.store import CheckpointProblem, CheckpointStore, TurnCommit
+from stream.state.records import MemoryProblem, TurnCommit
+from stream.state.store import MemoryStore
 from workers.state import ConversationState, StateDelta
 
 
@@ -91,7 +92,7 @@ def test_shard_ranges_for_parallel_freezers() -> None:
             parse_shards(bad, 8)
 
 
-async def _seed(store: CheckpointStore, refs: list[ConversationRef], turns: int = 3) -> None:
+async def _seed(store: MemoryStore, refs: list[ConversationRef], turns: int = 3) -> None:
     await store.prepare()
     for i, ref in enumerate(refs):
         st = ConversationState(hidden_size=8, capacity=32)
@@ -109,7 +110,7 @@ def test_freezers_split_by_shard_and_a_quarantined_shard_keeps_its_conversations
     async def go() -> None:
         cold = ColdTier(tmp_path / "cold", shards=4)
         ns = f"cs{os.getpid()}{id(cold) % 10000}"
-        store = CheckpointStore(redis_url, fingerprint="t", hidden_size=8, capacity=32, dtype=torch.float32,
+        store = MemoryStore(redis_url, fingerprint="t", hidden_size=8, capacity=32, dtype=torch.float32,
                                 namespace=ns, cold=cold)
         refs = [ConversationRef("acme", f"c{i}") for i in range(24)]
         try:
@@ -127,7 +128,7 @@ def test_freezers_split_by_shard_and_a_quarantined_shard_keeps_its_conversations
             got = await store.load_many(refs)
             for ref in refs:
                 if shard_of(ref.tag, 4) == 0:
-                    assert isinstance(got[ref], CheckpointProblem), got[ref]
+                    assert isinstance(got[ref], MemoryProblem), got[ref]
                     assert got[ref].code is DeadLetterReason.CHECKPOINT_CORRUPT
                     assert "unreadable" in got[ref].detail and str(victim.path) in got[ref].detail
                 else:

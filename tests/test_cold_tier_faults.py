@@ -20,7 +20,7 @@ import torch
 
 from schemas.events import DeadLetterReason
 from stream.state.cold_tier import ColdTier
-from stream.state.store import CheckpointStore
+from stream.state.store import MemoryStore
 from tests.support.oracle import read_dead_letters, wait_for_embeddings
 from tests.support.traffic import TopicMaker, Workers, pipeline_env, produce, turn_record
 from tests.support.workers import WorkerProc
@@ -38,7 +38,7 @@ def _overwrite_cold_files(path: Path) -> list[Path]:
 
 async def _freeze_all(redis_url: str, namespace: str, cold_path: Path) -> int:
     cold = ColdTier(cold_path)
-    store = CheckpointStore(redis_url, fingerprint="cold-tier", hidden_size=1, capacity=1, dtype=torch.float32,
+    store = MemoryStore(redis_url, fingerprint="cold-tier", hidden_size=1, capacity=1, dtype=torch.float32,
                             namespace=namespace, cold=cold)
     try:
         return (await cold.freeze_idle(store, 0)).frozen

@@ -54,10 +54,10 @@ def _store(s: Any, cold: Any) -> Any:
     import torch
 
     from stream.state.redis_client import RedisOptions
-    from stream.state.store import CheckpointStore
+    from stream.state.store import MemoryStore
 
     # freeze/thaw move raw bytes: the model's shape and fingerprint are not needed to move them
-    return CheckpointStore(s.redis_url, fingerprint="cold-tier", hidden_size=1, capacity=1, dtype=torch.float32,
+    return MemoryStore(s.redis_url, fingerprint="cold-tier", hidden_size=1, capacity=1, dtype=torch.float32,
                            namespace=s.redis_namespace, ttl_s=s.state_ttl_s, marker_ttl_s=s.marker_ttl_s,
                            ttl_by_tenant=s.state_ttl_by_tenant, cold=cold,
                            redis_options=RedisOptions.from_settings(s))  # issue #8

@@ -19,7 +19,7 @@ How it stays safe next to live writers (the checkpoint store's compare-and-set o
 * while cold, the store's view of the conversation is `cold` (generation + 1), so a worker
   still holding it in its cache loses its compare-and-set (STALE) and reloads; no writer can
   mistake it for a new conversation.
-* thaw (done by `CheckpointStore.load_many` when the store has a cold tier) = a Lua script
+* thaw (done by `MemoryStore.load_many` when the store has a cold tier) = a Lua script
   restores meta, base, deltas and outbox exactly as they were, only if the marker still says
   `cold` at the same (gen, seq) and no meta exists, refreshes the TTLs like a commit, and sets
   the marker back to `live`; then the row is dropped. Delete/reset drop the row too. A row that
@@ -44,10 +44,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stream.identity import ConversationRef, RefLike, as_ref
+from stream.state.keys import ConversationKeys
 from stream.state.cold_store import DEFAULT_SHARDS, ColdRecord, ColdStore, Shard, ShardUnreadable, shard_of
 
 if TYPE_CHECKING:
-    from stream.state.store import CheckpointStore, ConversationKeys
+    from stream.state.store import MemoryStore
 
 __all__ = ["ColdRecord", "ColdTier", "FreezeReport", "store_levers"]
 
@@ -111,7 +112,7 @@ class FreezeReport:
         self.quarantined.update(other.quarantined)
 
 
-def _tag(keys: "ConversationKeys") -> str:
+def _tag(keys: ConversationKeys) -> str:
     return keys.meta.split("{", 1)[1].split("}", 1)[0]
 
 
@@ -181,28 +182,28 @@ class ColdTier:
         return out
 
     # --- Redis side ----------------------------------------------------------------------
-    def _script(self, store: "CheckpointStore") -> tuple[Any, Any]:
+    def _script(self, store: "MemoryStore") -> tuple[Any, Any]:
         # The store's own client (its retry policy and availability mapping) runs our scripts.
         got = self._scripts.get(id(store))
         if got is None:
-            got = (store._redis.register_script(_FREEZE_LUA), store._redis.register_script(_THAW_LUA))
+            got = (store.redis.register_script(_FREEZE_LUA), store.redis.register_script(_THAW_LUA))
             self._scripts[id(store)] = got
         return got
 
     def _mark_ttl_ms(self) -> int:
         return 0 if self.retention_s is None else max(1, round(self.retention_s * 1000))
 
-    async def freeze(self, store: "CheckpointStore", refs: Sequence[RefLike]) -> FreezeReport:
+    async def freeze(self, store: "MemoryStore", refs: Sequence[RefLike]) -> FreezeReport:
         """Move these conversations' state out of Redis (those that are live and whole)."""
         return await self._freeze_keys(store, [(as_ref(r), store.keys(as_ref(r))) for r in refs])
 
-    async def _freeze_keys(self, store: "CheckpointStore",
-                           items: Sequence[tuple[ConversationRef | None, "ConversationKeys"]]) -> FreezeReport:
+    async def _freeze_keys(self, store: "MemoryStore",
+                           items: Sequence[tuple[ConversationRef | None, ConversationKeys]]) -> FreezeReport:
         rep = FreezeReport(idle=len(items))
         if not items:
             return rep
-        replies = await store._run_script(store._load_script, [(k, ()) for _, k in items], "cold read")
-        recs: dict[str, tuple[ColdRecord, "ConversationKeys", bytes]] = {}
+        replies = await store.scripts.run(store.scripts.load, [(k, ()) for _, k in items], "cold read")
+        recs: dict[str, tuple[ColdRecord, ConversationKeys, bytes]] = {}
         for (ref, keys), reply in zip(items, replies):
             kind, gen, seq, meta_flat, base, deltas, outbox_flat, _mark = reply
             if kind not in (b"live", "live"):
@@ -226,7 +227,7 @@ class ColdTier:
             return rep
         freeze, _ = self._script(store)
         mttl = str(self._mark_ttl_ms()).encode()
-        done = await store._run_script(
+        done = await store.scripts.run(
             freeze, [(recs[t][1], [str(recs[t][0].gen).encode(), str(recs[t][0].seq).encode(), recs[t][2], mttl])
                      for t in ok], "cold freeze", durable=True)
         changed = [t for t, d in zip(ok, done) if not int(d)]
@@ -237,7 +238,7 @@ class ColdTier:
         rep.bytes_moved = sum(recs[t][0].nbytes for t, d in zip(ok, done) if int(d))
         return rep
 
-    async def freeze_idle(self, store: "CheckpointStore", idle_s: float, *, limit: int | None = None,
+    async def freeze_idle(self, store: "MemoryStore", idle_s: float, *, limit: int | None = None,
                           scan_count: int = 1000, batch: int = 200, concurrency: int = 4,
                           only_shards: set[int] | None = None) -> FreezeReport:
         """Freeze every conversation whose last commit is older than `idle_s` (SCAN over meta
@@ -247,8 +248,6 @@ class ColdTier:
         total = FreezeReport()
         cutoff_ms = int((time.time() - idle_s) * 1000)
         pattern = f"{store.namespace}:{{*}}:meta"
-        from stream.state.store import ConversationKeys  # runtime import: store imports this module
-
         running: set[asyncio.Task] = set()
         pending: list[tuple[ConversationRef | None, ConversationKeys]] = []
 
@@ -262,7 +261,7 @@ class ColdTier:
         def room() -> int | None:
             return None if limit is None else max(0, limit - total.frozen - batch * len(running))
 
-        async for key in store._redis.scan_iter(match=pattern, count=scan_count):
+        async for key in store.redis.scan_iter(match=pattern, count=scan_count):
             k = key.decode() if isinstance(key, bytes) else key
             total.scanned += 1
             prefix = k[: -len("meta")]
@@ -281,9 +280,9 @@ class ColdTier:
             total.add(await self._freeze_batch(store, pending, cutoff_ms, room()))
         return total
 
-    async def _freeze_batch(self, store: "CheckpointStore", items: list, cutoff_ms: int,
+    async def _freeze_batch(self, store: "MemoryStore", items: list, cutoff_ms: int,
                             room: int | None) -> FreezeReport:
-        pipe = store._redis.pipeline(transaction=False)
+        pipe = store.redis.pipeline(transaction=False)
         for _, k in items:
             pipe.hget(k.meta, "updated_at_ms")
         stamps = await pipe.execute()
@@ -292,7 +291,7 @@ class ColdTier:
             idle = idle[:room]
         return await self._freeze_keys(store, idle)
 
-    async def thaw(self, store: "CheckpointStore", refs: Sequence[RefLike]) -> int:
+    async def thaw(self, store: "MemoryStore", refs: Sequence[RefLike]) -> int:
         """Restore these conversations into Redis exactly as frozen (called by the store's
         load when it sees `cold`). Returns how many were restored. A conversation whose shard is
         quarantined stays cold (`why_missing` says why)."""
@@ -308,8 +307,8 @@ class ColdTier:
             rec = recs.get(tag)
             if rec is None:
                 continue  # no copy: the store's load reports the conversation (never a silent reset)
-            ttl = store._ttl_ms(ref.tenant)
-            mttl = store._mark_ttl_ms(tenant=ref.tenant)
+            ttl = store.ttl.state_ms(ref.tenant)
+            mttl = store.ttl.marker_ms(tenant=ref.tenant)
             args = [str(rec.gen).encode(), str(rec.seq).encode(), str(ttl).encode(), str(mttl).encode(), rec.base,
                     str(len(rec.meta) // 2).encode(), str(len(rec.deltas)).encode(),
                     str(len(rec.outbox) // 2).encode(), *rec.meta, *rec.deltas, *rec.outbox]
@@ -318,7 +317,7 @@ class ColdTier:
         if not calls:
             return 0
         _, thaw = self._script(store)
-        done = await store._run_script(thaw, calls, "cold thaw", durable=True)
+        done = await store.scripts.run(thaw, calls, "cold thaw", durable=True)
         # Restored, or no longer cold at that (gen, seq) (deleted, reset, restored by another
         # worker): either way the row has served its purpose.
         await self._per_shard(ColdStore.delete, tags)
@@ -333,7 +332,7 @@ class ColdTier:
 
 
 def store_levers(settings: Any) -> dict[str, Any]:
-    """CheckpointStore keyword arguments of the capacity levers (issue #14), from Settings:
+    """MemoryStore keyword arguments of the capacity levers (issue #14), from Settings:
     storage dtype, per-tenant TTLs, cold tier. One place, so every store a worker builds agrees."""
     import torch
 
