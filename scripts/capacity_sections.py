@@ -161,9 +161,9 @@ def cold_tier(extra: dict[str, Any], per_conv_disk: float | None) -> list[str]:
               "",
               "- **Object storage (S3, GCS, Azure Blob)**: one object per conversation at `<prefix>/<shard>/<tag>`, "
               "written whole with a conditional put, read whole on thaw, deleted after the thaw's script ran; "
-              "no server to run, cost per GB-month and per request. A thaw is one GET of the record (2-3 MiB "
-              "here): tens of milliseconds from the same region, paid by the first turn after idling. Freezing "
-              "parallelises by shard across freezer hosts.",
+              f"no server to run, cost per GB-month and per request. A thaw is one GET of the record ({_mib(disk)} "
+              "here), paid by the first turn after idling (its latency is the store's, not measured here). "
+              "Freezing parallelises by shard across freezer hosts.",
               "- **A database (PostgreSQL, Cassandra/Scylla)**: the table of `cold_store._SCHEMA` with the tag as "
               "primary key, partitioned by shard; many writers, backups and point-in-time recovery from the "
               "database's own tools.",

@@ -43,3 +43,15 @@ def test_render_rewrites_from_the_file_and_missing_sources_are_named(tmp_path: P
     problems = figures.check(("README.md",), repo, results)
     assert any("'9.99x'" in p and "'2.25x'" in p for p in problems)
     assert any("gone.json" in p and "does not exist" in p for p in problems)
+
+
+def test_a_figure_without_a_format_whose_text_has_no_space_is_read_alone(tmp_path: Path) -> None:
+    """Found by issue #22's documents: a marked figure without a format spec whose text has no
+    space (`float32`, a date-less word) was read with the next marker's text swallowed into its
+    path, so its check compared the wrong things."""
+    doc = ('faster: <!--fig r.json:runs."a.b".label-->tiny<!--/fig--> | p99 '
+           '<!--fig r.json:runs."a.b".p99_ms:.1f|ms-->21.5ms<!--/fig--> |')
+    repo, results = _fake_repo(tmp_path, doc)
+    got = figures.figures("README.md", doc)
+    assert [(f.path, f.text) for f in got] == [('runs."a.b".label', "tiny"), ('runs."a.b".p99_ms', "21.5ms")]
+    assert figures.check(("README.md",), repo, results) == []
