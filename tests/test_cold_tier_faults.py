@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from schemas.events import DeadLetterReason
@@ -64,6 +65,7 @@ def _dead_letters_for(penv, keys: set[tuple[str, int]], timeout: float, worker: 
         time.sleep(1.0)
 
 
+@pytest.mark.slow  # a worker, a freeze and a corruption: about a minute (tests/test_cold_store.py has the logic)
 def test_a_corrupt_cold_tier_quarantines_its_conversations_and_the_worker_goes_on(
         kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> None:
     topics = TopicMaker(kafka_bootstrap, "cold-corrupt")
@@ -94,6 +96,7 @@ def test_a_corrupt_cold_tier_quarantines_its_conversations_and_the_worker_goes_o
         topics.close()
 
 
+@pytest.mark.slow  # two worker starts: about a minute
 def test_a_worker_starts_with_a_corrupt_cold_tier_and_quarantines_only_its_conversations(
         kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> None:
     """The restart half: a worker whose cold tier is already overwritten must start (before the
