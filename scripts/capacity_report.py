@@ -166,7 +166,8 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None, extra: dict[str, 
       f"(allocator {meta.get('allocator', '?')}), started by the script, no persistence")
     cpus = sorted({x["run"]["cpu"] for x in extra.values() if x.get("run", {}).get("cpu")})
     if cpus:
-        w(f"- host CPU of the model, cache and cold-tier figures (sections 4, 4b, 8): {'; '.join(cpus)}")
+        w(f"- host CPU of the figures from precision.json, query_cache.json and cold_tier.json (section 4 \"By compute "
+          f"dtype\", 4b, 8, and the CPU workers of section 5): {'; '.join(cpus)}")
     w(f"- GPU: {meta['gpu']}. GPU figures are therefore not in this document; "
       "`benchmarks/bench_engine.py --gpu on` measures the batched step where a GPU exists.")
     w(f"- model constants: {meta['num_latents']} latents per turn, queue of {meta['buffer_capacity']} latents, "
