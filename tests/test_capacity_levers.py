@@ -156,7 +156,7 @@ async def test_ttl_by_tenant_reaches_every_key_of_the_tenants_conversations(redi
                 assert mark == -1
             else:
                 assert (ttl + 100) * 1000 - 5000 < mark <= (ttl + 100) * 1000, (ref, mark)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"ttl_by_tenant\['bad'\] must be positive or None"):
             store_for(redis_url, ns, ttl_by_tenant={"bad": 0})
     finally:
         r.close()

@@ -135,7 +135,7 @@ def test_k_limits_the_hits() -> None:
     assert len(idx.search("c", q, k=1)) == 1
     assert [h.seq for h in idx.search("c", q, k=3)] == [h.seq for h in idx.search("c", q, k=6)][:3]
     assert len(idx.search("c", q, k=100)) == 6
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
         idx.search("c", q, k=0)
     assert idx.search("unknown", q, k=3) == []
 
