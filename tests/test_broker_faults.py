@@ -32,6 +32,10 @@ FAST = {
     "EVOSTREAM_BROKER_RETRY_BACKOFF_MAX_S": "5",
     "EVOSTREAM_SHUTDOWN_GRACE_S": str(GRACE_S),
 }
+SIGTERM_BOUND_S = 3 * GRACE_S
+"""A generous bound on SIGTERM-to-exit: the shutdown guard ends the process after GRACE_S; the
+rest is slack for a loaded 2-core machine (interpreter teardown). Before issue #12 the process
+did not exit at all; the time it really takes is printed, not asserted tightly."""
 LOG_LINES_PER_MIN_MAX = 30
 """Bound on log lines per minute during an outage (measured over OUTAGE_WINDOW_S). Before the
 fix: about 20 lines per SECOND. After: one transition line plus a few summarised library lines."""
@@ -121,7 +125,7 @@ def test_readiness_false_while_broker_unreachable_and_back_after(proxied, redis_
              timeout=90, what="embedding of a turn sent after the outage")
         took, rc = _sigterm_and_time(w, GRACE_S + 20)
         print(f"SIGTERM with the broker up: exit {rc} after {took:.1f} s")
-        assert rc == 0 and took <= GRACE_S + 3, (rc, took, w.tail(30))
+        assert rc == 0 and took <= SIGTERM_BOUND_S, (rc, took, w.tail(30))
     finally:
         w.kill()
 
@@ -161,7 +165,7 @@ def test_sigterm_with_broker_away_exits_within_grace(proxied, redis_url, tmp_pat
         took, rc = _sigterm_and_time(w, 60)
         print(f"SIGTERM with the broker {fault}: exit {rc} after {took:.1f} s")
         assert rc is not None, f"still running 60 s after SIGTERM:\n{w.tail(40)}"
-        assert took <= GRACE_S + 4, (took, w.tail(30))
+        assert took <= SIGTERM_BOUND_S, (took, w.tail(30))
         assert rc == 75, (rc, w.tail(30))  # not clean: offsets could not be committed
         text = "\n".join(_lines(w))
         assert "shutdown did not finish" in text or "but not cleanly" in text, w.tail(30)
