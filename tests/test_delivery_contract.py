@@ -134,33 +134,39 @@ def test_no_embedding_and_no_offset_commit_until_the_durability_wait_returns(sta
 
     Fails when the wait is dropped (`_durability_tail` returning []: no WAITAOF is ever sent
     and the embedding arrives at once) or moved after the emit or the acknowledgement."""
-    base = _warm(stack, "dur-warm")
+    held_durability_wait(stack, "dur", "WAITAOF")
+
+
+def held_durability_wait(stack: Stack, cid: str, command: str) -> None:
+    """Hold `command`'s reply while one turn of `cid` goes through; check what must not happen
+    meanwhile, release, check that it then happens."""
+    base = _warm(stack, f"{cid}-warm")
     probe = RedisProbe(stack.redis_direct, stack.penv.namespace)
-    waits_before = stack.redis.commands["WAITAOF"]
+    waits_before = stack.redis.commands[command]
     stack.redis.hold()
     try:
-        [p] = produce(stack.kafka.address, stack.penv.turns_topic, [turn_record("dur", 0, "keep this safe")])
+        [p] = produce(stack.kafka.address, stack.penv.turns_topic, [turn_record(cid, 0, "keep this safe")])
 
         def held_or_emitted() -> str | None:
             if stack.redis.holding_now:
                 return "held"
-            return "emitted" if stack.seqs("dur") else None
+            return "emitted" if stack.seqs(cid) else None
 
         first = wait(held_or_emitted, timeout=120, what="the worker's durability wait (or its output)")
         assert first == "held", (
             f"the embedding was delivered and no durability wait was pending "
-            f"(WAITAOF sent: {stack.redis.commands['WAITAOF'] - waits_before})")
+            f"({command} sent: {stack.redis.commands[command] - waits_before})")
         # the commit itself landed: only the confirmation that it is durable is outstanding
-        assert (probe.seqs(["dur"]) or {}).get("dur") == 0
+        assert (probe.seqs([cid]) or {}).get(cid) == 0
         time.sleep(HOLD_S)
         assert stack.worker.alive(), stack.worker.tail(30)
         assert stack.redis.holding_now >= 1, "the held reply went through without release()"
-        assert stack.seqs("dur") == [], "embedding emitted before Redis confirmed the checkpoint durable"
+        assert stack.seqs(cid) == [], "embedding emitted before Redis confirmed the checkpoint durable"
         assert stack.committed() == base, "input offset committed before the checkpoint was durable"
     finally:
         stack.redis.release()
         probe.close()
-    wait(lambda: stack.seqs("dur") == [0], timeout=60, what="embedding delivered after the release")
+    wait(lambda: stack.seqs(cid) == [0], timeout=60, what="embedding delivered after the release")
     wait(lambda: stack.committed() == p.offset + 1, timeout=60, what="input offset committed after the release")
 
 
@@ -230,3 +236,62 @@ def test_broker_frozen_mid_stream_loses_and_duplicates_nothing(stack: Stack) -> 
     assert rep.states_checked == len(exp.states)
     assert not rep.problems(), rep.summary()
     assert rep.duplicates_byte_different == 0, rep.summary()
+
+
+# ----------------------------------------------------------------------------- 4. replicas (Sentinel)
+
+
+@pytest.fixture(scope="module")
+def sentinel_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A primary with one replica and a Sentinel (tests/support/redis_servers.py), the worker
+    finding its primary through the Sentinel with `EVOSTREAM_REDIS_DURABILITY=replicas`. The
+    Sentinel monitors the primary AT THE PROXY's address, so the address it hands the worker is
+    the proxy's: every command of the worker passes the proxy, which can hold the reply to WAIT."""
+    from devtools.localstack import HOST, find_redis_server, free_ports
+    from tests.support.redis_servers import RedisProc, SentinelProc
+
+    run = tmp_path_factory.mktemp("contract-sentinel")
+    binary = find_redis_server(run)
+    mport, rport, sport = free_ports(3)
+    primary = RedisProc(run / "primary", mport, name="primary", binary=binary, args=[])
+    replica = RedisProc(run / "replica", rport, name="replica", binary=binary, args=["--replicaof", HOST, str(mport)])
+    primary.start()
+    replica.start()
+    rproxy = RedisProxy(mport).start()
+    service = "contract-primary"
+    sentinel = SentinelProc(run / "sentinel", sport, binary=binary, master_port=rproxy.port, service=service)
+    sentinel.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the replica linked and known to the Sentinel
+            with replica.client() as r, sentinel.client() as c:
+                if (r.info("replication").get("master_link_status") == "up"
+                        and c.execute_command("SENTINEL REPLICAS", service)):
+                    break
+            assert time.monotonic() < deadline, "sentinel set not ready"
+            time.sleep(0.2)
+        with proxied_broker(run / "broker") as (broker, kproxy):
+            names = {k: f"test.contract-sentinel.{k}.{time.monotonic_ns()}" for k in ("turns", "emb", "dl")}
+            ensure_topics_sync(kproxy.address, {names["turns"]: 1, names["emb"]: 1, names["dl"]: 1})
+            extra = {**FAST, "EVOSTREAM_REDIS_DURABILITY": "replicas", "EVOSTREAM_REDIS_DURABILITY_REPLICAS": "1"}
+            penv = PipelineEnv(kafka_bootstrap=kproxy.address, redis_url=f"redis+sentinel://{sentinel.address}/{service}/0",
+                               turns_topic=names["turns"], embeddings_topic=names["emb"],
+                               dead_letter_topic=names["dl"], partitions=1, extra=extra)
+            w = WorkerProc(penv, run, "contract-sentinel").start()
+            kproxy.watch(w.proc.pid)
+            try:
+                w.wait_ready(180)
+                yield Stack(penv, w, broker, kproxy, rproxy, f"redis://{HOST}:{mport}/0")
+            finally:
+                w.kill()
+    finally:
+        rproxy.close()
+        for p in (sentinel, replica, primary):
+            p.stop(grace=2.0)
+
+
+def test_replicas_durability_through_sentinel_waits_for_the_replica(sentinel_stack: Stack) -> None:
+    """`EVOSTREAM_REDIS_DURABILITY=replicas` behind Sentinel: while the WAIT that confirms a
+    replica has the commit is held, nothing is emitted and no offset is committed; released,
+    both happen."""
+    held_durability_wait(sentinel_stack, "rep", "WAIT")

@@ -220,6 +220,11 @@ class RedisProxy:
                             c.pending.append(name)
                             self.commands[name.decode("ascii", "replace")] += 1
                             del buf[:end]
+                            if name in (b"SYNC", b"PSYNC"):
+                                # a replica's link: an RDB payload and a command stream follow,
+                                # not one reply per command; passed through untouched
+                                c.broken = True
+                                break
                     except (ProtocolError, ValueError):
                         c.broken = True
                 dst.write(data)
