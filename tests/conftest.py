@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -27,6 +28,10 @@ from tests.support.peers import SKIP_PREFIX, require_peer
 
 EXTERNAL_KAFKA = "EVOSTREAM_TEST_KAFKA_BOOTSTRAP"
 EXTERNAL_REDIS = "EVOSTREAM_TEST_REDIS_URL"
+
+# One chaos run id per pytest session (tests/support/chaos.py), set before any pytest-xdist
+# worker starts: workers inherit it, so the report sees their scenarios as one run.
+os.environ.setdefault("EVOSTREAM_CHAOS_RUN_ID", f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}")
 
 # No model hub is ever contacted by the suite (issue #11): a checkpoint or backbone named by
 # hub id resolves from the hub cache only; inherited by every worker subprocess.

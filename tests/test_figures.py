@@ -43,3 +43,12 @@ def test_render_rewrites_from_the_file_and_missing_sources_are_named(tmp_path: P
     problems = figures.check(("README.md",), repo, results)
     assert any("'9.99x'" in p and "'2.25x'" in p for p in problems)
     assert any("gone.json" in p and "does not exist" in p for p in problems)
+
+
+def test_markers_without_a_format_next_to_each_other(tmp_path: Path) -> None:
+    """A path stops at the marker's end: two unformatted markers on one line are two figures
+    (a greedy path once swallowed the text of the first one and the start of the second)."""
+    repo, results = _fake_repo(tmp_path, 'a <!--fig r.json:runs."a.b".label-->tiny<!--/fig--> b '
+                                         '<!--fig r.json:xs.0-->1.5<!--/fig-->\n')
+    assert [f.path for f in figures.figures("README.md", (repo / "README.md").read_text())] == ['runs."a.b".label', "xs.0"]
+    assert figures.check(("README.md",), repo, results) == []
