@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,19 @@ def test_markers_without_a_format_next_to_each_other(tmp_path: Path) -> None:
                                          '<!--fig r.json:xs.0-->1.5<!--/fig-->\n')
     assert [f.path for f in figures.figures("README.md", (repo / "README.md").read_text())] == ['runs."a.b".label', "xs.0"]
     assert figures.check(("README.md",), repo, results) == []
+
+
+def test_readme_figure_values_are_all_markers() -> None:
+    """README's headline figures are rendered from results files: a value typed into the
+    Figures table (instead of a marker) fails here; one edited inside a marker fails above.
+    (The first column says what is measured, with its inputs: turn 500, 64 conversations.)"""
+    text = (REPO / "README.md").read_text()
+    start = text.index("\n## Figures\n")
+    section = text[start:text.find("\n## ", start + 5)]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| figure")]
+    assert len(rows) >= 8
+    for row in rows:
+        value = row.split(" | ")[1]
+        assert "<!--fig " in value, row
+        bare = re.sub(r"<!--fig .*?<!--/fig-->|`[^`]*`", "", value)
+        assert not re.search(r"\d", bare), f"a number typed into README's Figures table: {row}"
