@@ -6,6 +6,9 @@ queue that takes turns with ingestion on the model thread.
 Modules: `models` (bodies), `errors` (the error shape), `auth` (keys -> tenants), `batcher`
 (queue + fairness), `service` (memory lookup, texts), `routes` (aiohttp handlers),
 `openapi` (the document), `metrics`.
+
+May import: the stream root modules, schemas, workers, state, and the runtime's leaf module
+`model_thread`. The worker hands itself to `register_api`; the API never imports it.
 """
 
 from __future__ import annotations
