@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
+
 from stream.kafka.broker_health import BrokerMonitor, BrokerState, apply_consumer_backoff
 from stream.runtime.log_limits import RepeatLimitFilter
 from stream.runtime.shutdown import EXIT_GRACE_EXCEEDED, ShutdownGuard
