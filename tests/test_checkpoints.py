@@ -345,7 +345,7 @@ async def test_load_many_mixed(redis_url: str) -> None:
 @async_test
 async def test_noscript_recovery_after_script_flush(redis_url: str, r: redis.Redis,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="stream.state.store")
+    caplog.set_level(logging.WARNING, logger="stream.state.scripts")
     convs = [Conv(8, 8, torch.float32, seed=20 + i) for i in range(3)]
     async with make_store(redis_url, convs[0]) as store:
         await store.commit([c.commit(1) for c in convs])

@@ -10,7 +10,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from stream import unreadable
+from stream.kafka import unreadable
 from stream.kafka.emitter import KafkaEmitter, OutMessage, require_codec
 from stream.settings import Settings
 from stream.kafka.topics import run_sync

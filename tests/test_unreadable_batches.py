@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import UnsupportedCodecError
 from prometheus_client import CollectorRegistry
 
-from stream import unreadable
+from stream.kafka import unreadable
 from stream.kafka.topics import run_sync
 from devtools.faults import disable_codecs_for_tests
 from stream.kafka.unreadable import UnreadableBatches
