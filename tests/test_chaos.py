@@ -300,11 +300,22 @@ def test_rebalance_and_zombie_cannot_overwrite(local_stack: LocalStack, kafka_bo
             fleet.workers[first].wait_ready(SCALE.timeout)
             producer.start()
             pauses_left = SCALE.rebalance_external_pauses
-            for _ in range(SCALE.rebalance_rounds):
-                # let the current members make progress
+            for rnd in range(SCALE.rebalance_rounds):
+                # Let the current members make progress on this round's share of the stream,
+                # then hold the rest back until the new members are in: on a loaded machine the
+                # joins took longer than the whole short stream, and the armed worker never got
+                # a batch to freeze on (the scenario then tested nothing).
+                share = total * (rnd + 1) // (SCALE.rebalance_rounds + 1)
+
+                def tick(share: int = share) -> None:
+                    fleet.poll()
+                    if producer.sent.count >= share:
+                        producer.hold()
+
                 base = probe.applied(last_seqs(traffic)) or 0
-                wait_until(lambda b=base: (probe.applied(last_seqs(traffic)) or 0) >= min(total, b + 8) or producer.done,
-                           timeout=SCALE.timeout, tick=fleet.poll, what="progress before the joins")
+                wait_until(lambda b=base: (probe.applied(last_seqs(traffic)) or 0) >= min(share, b + 8) or producer.done,
+                           timeout=SCALE.timeout, tick=tick, what="progress before the joins")
+                producer.hold()
                 # join up to 3 members; the newest one is armed to freeze after its next steps
                 joiners = []
                 while len(fleet.up) + len(joiners) < 3:
@@ -322,6 +333,7 @@ def test_rebalance_and_zombie_cannot_overwrite(local_stack: LocalStack, kafka_bo
                 leaver = min((n for n in fleet.up if n != zombie), key=lambda n: int(n[1:]))
                 observe([leaver])
                 fleet.stop(leaver)
+                producer.release()  # the held turns now reach the members of the new generation
                 frozen = wait_until(lambda z=zombie: fleet.frozen(z) or (producer.done and "drained"),
                                     timeout=SCALE.timeout, tick=fleet.poll, what=f"{zombie} frozen after a step")
                 if frozen == "drained" and not fleet.frozen(zombie):
@@ -351,6 +363,7 @@ def test_rebalance_and_zombie_cannot_overwrite(local_stack: LocalStack, kafka_bo
                     _wait_group_stable(fleet)
             drain_and_check(s, fleet, penv, traffic, exp, probe, producer, timeout=SCALE.timeout)
         finally:
+            producer.release()
             observe(sorted(fleet.up))
             fleet_numbers(s, fleet)
             s.records = producer.sent.count
