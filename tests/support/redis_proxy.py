@@ -153,6 +153,13 @@ class RedisProxy:
         for c in list(self.conns):
             c.close()
         self.conns.clear()
+        # let the connection handlers see their closed sockets and finish (no task is left
+        # pending when the loop stops)
+        me = asyncio.current_task()
+        rest = [t for t in asyncio.all_tasks() if t is not me]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     def __enter__(self) -> RedisProxy:
         return self.start()
