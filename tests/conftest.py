@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import sys
 import time
 import uuid
 import warnings
@@ -32,6 +34,10 @@ EXTERNAL_REDIS = "EVOSTREAM_TEST_REDIS_URL"
 # One chaos run id per pytest session (tests/support/chaos.py), set before any pytest-xdist
 # worker starts: workers inherit it, so the report sees their scenarios as one run.
 os.environ.setdefault("EVOSTREAM_CHAOS_RUN_ID", f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}")
+if "EVOSTREAM_CHAOS_COMMAND" not in os.environ:  # the command as typed (xdist workers see other argv)
+    _scale = os.environ.get("EVOSTREAM_CHAOS_SCALE")
+    os.environ["EVOSTREAM_CHAOS_COMMAND"] = ((f"EVOSTREAM_CHAOS_SCALE={_scale} " if _scale else "")
+                                             + "python -m pytest " + shlex.join(sys.argv[1:])).strip()
 
 # No model hub is ever contacted by the suite (issue #11): a checkpoint or backbone named by
 # hub id resolves from the hub cache only; inherited by every worker subprocess.

@@ -48,6 +48,7 @@ SCALE_ENV = "EVOSTREAM_CHAOS_SCALE"
 REPORT_ENV = "EVOSTREAM_CHAOS_REPORT"
 DEFAULT_REPORT = REPO / ".run" / "chaos-report.jsonl"
 RUN_ID_ENV = "EVOSTREAM_CHAOS_RUN_ID"
+COMMAND_ENV = "EVOSTREAM_CHAOS_COMMAND"
 RUN_ID = os.environ.get(RUN_ID_ENV) or (f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{os.getpid()}")
 """Groups the summary lines of one pytest session (the report renders one run). tests/conftest.py
 sets it once per session, so that pytest-xdist workers (other processes) share it."""
@@ -626,6 +627,8 @@ def report_path() -> Path:
 
 
 def command_line() -> str:
+    if os.environ.get(COMMAND_ENV):  # set by tests/conftest.py in the pytest process that xdist workers inherit
+        return os.environ[COMMAND_ENV]
     scale = os.environ.get(SCALE_ENV)
     argv = " ".join(sys.argv[1:]) if sys.argv else ""
     prefix = f"{SCALE_ENV}={scale} " if scale else ""
