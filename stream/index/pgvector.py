@@ -173,11 +173,15 @@ class PgVectorIndex(VectorIndex):
                               f"USING (tenant = current_setting('{TENANT_SETTING}', true))")
 
     def _table_dim(self) -> int | None:
+        from psycopg.pq import TransactionStatus
+
+        idle = self.conn.info.transaction_status == TransactionStatus.IDLE
         row = self.conn.execute(
             "SELECT a.atttypmod FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s "
             "AND a.attname = 'embedding'", (self.schema, f"{self.prefix}_turns")).fetchone()
-        self.conn.rollback()
+        if idle:
+            self.conn.rollback()
         return int(row[0]) if row and row[0] > 0 else None
 
     def _create_turns(self, dim: int) -> None:
@@ -202,6 +206,8 @@ class PgVectorIndex(VectorIndex):
 
     @property
     def dim(self) -> int | None:
+        if self._dim is None:  # another process (the sink) may have created the table since
+            self._dim = self._table_dim()
         return self._dim
 
     # -- writing -----------------------------------------------------------------------------
@@ -211,7 +217,7 @@ class PgVectorIndex(VectorIndex):
             yield
 
     def stored_generations(self, convs: set[ConvKey]) -> dict[ConvKey, set[int]]:
-        if not convs or self._dim is None:
+        if not convs or self.dim is None:
             return {}
         tenants, cids = zip(*sorted(convs))
         rows = self.conn.execute(
@@ -225,7 +231,7 @@ class PgVectorIndex(VectorIndex):
         cur = self.conn.cursor()
         if plan.upserts and self._dim is None:
             self._create_turns(int(next(iter(plan.upserts.values())).vector.shape[0]))
-        if plan.row_deletes and self._dim is not None:
+        if plan.row_deletes and self.dim is not None:
             cur.executemany(f"DELETE FROM {self.t('turns')} WHERE tenant = %s AND conversation_id = %s "
                             "AND generation = ANY(%s)",
                             [(c[0], c[1], sorted(g)) for c, g in plan.row_deletes.items()])
@@ -284,12 +290,12 @@ class PgVectorIndex(VectorIndex):
             self.conn.execute(f"DELETE FROM {self.t('offsets')} WHERE sink = %s", (sink,))
             self.conn.execute(f"DELETE FROM {self.t('rejects')} WHERE sink = %s", (sink,))
             self.conn.execute(f"DELETE FROM {self.t('texts')}")
-            if self._dim is not None:
+            if self.dim is not None:
                 self.conn.execute(f"DELETE FROM {self.t('turns')}")
 
     # -- reading -----------------------------------------------------------------------------
     def count(self) -> int:
-        if self._dim is None:
+        if self.dim is None:
             return 0
         n = int(self.conn.execute(f"SELECT count(*) FROM {self.t('turns')}").fetchone()[0])
         self.conn.rollback()
@@ -303,7 +309,7 @@ class PgVectorIndex(VectorIndex):
         return row[0] if row else None
 
     def rows(self, tenant: str | None = None) -> list[TurnRow]:
-        if self._dim is None:
+        if self.dim is None:
             return []
         where, args = ("WHERE tenant = %s", (tenant_key(tenant),)) if tenant is not None else ("", ())
         with self.conn.transaction():
@@ -319,7 +325,7 @@ class PgVectorIndex(VectorIndex):
         self.conn.execute("SELECT set_config(%s, %s, true)", (TENANT_SETTING, tenant_key(tenant)))
 
     def search(self, q: SearchQuery) -> list[IndexHit]:
-        v = check_query(q, self._dim)
+        v = check_query(q, self.dim)
         if self._dim is None:
             return []
         args: dict[str, Any] = {"q": v, "tenant": tenant_key(q.tenant), "ck": q.checkpoint, "k": q.k,
