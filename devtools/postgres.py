@@ -95,6 +95,14 @@ class EmbeddedPostgres:
             raise PostgresError("the bundled PostgreSQL is not started")
         return self._srv.get_uri(database)
 
+    def socket_dsn(self, database: str = "postgres") -> str:
+        """The DSN from the data directory alone (another process: no pgserver handle needed).
+        The server listens on a Unix socket in the data directory or, for a long path, in
+        pgserver's runtime directory (postmaster.pid names which)."""
+        lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+        socket_dir = lines[4] if len(lines) > 4 and lines[4] else str(self.data_dir)
+        return f"postgresql://postgres:@/{database}?host={socket_dir}"
+
     def connect(self, database: str = "postgres") -> Any:
         import psycopg
 
@@ -114,11 +122,13 @@ class EmbeddedPostgres:
         """A fast shutdown (open transactions are rolled back); a no-op when not running."""
         if not self.running:
             return
+        ensure_runtime_dir()
         from pgserver._commands import pg_ctl
 
         with contextlib.suppress(Exception):
+            # as root, pgserver runs the server as its own user "pgserver" (pg_ctl refuses root)
             pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir,
-                   user=self._srv.system_user if self._srv is not None else None)
+                   user=self._srv.system_user if self._srv is not None else ("pgserver" if os.geteuid() == 0 else None))
         deadline = time.monotonic() + 15
         while self.running and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -144,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     pg = EmbeddedPostgres(args.data_dir)
     try:
         if args.command == "stop":
-            if pg.running:
-                pg._srv = _pgserver().get_server(pg.data_dir, cleanup_mode=None)
             pg.stop()
             return 0
         pg.start()

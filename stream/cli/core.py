@@ -330,14 +330,16 @@ class StackAction(str, Enum):
 def stack(action: StackAction = typer.Argument(..., help="start, stop, status, or env (print the variables)"),
           run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="default: .run/localstack in the repo"),
           export: bool = typer.Option(False, "--export",
-                                      help="env: print `export` lines, for eval \"$(evostream stack env --export)\"")
+                                      help="env: print `export` lines, for eval \"$(evostream stack env --export)\""),
+          postgres: bool = typer.Option(False, "--postgres",
+                                        help="start: also the bundled PostgreSQL + pgvector for `evostream sink`")
           ) -> None:
     """Start/stop the local broker + Redis (the ones the demo and the tests use). A stack start
     is a clean slate: the broker keeps nothing across a stop, and neither does Redis."""
     from devtools.localstack import main as stack_main
 
     rc = stack_main([action.value] + (["--run-dir", str(run_dir)] if run_dir else [])
-                    + (["--export"] if export else []))
+                    + (["--export"] if export else []) + (["--postgres"] if postgres else []))
     if rc:
         raise typer.Exit(rc)
 
