@@ -191,3 +191,59 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
             return last
         time.sleep(interval)
     raise TimeoutError(f"{what}: not reached within {timeout:.0f}s (last: {str(last)[:300]})")
+
+
+class SinkLedger:
+    """The sink as one more ledger of a chaos scenario (tests/test_chaos.py): a real `evostream
+    sink` runs beside the workers while faults land, is itself SIGKILLed once at a random moment
+    and restarted, and at the end its PostgreSQL table is compared with the embeddings topic."""
+
+    def __init__(self, target, penv, log_dir: Path):
+        self.target = target
+        self.topic = penv.embeddings_topic
+        self.bootstrap = penv.kafka_bootstrap
+        self.env = {"EVOSTREAM_KAFKA_BOOTSTRAP": penv.kafka_bootstrap, "EVOSTREAM_EMBEDDINGS_TOPIC": self.topic,
+                    "EVOSTREAM_TURNS_TOPIC": penv.turns_topic, "EVOSTREAM_SINK_BATCH_MAX": "50", **target.env()}
+        self.log = log_dir / "sink.log"
+        self.proc: SinkProc | None = None
+        self.kills = 0
+
+    def start(self) -> "SinkLedger":
+        self.proc = SinkProc(self.env, self.log).start()
+        return self
+
+    def kill_and_restart(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.kills += 1
+        self.start()
+
+    def poll(self) -> None:
+        if self.proc is not None and not self.proc.alive():
+            raise AssertionError(f"the sink exited on its own:\n{self.proc.tail()}")
+
+    def finish(self, timeout: float) -> dict:
+        """Wait until the sink has committed the whole topic, stop it, compare. Returns the
+        summary numbers; `problems` is empty when the table equals the topic."""
+        from stream.index.pgvector import PgVectorIndex
+
+        from .workers import read_topic_sync
+
+        msgs = read_topic_sync(self.bootstrap, self.topic)
+        ends: dict = {}
+        for m in msgs:
+            ends[(self.topic, m.partition)] = m.offset + 1
+        with PgVectorIndex(self.target.dsn, schema=self.target.schema) as idx:
+            try:
+                wait_for(lambda: {k: v for k, v in idx.offsets("evostream-sink").items() if k[0] == self.topic} == ends,
+                         timeout, "the sink at the end of the embeddings topic", interval=0.5)
+            finally:
+                if self.proc is not None:
+                    self.proc.stop()
+            got = table_of(idx.rows())
+        want = expected_rows(msgs)
+        diff = differences(got, want)
+        return {"rows": len(got), "kills": self.kills, "missing": sum(d.startswith("missing") for d in diff),
+                "extra": sum(d.startswith("extra") for d in diff),
+                "vector_differs": sum(d.startswith("vector") for d in diff),
+                "problems": [f"sink table: {d}" for d in diff[:20]]}
