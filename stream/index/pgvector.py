@@ -325,6 +325,15 @@ class PgVectorIndex(VectorIndex):
         self.conn.execute("SELECT set_config(%s, %s, true)", (TENANT_SETTING, tenant_key(tenant)))
 
     def search(self, q: SearchQuery) -> list[IndexHit]:
+        rows = self._run_search(q, explain=False)
+        return [IndexHit(conversation_id=r[0], generation=r[1], seq=r[2], document_id=r[3],
+                         score=float(np.clip(r[4], -1.0, 1.0)), turn_at=r[5], text=r[6]) for r in rows]
+
+    def explain(self, q: SearchQuery) -> str:
+        """The plan PostgreSQL chooses for `q` (the benchmark checks the HNSW index is used)."""
+        return "\n".join(r[0] for r in self._run_search(q, explain=True))
+
+    def _run_search(self, q: SearchQuery, *, explain: bool) -> list[tuple]:
         v = check_query(q, self.dim)
         if self._dim is None:
             return []
@@ -350,15 +359,14 @@ class PgVectorIndex(VectorIndex):
                f"FROM ({inner}) n LEFT JOIN {self.t('texts')} x ON x.tenant = n.tenant "
                f"AND x.conversation_id = n.conversation_id AND x.seq = n.seq ORDER BY n.d, n.conversation_id, n.seq")
         with self.conn.transaction():
-            self._set_tenant(q.tenant)
-            self.conn.execute(f"SET LOCAL hnsw.ef_search = {int(self.ef_search)}")
-            # pgvector 0.8: keep scanning the graph until k rows pass the tenant filter
-            self.conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-            if q.exact:
-                self.conn.execute("SET LOCAL enable_indexscan = off")
-            rows = self.conn.execute(sql, args).fetchall()
-        return [IndexHit(conversation_id=r[0], generation=r[1], seq=r[2], document_id=r[3],
-                         score=float(np.clip(r[4], -1.0, 1.0)), turn_at=r[5], text=r[6]) for r in rows]
+            # one round trip: the tenant (row-level security), the graph's breadth, and pgvector
+            # 0.8's iterative scan (keep walking the graph until k rows pass the tenant filter)
+            self.conn.execute("SELECT set_config(%s, %s, true), set_config('hnsw.ef_search', %s, true), "
+                              "set_config('hnsw.iterative_scan', 'relaxed_order', true), "
+                              "set_config('enable_indexscan', %s, true)",
+                              (TENANT_SETTING, tenant_key(q.tenant), str(int(self.ef_search)),
+                               "off" if q.exact else "on"))
+            return self.conn.execute(("EXPLAIN " if explain else "") + sql, args).fetchall()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
