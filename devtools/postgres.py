@@ -59,7 +59,9 @@ class EmbeddedPostgres:
         pg = _pgserver()
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         try:
-            # cleanup_mode=None: the server outlives this handle; stop() ends it explicitly
+            # cleanup_mode=None: the server outlives this handle; stop() ends it explicitly.
+            # pgserver keeps one handle per data dir and would hand back a stopped one
+            pg.postgres_server.PostgresServer._instances.pop(self.data_dir, None)
             self._srv = pg.get_server(self.data_dir, cleanup_mode=None)
         except Exception as exc:  # noqa: BLE001 - one line naming the log
             log = self.data_dir / "log"

@@ -103,3 +103,29 @@ def test_exact_search_is_the_same_on_both_backends(index: VectorIndex, kafka_boo
 def test_missing_topic_is_a_clear_error(index: VectorIndex, kafka_bootstrap) -> None:
     with pytest.raises(TopicNotFound, match="does not exist"):
         sink_run(index, kafka_bootstrap, "no.such.topic.for.the.sink")
+
+
+def test_lag_gauge_counts_what_the_sink_has_not_committed(index: VectorIndex, kafka_bootstrap, topic_factory) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    topic = topic_factory(1)
+    metrics = SinkMetrics()
+
+    async def go() -> tuple[dict, dict]:
+        async with Sink(index, kafka_bootstrap, topic, name="lag", metrics=metrics) as s:
+            await s.catch_up(idle_ms=500)
+            p = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=0)
+            await p.start()
+            try:
+                for i in range(5):   # one record per batch: the local broker's end offset is exact then
+                    ev = embedding("a", i, memory="new" if i == 0 else "continued")
+                    await p.send_and_wait(topic, ev.model_dump_json().encode(), key=b"a")
+            finally:
+                await p.stop()
+            behind = await s.refresh_lag()
+            await s.catch_up(idle_ms=500)
+            return behind, await s.refresh_lag()
+
+    behind, after = asyncio.run(go())
+    assert behind == {(topic, 0): 5} and after == {(topic, 0): 0}
+    assert metrics.lag.labels(topic=topic, partition="0")._value.get() == 0

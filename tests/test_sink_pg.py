@@ -262,3 +262,26 @@ def test_sink_waits_as_standby_while_another_of_the_same_name_runs(kafka_bootstr
     finally:
         first.stop()
     time.sleep(0)
+
+
+def test_several_processes_start_their_own_bundled_servers_at_once(tmp_path: Path) -> None:
+    """What pytest-xdist workers do (tests/support/pg.py): each process starts its own server in
+    its own data directory at the same moment; each gets a working, separate PostgreSQL."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from devtools.postgres import EmbeddedPostgres\n"
+              "pg = EmbeddedPostgres(sys.argv[1]).start()\n"
+              "with pg.connect() as c:\n"
+              "    c.execute('CREATE TABLE mine (who text)'); c.execute('INSERT INTO mine VALUES (%s)', (sys.argv[1],))\n"
+              "    print(c.execute('SELECT who FROM mine').fetchall()[0][0], pg.pid)\n"
+              "pg.stop()\n")
+    from tests.support.workers import REPO
+
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"pg{i}")], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    seen = [o[0].split() for o in outs]
+    assert [s[0] for s in seen] == [str(tmp_path / f"pg{i}") for i in range(3)]
+    assert len({s[1] for s in seen}) == 3   # three servers

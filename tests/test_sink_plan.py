@@ -100,3 +100,43 @@ def test_records_parse_to_ops_in_both_tombstone_forms_and_bad_records_to_rejects
                          (None, None, "null_without_key")]:
         r = parse_embedding_record("emb", 0, 1, k, v)
         assert isinstance(r, Reject) and r.reason == reason and r.value == v, r
+
+
+def test_document_id_is_the_documented_uuid5_and_differs_per_turn_and_generation() -> None:
+    """README "Kafka Connect conventions": UUID v5, namespace 5f0c3a52-..., of
+    tenant U+001F conversation U+001F generation U+001F seq (the default tenant is "")."""
+    import uuid
+
+    ns = uuid.UUID("5f0c3a52-6c1e-4d7a-9a43-3b8e2f1d9e17")
+    ev = embedding("c1", 3, gen=2, tenant="acme")
+    assert ev.document_id == str(uuid.uuid5(ns, "acme\x1fc1\x1f2\x1f3"))
+    assert embedding("c1", 3).document_id == str(uuid.uuid5(ns, "\x1fc1\x1f1\x1f3"))
+    ids = {embedding("c1", s, gen=g, tenant=t).document_id for s in range(3) for g in (1, 2) for t in (None, "acme")}
+    assert len(ids) == 12
+
+
+def test_connect_shapes_floats_exactly_and_tombstones_as_null_records() -> None:
+    import json
+
+    from schemas.events import OUTBOUND_EVENT_ADAPTER
+    from schemas.vectors import decode_vector
+    from stream.kafka.connect import HEADER_DOCUMENT_ID, ConnectConventions
+    from stream.kafka.emitter import OutMessage
+
+    ev = embedding("c1", 0, tenant="acme", dim=64, seed=5)
+    msg = OutMessage("emb", b"c1", ev.model_dump_json().encode())
+    (out,) = ConnectConventions("emb", vector_format="floats").shape(msg)
+    obj = json.loads(out.value)
+    assert isinstance(obj["vector"], list) and dict(out.headers)[HEADER_DOCUMENT_ID] == ev.document_id.encode()
+    back = OUTBOUND_EVENT_ADAPTER.validate_json(out.value)
+    assert decode_vector(back.vector).tobytes() == decode_vector(ev.vector).tobytes()   # bit for bit
+    assert ConnectConventions("emb", vector_format="floats").shape(msg) == [out]       # copies stay identical
+    key, value, _ = tombstone("c1", "acme", 4)
+    tomb = OutMessage("emb", key, value)
+    assert ConnectConventions("emb").shape(tomb) == [tomb]
+    null = ConnectConventions("emb", tombstones="null").shape(tomb)
+    both = ConnectConventions("emb", tombstones="both").shape(tomb)
+    assert [m.value for m in null] == [None] and [m.value for m in both] == [value, None]
+    assert parse_embedding_record("emb", 0, 1, null[0].key, None, null[0].headers) == DeleteConversation(("acme", "c1"))
+    other = OutMessage("dlq", b"c1", value)
+    assert ConnectConventions("emb", tombstones="null").shape(other) == [other]        # only the embeddings topic

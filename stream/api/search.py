@@ -76,10 +76,11 @@ class SearchRoute:
 
     def _search(self, q: Any) -> tuple[list[Any], str]:
         from stream.index.sink import open_index
+        from workers.tokenizer import cache_dir
 
         with self._lock:
             if self._index is None:
-                self._index = open_index(self.api.settings, for_search=True)
+                self._index = open_index(self.api.settings, for_search=True, cache_root=cache_dir())
             try:
                 return self._index.search(q), self._index.kind
             except ValueError:

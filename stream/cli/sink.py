@@ -25,9 +25,10 @@ from stream.cli.errors import CliError, ExitCode
 def _open(s: Any, *, for_search: bool = False) -> Any:
     from stream.index.base import IndexError_
     from stream.index.sink import open_index
+    from workers.tokenizer import cache_dir
 
     try:
-        return open_index(s, for_search=for_search)
+        return open_index(s, for_search=for_search, cache_root=cache_dir())
     except IndexError_ as exc:
         raise CliError(str(exc), ExitCode.FAILED) from None
 

@@ -20,7 +20,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from stream.index.ops import BatchStats, ConvKey, Op, Plan, Reject, TurnRow, Upsert, conversations_of, plan
 
-Record = tuple[str, int, int, "Op | str"]   # (topic, partition, offset, parsed op or ignore reason)
+Record = tuple[str, int, int, Op | str]   # (topic, partition, offset, parsed op or ignore reason)
 
 
 class IndexHit(BaseModel):

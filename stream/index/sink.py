@@ -253,8 +253,10 @@ class Sink:
         return self.totals
 
 
-def open_index(s: Any, *, for_search: bool = False) -> VectorIndex:
-    """The index the settings name: PostgreSQL when `sink_dsn` is set, else the SQLite file."""
+def open_index(s: Any, *, for_search: bool = False, cache_root: Any = None) -> VectorIndex:
+    """The index the settings name: PostgreSQL when `sink_dsn` is set, else the SQLite file
+    (`index_path`, else one per broker and topic under `cache_root`/index/: callers pass the
+    cache directory, workers.tokenizer.cache_dir(), which this room does not import)."""
     if s.sink_dsn is not None:
         from stream.index.pgvector import PgVectorIndex
 
@@ -265,11 +267,12 @@ def open_index(s: Any, *, for_search: bool = False) -> VectorIndex:
     from pathlib import Path
 
     from stream.index.sqlite import SqliteIndex, default_index_path
-    from workers.tokenizer import cache_dir
 
-    path = Path(s.index_path) if s.index_path else default_index_path(cache_dir(), s.kafka_bootstrap,
-                                                                       s.embeddings_topic)
-    return SqliteIndex(path)
+    if s.index_path:
+        return SqliteIndex(Path(s.index_path))
+    if cache_root is None:
+        raise ValueError("no sink_dsn and no index_path: open_index needs the cache directory")
+    return SqliteIndex(default_index_path(Path(cache_root), s.kafka_bootstrap, s.embeddings_topic))
 
 
 __all__ = ["Sink", "SinkMetrics", "SinkTotals", "TopicNotFound", "open_index"]
