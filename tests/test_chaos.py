@@ -30,13 +30,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from schemas.events import (
-    MAX_CONVERSATION_ID_CHARS,
-    ConversationDelete,
-    DeadLetterReason,
-    TurnEvent,
-)
-from stream.processing.decode import Rejection, decode_inbound
+from schemas.events import ConversationDelete, DeadLetterReason, TurnEvent
+from schemas.fields import MAX_CONVERSATION_ID_CHARS
+from stream.processing.dead_letters import Rejection
+from stream.processing.decode import decode_inbound
 from devtools.localstack import LocalStack
 from tests.strategies import hostile_records
 from tests.support.chaos import (
@@ -364,12 +361,13 @@ def test_zombie_with_bit_identical_deltas_is_refused_not_taken_for_a_retry(redis
 
     import torch
 
-    from stream.state.store import CheckpointStore, CommitStatus, TurnCommit
+    from stream.state.records import CommitStatus, TurnCommit
+    from stream.state.store import MemoryStore
     from workers.state import ConversationState, StateDelta
 
     async def run() -> None:
         ns, cid = f"t{uuid.uuid4().hex[:8]}", f"z-{uuid.uuid4().hex[:8]}"
-        stores = [CheckpointStore(redis_url, fingerprint="fp", hidden_size=8, capacity=32, dtype=torch.float32,
+        stores = [MemoryStore(redis_url, fingerprint="fp", hidden_size=8, capacity=32, dtype=torch.float32,
                                   namespace=ns, writer_id="same-configured-id") for _ in range(2)]
         delta = StateDelta(seq=0, new_segment=True, token_ids=[1, 2, 3], latents=torch.ones(4, 8))
 
@@ -794,7 +792,7 @@ RSS_LEAK_BOUND = 512 * 2**20
 
 def _existing(probe: RedisProbe, cids: list[str]) -> int:
     """How many of the conversations still have any key in Redis (-1 if Redis is unreachable)."""
-    from stream.state.store import conversation_keys
+    from stream.state.keys import conversation_keys
 
     try:
         pipe = probe.client.pipeline(transaction=False)
@@ -1002,7 +1000,7 @@ def test_production_faults_eviction_deletes_zombie_tenants(local_stack: LocalSta
 
     from schemas.events import EmbeddingEvent, OUTBOUND_EVENT_ADAPTER
     from schemas.vectors import decode_vector
-    from stream.state.store import conversation_keys
+    from stream.state.keys import conversation_keys
     from stream.identity import ConversationRef
     from tests.support.oracle import load_states, state_difference
     from tests.support.traffic import encode as encode_event

@@ -203,7 +203,7 @@ class QueryApi:
 
     async def health(self, request: web.Request) -> web.Response:
         """200 when the worker can answer queries: its checkpoint store answers a ping."""
-        if not await self.worker.store.ping():
+        if not await self.worker.store.server.ping():
             raise unavailable("checkpoint store unavailable")
         return _json_response(m.HealthResponse())
 

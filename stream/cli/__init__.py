@@ -3,6 +3,9 @@
 
 Every expected failure ends as `error: <one line>` on stderr and a documented exit code
 (stream/cli/errors.py); a traceback is printed only with `--debug`.
+
+May import: every room of stream (the CLI composes them), and devtools lazily, inside the
+`stack` and `demo` commands only (the dev tools are not installed with the package).
 """
 
 from __future__ import annotations

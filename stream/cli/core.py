@@ -229,17 +229,17 @@ def query(conversation: str = typer.Option(..., "--conversation", "-c", help="co
     print(json.dumps(out, indent=2))
 
 
-def _store(s: Any):  # -> CheckpointStore
+def _store(s: Any):  # -> MemoryStore
     """A checkpoint store for operator commands: the configured model's identity (it keys the
     checkpoints), short socket timeouts (a person is waiting)."""
-    from stream.state.store import CheckpointStore
+    from stream.state.store import MemoryStore
     from stream.state.redis_client import RedisOptions
     from workers.evo_model import checkpoint_fingerprint, parse_dtype
 
     ckpt = resolve_checkpoint(s.checkpoint, getattr(s, "checkpoint_revision", None))
     cfg = json.loads((ckpt / "config.json").read_text())
     hidden = int(cfg["backbone_config"]["hidden_size"]) if "backbone_config" in cfg else 0
-    return CheckpointStore(s.redis_url, fingerprint=checkpoint_fingerprint(ckpt), hidden_size=hidden,
+    return MemoryStore(s.redis_url, fingerprint=checkpoint_fingerprint(ckpt), hidden_size=hidden,
                            capacity=int(cfg.get("buffer_capacity", 512)), dtype=parse_dtype(s.dtype),
                            namespace=s.redis_namespace, socket_timeout_s=3.0,
                            redis_options=RedisOptions.from_settings(s))  # issue #8: TLS / password files

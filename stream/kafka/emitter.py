@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, codec
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from stream.kafka.security import KafkaSecurity
@@ -42,8 +42,6 @@ def require_codec(compression: str | None) -> None:
     batch, inside its sender task -- the worker would look healthy and emit nothing."""
     if compression in (None, "none"):
         return
-    from aiokafka import codec
-
     check = getattr(codec, f"has_{compression}", None)
     if check is None:
         raise ValueError(f"unknown compression codec {compression!r}; use none, gzip, snappy, lz4 or zstd")
