@@ -125,8 +125,8 @@ class KafkaEmitter:
                 futures: list[object] = []
                 for m in pending:
                     try:
-                        futures.append(await self._producer.send(m.topic, m.value, key=m.key,
-                                                                 headers=list(m.headers) or None))
+                        futures.append(await self._producer.send(
+                            m.topic, m.value, key=m.key, **({"headers": list(m.headers)} if m.headers else {})))
                     except KafkaError as exc:
                         futures.append(exc)
                 for i, fut in enumerate(futures):
