@@ -553,7 +553,8 @@ def run_demo(conversations: int | None = None, keep_running: bool = False, *, ru
         convs = _load_conversations(data, conversations)
         plural = "s" if len(convs) != 1 else ""
         run.note(f"evostream demo: {len(convs)} conversation{plural} from {_show(data)} through a local broker + "
-                 f"Redis, one worker and the search path, end to end (run dir {_show(run.run_dir)})")
+                 f"Redis + PostgreSQL/pgvector, one worker, the sink and a search through it, end to end "
+                 f"(run dir {_show(run.run_dir)})")
         run.start_stack()
         run.prepare()
         run.start_worker()
