@@ -60,6 +60,7 @@ from tests.support.oracle import (
     read_outputs,
     wait_for_embeddings,
 )
+from tests.support.sink import SinkLedger
 from tests.support.traffic import Traffic, encode, generate_traffic, pipeline_env
 
 SCALE = current_scale()
@@ -189,11 +190,13 @@ def fleet_numbers(s: Summary, fleet: Fleet) -> None:
 
 
 def test_kill9_at_random_moments_and_in_every_crash_window(local_stack: LocalStack, kafka_bootstrap, redis_url,
-                                                           topic_factory, tmp_path: Path) -> None:
+                                                           topic_factory, tmp_path: Path, pg_target) -> None:
     """SIGKILL the workers N times while a producer streams: from outside at random moments,
     and from inside (devtools/faults.py) in the model step, between checkpoint and emit, between
     emit and outbox ack, and between ack and offset commit. Nothing may be lost or applied
-    twice, and re-emitted copies must be identical."""
+    twice, and re-emitted copies must be identical. One more ledger (issue #19): an `evostream
+    sink` indexes the embeddings topic into PostgreSQL meanwhile, is SIGKILLed once itself, and
+    its table must equal the topic."""
     rng = random.Random(SCALE.seed * 101)
     with scenario("kill9") as s:
         traffic = generate_traffic(SCALE.kill_conversations, SCALE.kill_turns, seed=SCALE.seed, prefix="kill")
@@ -222,6 +225,7 @@ def test_kill9_at_random_moments_and_in_every_crash_window(local_stack: LocalSta
         fleet = Fleet(penv, tmp_path, on_fault=lambda name, point: take(name))
         producer = StreamingProducer(kafka_bootstrap, penv.turns_topic, traffic.records(), tags(traffic),
                                      rate=SCALE.kill_rate)
+        sink = SinkLedger(pg_target, penv, tmp_path).start()
         try:
             names = [f"k{i}" for i in range(SCALE.kill_workers)]
             for n in names:
@@ -234,6 +238,9 @@ def test_kill9_at_random_moments_and_in_every_crash_window(local_stack: LocalSta
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"kill plan not done: {fleet.total_kills}/{planned} kills")
                 fleet.poll()
+                sink.poll()
+                if sink.kills == 0 and producer.fraction() > 0.4:
+                    sink.kill_and_restart()   # the sink crashes too, mid-stream
                 for n in sorted(fleet.up):
                     if assigned.get(n) != "external":
                         continue
@@ -253,7 +260,14 @@ def test_kill9_at_random_moments_and_in_every_crash_window(local_stack: LocalSta
             s.extra["streamed_during_kills"] = producer.sent.count
             producer.set_rate(1000.0)  # the plan is done: send the rest at once
             drain_and_check(s, fleet, penv, traffic, exp, probe, producer, timeout=SCALE.timeout)
+            ledger = sink.finish(SCALE.timeout)
+            s.extra["sink"] = {k: v for k, v in ledger.items() if k != "problems"}
+            s.problems += ledger["problems"]
+            s.ok = s.ok and not ledger["problems"]
+            assert not ledger["problems"], ledger
         finally:
+            if sink.proc is not None and sink.proc.alive():
+                sink.proc.kill()
             fleet_numbers(s, fleet)
             s.records = producer.sent.count
             fleet.stop_all()
