@@ -21,7 +21,7 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 
 # Spans whose numbers are not figures: fenced code, inline code, comments (and existing figure
 # markers), link targets.
-_SKIP = re.compile(r"```.*?```|`[^`\n]*`|<!--.*?-->|\]\([^)\n]*\)", re.S)
+_SKIP = re.compile(r"<!--fig .*?<!--/fig-->|```.*?```|`[^`\n]*`|<!--.*?-->|\]\([^)\n]*\)", re.S)
 # A number as the benchmarks print it: 12, 1,234, 3.14, 4.8e-05, followed by a unit letter x or
 # a separator, never glued to a word (x86_64, glibc2.36, qwen3, r=8 are left alone).
 _NUMBER = re.compile(r"(?<![\w.\-/#=])\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?(?=x(?!\w)|%|[^\w.,]|[.,](?!\d)|$)")
