@@ -31,8 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 DOCS = ("README.md", "BENCHMARKS.md", "RELIABILITY.md", "docs/CAPACITY.md", "docs/CONTRACTS.md")
 
-# a path never holds `>` (so a figure's `-->` ends it even when its text has no space in it)
-FIGURE = re.compile(r"<!--fig (?P<file>[\w.\-/]+?):(?P<path>(?:\"[^\"]*\"|[^\s:\">])+)(?::(?P<fmt>[^|>\s]*)(?:\|(?P<suffix>[^>\s]*))?)?-->"
+FIGURE = re.compile(r"<!--fig (?P<file>[\w.\-/]+?):(?P<path>(?:\"[^\"]*\"|[^\s:\"<>])+)(?::(?P<fmt>[^|>\s]*)(?:\|(?P<suffix>[^>\s]*))?)?-->"
                     r"(?P<text>.*?)<!--/fig-->", re.S)
 
 
