@@ -268,7 +268,8 @@ async def test_cold_tier_purge_drops_only_rows_past_retention(redis_url: str, tm
         assert cold.purge() == 0 and cold.count() == 2  # both younger than the retention
         # A cutoff between the two freezes, by their recorded times; the purge's clock is pinned
         # so that a slow machine between here and the purge cannot move the cutoff.
-        t0, t1 = (row[0] for row in cold._db.execute("SELECT frozen_at_ms FROM cold ORDER BY frozen_at_ms"))
+        t0, t1 = sorted(t for rows in cold.files.each(lambda db: db.execute("SELECT frozen_at_ms FROM cold").fetchall())
+                        for (t,) in rows)
         assert t0 < t1
         now = t1 / 1000 + 5.0
         from unittest import mock
