@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -58,16 +59,25 @@ class EmbeddedPostgres:
     def start(self) -> "EmbeddedPostgres":
         pg = _pgserver()
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # cleanup_mode=None: the server outlives this handle; stop() ends it explicitly.
-            # pgserver keeps one handle per data dir and would hand back a stopped one
-            pg.postgres_server.PostgresServer._instances.pop(self.data_dir, None)
-            self._srv = pg.get_server(self.data_dir, cleanup_mode=None)
-        except Exception as exc:  # noqa: BLE001 - one line naming the log
-            log = self.data_dir / "log"
-            tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
-            raise PostgresError(f"the bundled PostgreSQL did not start in {self.data_dir}: {exc!r}\n" + "\n".join(tail)) \
-                from None
+        for attempt in range(3):
+            try:
+                # cleanup_mode=None: the server outlives this handle; stop() ends it explicitly.
+                # pgserver keeps one handle per data dir and would hand back a stopped one
+                pg.postgres_server.PostgresServer._instances.pop(self.data_dir, None)
+                self._srv = pg.get_server(self.data_dir, cleanup_mode=None)
+                break
+            except Exception as exc:  # noqa: BLE001 - one line naming the log
+                if attempt < 2 and not (self.data_dir / "PG_VERSION").exists():
+                    # initdb failed (seen once with seven servers initialising at the same moment on
+                    # a loaded 2-core machine); it leaves no usable data directory, so start afresh
+                    print(f"[postgres] initdb in {self.data_dir} failed ({exc!r}); retrying", file=sys.stderr)
+                    shutil.rmtree(self.data_dir, ignore_errors=True)
+                    time.sleep(1 + attempt)
+                    continue
+                log = self.data_dir / "log"
+                tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+                raise PostgresError(f"the bundled PostgreSQL did not start in {self.data_dir}: {exc!r}\n"
+                                    + "\n".join(tail)) from None
         with self.connect() as c:
             c.execute("CREATE EXTENSION IF NOT EXISTS vector")
         return self
