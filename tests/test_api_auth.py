@@ -58,7 +58,7 @@ def test_no_keys_configured_fails_closed_and_off_must_be_explicit(tmp_path) -> N
 
 
 @pytest.mark.parametrize("bad", [{"short": ["a"]}, {"k-acme-000000000000": []}, {"k-acme-000000000000": [""]},
-                                 {"k-acme-000000000000": "acme"}, ["k"]])
+                                 {"k-acme-000000000000": 5}, ["k"]])
 def test_malformed_key_tables_are_refused(tmp_path, bad) -> None:
     with pytest.raises(ValueError):
         KeyTable.from_settings(_settings(tmp_path, file_keys=bad))

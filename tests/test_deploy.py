@@ -33,7 +33,7 @@ SETTINGS = {f"EVOSTREAM_{name.upper()}" for name in Settings.model_fields} | {"E
 #: Compose-file variables (interpolated on the host by `docker compose`, never seen by evostream).
 #: Only the two that `evostream` itself knows to ignore (stream/cli/config.py); the others
 #: carry no EVOSTREAM_ prefix, so a shell exporting them still runs `evostream` commands.
-HOST_VARIABLES = {"EVOSTREAM_CHECKPOINT_DIR", "EVOSTREAM_WORKERS"}
+HOST_VARIABLES = {"EVOSTREAM_MODEL_DIR", "EVOSTREAM_WORKERS"}
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
@@ -54,7 +54,7 @@ def interpolate(text: str, env: dict[str, str]) -> str:
 
 
 def compose(env: dict[str, str] | None = None) -> dict:
-    env = {"EVOSTREAM_CHECKPOINT_DIR": "/models/ckpt", "REDIS_PASSWORD": "x"} if env is None else env
+    env = {"EVOSTREAM_MODEL_DIR": "/models/ckpt", "REDIS_PASSWORD": "x"} if env is None else env
     return yaml.safe_load(interpolate(COMPOSE.read_text(), env))
 
 
@@ -82,7 +82,7 @@ def test_compose_file_matches_the_compose_spec_schema() -> None:
 
 
 def test_compose_refuses_to_start_without_checkpoint_or_password() -> None:
-    with pytest.raises(KeyError, match="EVOSTREAM_CHECKPOINT_DIR"):
+    with pytest.raises(KeyError, match="EVOSTREAM_MODEL_DIR"):
         compose({"REDIS_PASSWORD": "x"})
     redis_cmd = " ".join(compose()["services"]["redis"]["command"])
     assert "test -s /run/secrets/redis_password" in redis_cmd and "exit 1" in redis_cmd
@@ -98,7 +98,7 @@ def test_compose_fixes_what_a_first_up_hit() -> None:
         assert "/readyz" in " ".join(w["healthcheck"]["test"])
         assert env["EVOSTREAM_PRODUCER_IDEMPOTENCE"] == "true"
         assert env["EVOSTREAM_REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password" and "redis_password" in w["secrets"]
-        assert w["volumes"][0].startswith("/models/ckpt:/checkpoint")
+        assert w["volumes"][0].startswith("/models/ckpt:/model")
         assert w["restart"].startswith("on-failure"), "a worker that cannot start must not crash-loop for ever"
         assert w["depends_on"]["topics"]["condition"] == "service_completed_successfully"
     # the image binds 0.0.0.0 (Dockerfile ENV); nothing in compose overrides it back

@@ -57,7 +57,7 @@ class PipelineEnv:
             EVOSTREAM_TURNS_PARTITIONS=str(self.partitions),
             EVOSTREAM_GROUP_ID=self.group_id,
             EVOSTREAM_REDIS_NAMESPACE=self.namespace,
-            EVOSTREAM_CHECKPOINT=self.checkpoint,
+            EVOSTREAM_MODEL=self.checkpoint,  # the model directory ("" = the seeded tiny one)
             EVOSTREAM_SESSION_TIMEOUT_S="6",
             EVOSTREAM_REBALANCE_TIMEOUT_S="6",
             EVOSTREAM_HEARTBEAT_INTERVAL_S="1",
