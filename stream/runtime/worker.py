@@ -1,5 +1,5 @@
 """The faust application: the turns topic feeds one agent that hands micro-batches to the
-pipeline, plus the HTTP endpoints (query, health, readiness, metrics).
+pipeline; every HTTP endpoint (query, health, readiness, metrics) is installed by stream/api/.
 
 Why `noack_take` and manual acks: faust's `take()` acknowledges a batch when the loop body
 exits *for any reason*, including an exception or the task being cancelled at shutdown, which
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import faust
-from faust.web import Request, Response, View
 
 from stream.kafka.broker_health import BrokerMonitor, BrokerState, apply_consumer_backoff, throttle_reconnects
 from stream.state.store import CheckpointStore, UnsafeRedisConfig
@@ -221,8 +220,7 @@ class Worker:
         async def close_clients(sender: Any, **kwargs: Any) -> None:
             await worker.close_clients()
 
-        self._register_views(app)
-        self.api = register_api(app, self)  # query API: stream/api/ (issue #9)
+        self.api = register_api(app, self)  # all HTTP, probes and /metrics included: stream/api/ (#9, #21)
         return app
 
     def _on_prefix_cache_event(self, event: str, nbytes: int) -> None:
@@ -281,32 +279,6 @@ class Worker:
                                    lambda p: app.consumer.position(TP(topic, p)))
         except Exception:  # noqa: BLE001 - metrics must never break the stream
             log.debug("lag refresh failed", exc_info=True)
-
-    # ------------------------------------------------------------------------------------------
-    def _register_views(self, app: faust.App) -> None:
-        worker = self
-
-        @app.page("/healthz")
-        class Health(View):
-            async def get(self, request: Request) -> Response:
-                return self.json({"status": "ok", "worker": worker.settings.worker_id, "batches": worker.batches})
-
-        @app.page("/readyz")
-        class Ready(View):
-            async def get(self, request: Request) -> Response:
-                stopped = [p.as_dict() for p in worker.unreadable.stopped()]  # issue #13
-                broker = worker.broker.state.value  # issue #12: connected | unreachable | unknown
-                ok = (worker.ready and worker.store_ready and not worker.pipeline.paused and not stopped
-                      and worker.broker.reachable and not worker.stopping)
-                body = {"ready": ok, "assigned": worker.ready, "store": "ok" if worker.store_ready else "starting",
-                        "paused": worker.pipeline.paused,
-                        "stopped_partitions": stopped, "broker": broker, "stopping": worker.stopping}
-                return self.json(body, status=200 if ok else 503)
-
-        @app.page("/metrics")
-        class MetricsView(View):
-            async def get(self, request: Request) -> Response:
-                return self.bytes(worker.metrics.render(), content_type="text/plain; version=0.0.4")
 
 
 def _set_fetch_max_wait(ms: int) -> None:
