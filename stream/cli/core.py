@@ -236,10 +236,16 @@ def produce(file: Path = typer.Argument(..., exists=True, dir_okay=False, readab
 
     s = settings()
     dest = topic or s.turns_topic
-    n = _kafka_call(s, lambda: asyncio.run(produce_file(
+    r = _kafka_call(s, lambda: asyncio.run(produce_file(
         file, bootstrap=s.kafka_bootstrap, topic=dest, rate=rate, progress=not quiet,
         security=KafkaSecurity.from_settings(s), idempotent=s.producer_idempotence)))
-    print(f"produced {n} records to {dest}", file=sys.stderr)
+    if r.interrupted:  # Ctrl-C (issue #18): say what reached the topic, and what a rerun does
+        of = f" of {r.total}" if r.total is not None else f" ({r.sent} sent)"
+        print(f"interrupted: {r.delivered}{of} records delivered to {dest}; running the same produce again "
+              "sends them all again, and the workers skip the turns they already applied (same seq)",
+              file=sys.stderr)
+        raise typer.Exit(int(ExitCode.INTERRUPTED))
+    print(f"produced {r.delivered} records to {dest}", file=sys.stderr)
 
 
 URL_HELP = "the worker's base URL"

@@ -291,15 +291,16 @@ async def catch_up(index: ReferenceIndex, bootstrap: str, embeddings_topic: str,
 async def _catch_up_once(index: ReferenceIndex, bootstrap: str, embeddings_topic: str, turns_topic: str | None,
                          security: KafkaSecurity | None, max_wait_s: float, idle_ms: int,
                          stats: dict[str, ApplyStats]) -> set[str]:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
     from stream.index.indexer import TopicNotFound
 
     # fetch_max_wait_ms: the local broker holds every fetch that long; the idle check waits on it
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
-                         client_id=f"evostream-index-{uuid.uuid4().hex[:6]}", fetch_max_wait_ms=100,
-                         **(security.client_kwargs() if security is not None else {}))
-    await c.start()
+    from stream.clients.produce_stream import start_consumer
+
+    c = await start_consumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                             client_id=f"evostream-index-{uuid.uuid4().hex[:6]}", fetch_max_wait_ms=100,
+                             **(security.client_kwargs() if security is not None else {}))
     try:
         existing = await c.topics()  # listing: a named metadata request would auto-create on tansu
         if embeddings_topic not in existing:
