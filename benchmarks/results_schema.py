@@ -33,7 +33,18 @@ class RunInfo(BaseModel):
     @classmethod
     def now(cls, command: str) -> "RunInfo":
         return cls(command=command, date_utc=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                   machine=f"{platform.platform()}, {os.cpu_count()} CPUs")
+                   machine=f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (host-dependent figures name the host), or the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 class TimedTurn(BaseModel):
@@ -90,9 +101,15 @@ class E2EPhase(BaseModel):
     latencies_ms: list[float] = Field(default_factory=list, description="turn record -> first embedding record")
 
 
+#: bench_e2e has only ever run the seeded tiny checkpoint; files written before the `model`
+#: field existed are that model.
+E2E_TINY_MODEL = "seeded tiny qwen3 checkpoint (hidden 64, 4 layers), CPU float32"
+
+
 class E2ERun(BaseModel):
     run: RunInfo
     section: str
+    model: str = E2E_TINY_MODEL
     prefix_cache_bytes: int
     conversations: int
     turns_per_conversation: int
