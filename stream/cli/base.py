@@ -100,7 +100,7 @@ def _root(
 def _global_options() -> list[Any]:
     """`--config` and `--debug` for a subcommand, built by typer from a declaration (processed
     first, not passed to the command function)."""
-    options = typer.Typer()
+    options = typer.Typer(add_completion=False)
 
     @options.command()
     def _declared(

@@ -35,7 +35,8 @@ class ExitCode(IntEnum):
 EXIT_CODE_HELP = "\n".join(f"  {int(c):>3}  {c.name.lower()}: {doc}" for c, doc in (
     (ExitCode.OK, "success"),
     (ExitCode.FAILED, "ran, but the answer is no (e.g. nothing stored for that conversation)"),
-    (ExitCode.USAGE, "bad flag, bad or unknown EVOSTREAM_* setting, missing settings file"),
+    (ExitCode.USAGE, "bad flag, bad or unknown EVOSTREAM_* setting, missing settings file; worker: no API key "
+                     "with authentication on, HTTP port in use"),
     (ExitCode.BROKER, "Kafka broker unreachable or a topic missing"),
     (ExitCode.REDIS, "Redis unreachable"),
     (ExitCode.AUTH, "credentials refused (Kafka SASL/TLS, Redis)"),
