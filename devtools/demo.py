@@ -36,7 +36,7 @@ from typing import TextIO
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]  # devtools/demo.py -> the repository
 DEFAULT_DATA = REPO / "data" / "sample_conversations.jsonl"
 PARTITIONS = 4
 WORKER_READY_TIMEOUT_S = 120.0

@@ -72,7 +72,7 @@ def default_run_dir() -> Path:
     """
     if os.environ.get(ENV_RUN_DIR):
         return Path(os.environ[ENV_RUN_DIR])
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]  # devtools/localstack.py -> the repository
     base = repo if (repo / "pyproject.toml").exists() else Path.cwd()
     return base / ".run" / "localstack"
 
