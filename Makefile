@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-all bench bench-engine bench-e2e bench-e2e-load bench-codecs bench-query bench-plots capacity capacity-scale chaos-long stack-start stack-stop clean
+.PHONY: setup demo test test-all bench bench-engine bench-e2e bench-e2e-load bench-codecs bench-query bench-sink bench-plots capacity capacity-scale chaos-long stack-start stack-stop clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -42,6 +42,10 @@ bench-codecs: setup
 
 bench-query: setup  # issue 9: query latency, ingestion under a query flood
 	$(PY) -m benchmarks.bench_query
+
+bench-sink: setup  # issue 19: sink rows/s vs produce rate, search p50/p99 at 100k rows, recall@10 (~15 min)
+	$(PY) -m benchmarks.bench_sink --dim 1024 --rows 100000 --rates 50,100,200 --phase-records 1000 --queries 200 --ef 40,100,200
+	$(PY) -m benchmarks.figures render
 
 capacity: setup  # issue 14: per-conversation figures -> docs/CAPACITY.md (model time: add --model-time-only, slow)
 	$(PY) -m benchmarks.capacity_measure --drift-convs 2 --drift-turns 40 --lever-convs 20

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from stream.state.store import CheckpointStore, TurnCommit
+from stream.state.records import TurnCommit
+from stream.state.store import MemoryStore
 from devtools.localstack import RedisServer
 from stream.settings import Durability
 from workers.state import ConversationState, StateDelta
@@ -28,7 +29,7 @@ HIDDEN, CAPACITY, LATENTS, CONVS = 64, 512, 16, 8
 
 
 async def _measure(url: str, durability: Durability, batches: int) -> list[float]:
-    store = CheckpointStore(url, fingerprint="bench", hidden_size=HIDDEN, capacity=CAPACITY,
+    store = MemoryStore(url, fingerprint="bench", hidden_size=HIDDEN, capacity=CAPACITY,
                             dtype=torch.float32, namespace=f"bd-{durability.value}", durability=durability)
     states = {f"c{i}": ConversationState(hidden_size=HIDDEN, capacity=CAPACITY) for i in range(CONVS)}
     times = []

@@ -4,7 +4,7 @@ What it measures, and how:
 
 * Redis bytes per conversation at the released hidden sizes (1024 = 0.8B qwen3_5, 2048 = 2B,
   2560 = 4B qwen3), latents stored in float32 and in bfloat16: a conversation is driven turn
-  by turn through the real `CheckpointStore` (Lua CAS, deltas, compaction every 32) against
+  by turn through the real `MemoryStore` (Lua CAS, deltas, compaction every 32) against
   a real Redis/Valkey started here, with states of the model's shapes (random latents: the
   model's values do not change byte counts). After each turn's commit and outbox ack,
   `MEMORY USAGE <key> SAMPLES 0` of each of the conversation's five keys. Figures at turns
@@ -56,7 +56,8 @@ if str(REPO) not in sys.path:
 from schemas.events import EmbeddingEvent, MemoryOrigin, SourceRef, StageTimings  # noqa: E402
 from schemas.turns import ChatMessage, TurnInput  # noqa: E402
 from schemas.vectors import encode_vector  # noqa: E402
-from stream.state.store import CheckpointStore, TurnCommit  # noqa: E402
+from stream.state.records import TurnCommit
+from stream.state.store import MemoryStore
 from stream.state.cold_tier import ColdTier  # noqa: E402
 from stream.identity import ConversationRef  # noqa: E402
 from devtools.localstack import RedisServer  # noqa: E402
@@ -83,7 +84,7 @@ class SimConversation:
     """Drives a conversation like the engine does (16 latents per turn, segments of 16 turns,
     `turn_tokens` memory tokens per turn), with random latents of the model's shape."""
 
-    def __init__(self, store: CheckpointStore, ref: ConversationRef, turn_tokens: int, seed: int) -> None:
+    def __init__(self, store: MemoryStore, ref: ConversationRef, turn_tokens: int, seed: int) -> None:
         self.store, self.ref, self.turn_tokens = store, ref, turn_tokens
         self.gen = torch.Generator().manual_seed(seed)
         self.state: ConversationState | None = None
@@ -114,7 +115,7 @@ class SimConversation:
         return res.bytes_written
 
 
-def key_usage(r: redis.Redis, store: CheckpointStore, ref: ConversationRef) -> dict[str, int]:
+def key_usage(r: redis.Redis, store: MemoryStore, ref: ConversationRef) -> dict[str, int]:
     k = store.keys(ref)
     return {name: int(r.memory_usage(key, samples=0) or 0) for name, key in k._asdict().items()}
 
@@ -123,7 +124,7 @@ async def measure_redis_shape(url: str, r: redis.Redis, hidden: int, storage: st
                               event_bytes: bytes, warm: int, cycles: int, many: int,
                               compact_every: int = COMPACT) -> dict[str, Any]:
     ns = f"cap-{uuid.uuid4().hex[:6]}"
-    store = CheckpointStore(url, fingerprint="capacity", hidden_size=hidden, capacity=C, dtype=torch.float32,
+    store = MemoryStore(url, fingerprint="capacity", hidden_size=hidden, capacity=C, dtype=torch.float32,
                             namespace=ns, compact_every=compact_every, ttl_s=7 * 24 * 3600,
                             storage_dtype=DTYPES[storage] if storage != "float32" else None)
     try:
@@ -146,10 +147,10 @@ async def measure_redis_shape(url: str, r: redis.Redis, hidden: int, storage: st
         await conv.turn(event_bytes, ack=False)
         pending_outbox = key_usage(r, store, conv.ref)["outbox"] - before
         totals = [sum(s.values()) for s in per_key_series]
-        delta_payload = len(store._delta_bytes(StateDelta(
+        delta_payload = len(store.codec.delta_bytes(StateDelta(
             seq=1, new_segment=False, token_ids=list(range(turn_tokens)),
             latents=torch.zeros(L, hidden), prev_seq=0)))
-        full_state = len(store._state_bytes(conv.state))  # type: ignore[arg-type]
+        full_state = len(store.codec.state_bytes(conv.state))  # type: ignore[arg-type]
         # used_memory growth over `many` conversations at the steady point (allocator overhead)
         used0 = int(r.info("memory")["used_memory"])
         sums = 0
@@ -186,9 +187,9 @@ async def measure_redis_shape(url: str, r: redis.Redis, hidden: int, storage: st
 class _CountingPipelines:
     """Counts pipeline executions (= round trips) of a store's client."""
 
-    def __init__(self, store: CheckpointStore) -> None:
+    def __init__(self, store: MemoryStore) -> None:
         self.n = 0
-        real = store._redis.pipeline
+        real = store.redis.pipeline
 
         def pipeline(*a: Any, **kw: Any) -> Any:
             p = real(*a, **kw)
@@ -201,7 +202,7 @@ class _CountingPipelines:
             p.execute = execute
             return p
 
-        store._redis.pipeline = pipeline  # type: ignore[method-assign]
+        store.redis.pipeline = pipeline  # type: ignore[method-assign]
 
 
 def _cmdstats(r: redis.Redis) -> dict[str, int]:
@@ -215,7 +216,7 @@ def _evalsha_usec(r: redis.Redis) -> int:
 async def measure_ops(url: str, r: redis.Redis, batch: int, event_bytes: bytes) -> dict[str, Any]:
     hidden = 1024
     ns = f"ops-{uuid.uuid4().hex[:6]}"
-    store = CheckpointStore(url, fingerprint="capacity", hidden_size=hidden, capacity=C, dtype=torch.float32,
+    store = MemoryStore(url, fingerprint="capacity", hidden_size=hidden, capacity=C, dtype=torch.float32,
                             namespace=ns, compact_every=COMPACT)
     await store.prepare()
     refs = [ConversationRef("acme", f"ops-{i}") for i in range(batch)]
@@ -314,7 +315,7 @@ def _synthetic_turns(cid: str, n: int) -> list[TurnInput]:
 async def _run_conversation(engine: Any, url: str, turns: list[TurnInput], *, storage: torch.dtype | None,
                             reload_every: int, ns: str, cold: ColdTier | None = None,
                             freeze_at: int | None = None) -> tuple[list[np.ndarray], dict[str, Any]]:
-    store = CheckpointStore(url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
+    store = MemoryStore(url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
                             capacity=engine.capacity, dtype=engine.state_dtype, namespace=ns,
                             storage_dtype=storage, cold=cold)
     ref = ConversationRef("acme", turns[0].conversation_id)
@@ -414,7 +415,7 @@ async def measure_store_levers(url: str, r: redis.Redis, hidden: int, n: int, tu
     # per-tenant TTL: both tenants seeded under the default TTL; then the policy gives tenant
     # 'brief' a 1 s TTL, which its next turn applies (a commit refreshes the TTL of every key).
     ns = f"ttl-{uuid.uuid4().hex[:6]}"
-    store = CheckpointStore(url, fingerprint="capacity", hidden_size=hidden, capacity=C, dtype=torch.float32,
+    store = MemoryStore(url, fingerprint="capacity", hidden_size=hidden, capacity=C, dtype=torch.float32,
                             namespace=ns, ttl_s=3600)
     convs = {}
     for tenant in ("brief", "keep"):
@@ -425,7 +426,7 @@ async def measure_store_levers(url: str, r: redis.Redis, hidden: int, n: int, tu
                 await c.turn(event_bytes)
             convs[c.ref] = c
     await store.close()
-    policy = CheckpointStore(url, fingerprint="capacity", hidden_size=hidden, capacity=C, dtype=torch.float32,
+    policy = MemoryStore(url, fingerprint="capacity", hidden_size=hidden, capacity=C, dtype=torch.float32,
                              namespace=ns, ttl_s=3600, ttl_by_tenant={"brief": 1})
     held = 0
     for ref, c in convs.items():
@@ -456,7 +457,7 @@ async def measure_store_levers(url: str, r: redis.Redis, hidden: int, n: int, tu
     # cold tier: freeze all of a namespace
     ns = f"cold-{uuid.uuid4().hex[:6]}"
     cold = ColdTier(tmpdir / f"{ns}.sqlite")
-    store = CheckpointStore(url, fingerprint="capacity", hidden_size=hidden, capacity=C, dtype=torch.float32,
+    store = MemoryStore(url, fingerprint="capacity", hidden_size=hidden, capacity=C, dtype=torch.float32,
                             namespace=ns, cold=cold)
     refs = [ConversationRef("acme", f"c-{i}") for i in range(n)]
     for i, ref in enumerate(refs):

@@ -4,7 +4,7 @@ What it does, in order:
 
 1. starts its own broker + Redis (devtools.localstack), creates the topics;
 2. seeds `--conversations` conversations of the seeded tiny model (qwen3, hidden 64) directly
-   through the real CheckpointStore (lengths 1..`--max-turns` turns, random latents of the
+   through the real MemoryStore (lengths 1..`--max-turns` turns, random latents of the
    model's shape, the worker's model fingerprint), in batches of one round trip each;
 3. compares Redis memory (`INFO used_memory` growth) with the model of docs/CAPACITY.md:
    the sum over conversations of the measured bytes of one conversation of that length
@@ -48,7 +48,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from support.workers import PipelineEnv, WorkerProc, read_topic, wait_for  # noqa: E402
 
 from benchmarks.report import update_section  # noqa: E402
-from stream.state.store import CheckpointStore, TurnCommit  # noqa: E402
+from stream.state.records import TurnCommit
+from stream.state.store import MemoryStore
 from stream.identity import ConversationRef  # noqa: E402
 from devtools.localstack import LocalStack  # noqa: E402
 from stream.clients.producer import produce_records  # noqa: E402
@@ -76,7 +77,7 @@ def _deltas_for(state: ConversationState, n: int, rng: random.Random, gen: torch
 
 async def seed(url: str, ns: str, fp: str, hidden: int, n: int, max_turns: int, batch: int) -> dict[str, int]:
     """n conversations of 1..max_turns turns each; returns {cid: turns}."""
-    store = CheckpointStore(url, fingerprint=fp, hidden_size=hidden, capacity=C, dtype=torch.float32,
+    store = MemoryStore(url, fingerprint=fp, hidden_size=hidden, capacity=C, dtype=torch.float32,
                             namespace=ns, ttl_s=7 * 24 * 3600)
     await store.prepare()
     rng = random.Random(14)
@@ -105,7 +106,7 @@ async def probe_bytes(url: str, r: redis.Redis, fp: str, hidden: int, max_turns:
     """The model's per-conversation figure at this shape: MEMORY USAGE after each turn, mean of 5
     probe conversations (token counts vary)."""
     ns = f"probe-{uuid.uuid4().hex[:6]}"
-    store = CheckpointStore(url, fingerprint=fp, hidden_size=hidden, capacity=C, dtype=torch.float32, namespace=ns)
+    store = MemoryStore(url, fingerprint=fp, hidden_size=hidden, capacity=C, dtype=torch.float32, namespace=ns)
     rng = random.Random(1)
     gen = torch.Generator().manual_seed(1)
     by_turn: dict[int, list[int]] = {k: [] for k in range(1, max_turns + 1)}
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             predicted = sum(model_by_turn[k] for k in lengths.values())
             # a sample of the seeded conversations, measured directly
             sample = random.Random(3).sample(sorted(lengths), 200)
-            store_keys = CheckpointStore(url, fingerprint=fp, hidden_size=hidden, capacity=C, dtype=torch.float32,
+            store_keys = MemoryStore(url, fingerprint=fp, hidden_size=hidden, capacity=C, dtype=torch.float32,
                                          namespace=penv.namespace)
             sample_bytes = [sum(int(r.memory_usage(k, samples=0) or 0) for k in store_keys.keys(ConversationRef(TENANT, c)))
                             for c in sample]

@@ -1,20 +1,26 @@
-"""TEST-ONLY fault injection: crash (or freeze) the worker at a named point of the pipeline.
+"""TEST-ONLY fault injection, installed by the test harness, never by production code.
 
-The chaos suite (tests/test_chaos.py) needs to hit the narrow windows that make the pipeline's
-ordering matter -- inside the model step, between the Redis checkpoint and the emit, between
-the emit and the outbox ack, between the ack and the offset commit -- which a SIGKILL from
-outside hits only by luck. `stream/processing/pipeline.py` calls `fault_point(name)` at those places.
+The chaos suite (tests/test_chaos.py) needs to hit the narrow windows that make the commit
+protocol's order matter -- inside the model step, between the Redis checkpoint and the emit,
+between the emit and the outbox clear, between that and the offset acknowledgement -- which a
+SIGKILL from outside hits only by luck. The commit protocol names those windows
+(`stream.processing.commit.STAGES`) and lets observers watch them; this module registers an
+observer that kills (or freezes) the process at an armed stage.
 
-This module is a no-op unless `EVOSTREAM_FAULT_POINT` is set; never set it in production.
+Run a worker with faults armed by the environment:
 
-    EVOSTREAM_FAULT_POINT   comma-separated point names (see POINTS), or "any"
-    EVOSTREAM_FAULT_PROB    probability per visit of an armed point (default 1.0)
+    python -m devtools.faults worker      # same arguments as `python -m stream.cli`
+
+    EVOSTREAM_FAULT_POINT   comma-separated stage names (see STAGES), or "any"
+    EVOSTREAM_FAULT_PROB    probability per visit of an armed stage (default 1.0)
     EVOSTREAM_FAULT_ACTION  "kill" (default): SIGKILL this process, no shutdown code runs;
                             "stop": SIGSTOP this process (a frozen worker that becomes a zombie
                             once its session times out; the harness SIGCONTs it later)
-    EVOSTREAM_FAULT_SKIP    visits of armed points to let pass before the first fault (default 0)
+    EVOSTREAM_FAULT_SKIP    visits of armed stages to let pass before the first fault (default 0)
     EVOSTREAM_FAULT_MAX     most faults one process injects (default 1; "stop" faults resume)
     EVOSTREAM_FAULT_SEED    seed of the coin flips (default: random)
+    EVOSTREAM_FAULT_DISABLE_CODECS  codecs (gzip, snappy, lz4, zstd) aiokafka is made to believe
+                            are missing: reproduces an unreadable record batch
 
 Before acting it writes one line `EVOSTREAM_FAULT <action> <point> pid=<pid>` to stderr so the
 harness can tell which window a crash hit.
@@ -22,21 +28,24 @@ harness can tell which window a crash hit.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Mapping
 
-POINTS = ("in_step", "after_checkpoint", "after_emit", "after_ack")
-"""in_step: the model step ran (states advanced in memory), nothing written;
-after_checkpoint: Redis has the new states and the outbox, nothing emitted;
-after_emit: the broker has the embeddings, the outbox still holds them;
-after_ack: outbox cleared, the input offsets not yet acknowledged/committed."""
+from stream.kafka.unreadable import CODECS
+from stream.processing.commit import STAGES, observe_stages
+
+log = logging.getLogger(__name__)
+
+POINTS = STAGES
+CODECS_ENV = "EVOSTREAM_FAULT_DISABLE_CODECS"
 
 
-class _Injector:
-    def __init__(self, env: dict[str, str]) -> None:
+class Injector:
+    def __init__(self, env: Mapping[str, str]) -> None:
         raw = env.get("EVOSTREAM_FAULT_POINT", "").strip()
         names = {p.strip() for p in raw.split(",") if p.strip()}
         if "any" in names:
@@ -68,15 +77,35 @@ class _Injector:
         os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)
 
 
-def _noop(point: str) -> None:
-    return None
+def disable_codecs_for_tests(env: Mapping[str, str] | None = None) -> frozenset[str]:
+    """Make aiokafka believe the libraries of the codecs named in EVOSTREAM_FAULT_DISABLE_CODECS
+    are missing (reproduces an unreadable batch)."""
+    env = os.environ if env is None else env
+    names = frozenset(n.strip() for n in env.get(CODECS_ENV, "").split(",") if n.strip())
+    unknown = names - set(CODECS)
+    if unknown:
+        raise ValueError(f"{CODECS_ENV}: unknown codec(s) {sorted(unknown)}; known: {CODECS}")
+    if names:
+        from aiokafka import codec
+
+        for name in names:
+            setattr(codec, f"has_{name}", lambda: False)
+        log.warning("TEST-ONLY fault: codecs %s reported unavailable to aiokafka", sorted(names))
+    return names
 
 
-def _make() -> Callable[[str], None]:
-    if not os.environ.get("EVOSTREAM_FAULT_POINT", "").strip():
-        return _noop
-    return _Injector(dict(os.environ))
+def install_from_env(env: Mapping[str, str]) -> None:
+    if env.get("EVOSTREAM_FAULT_POINT", "").strip():
+        observe_stages(Injector(env))
+    disable_codecs_for_tests(env)
 
 
-fault_point = _make()
-"""`fault_point(name)`: inject the configured fault if `name` is armed; otherwise nothing."""
+def main(argv: list[str] | None = None) -> int:
+    install_from_env(os.environ)
+    from stream.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -24,20 +24,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
-from datetime import datetime, timezone
+import uuid
 from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
-    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
-    WithJsonSchema,
+    computed_field,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -46,145 +44,21 @@ from schemas.messages import MAX_MESSAGES_PER_TURN, WireMessage
 from schemas.turns import ChatMessage, TurnInput
 from schemas.vectors import EncodedVector
 
-SCHEMA_VERSION = 1
-MAX_SEQ = 2**53
-"""Largest seq: the largest integer every JSON consumer (including JavaScript) reads exactly."""
-MAX_CONVERSATION_ID_CHARS = 256
-MAX_TENANT_CHARS = 128
-MAX_METADATA_KEYS = 32
-MAX_METADATA_KEY_CHARS = 64
-MAX_METADATA_STR_CHARS = 256
-MAX_QUERY_CHARS = 8192
-MAX_NAME_CHARS = 256
-MAX_TOPIC_CHARS = 249
-"""Kafka's own limit on topic names."""
-MAX_REASON_BYTES = 2048
-"""Dead-letter `reason` is cut to this many UTF-8 bytes; the original bytes carry the rest."""
-
-# C0 + DEL + C1 controls (Unicode category Cc) and lone surrogates (Cs). Surrogates matter
-# because a str holding one cannot be encoded to UTF-8, so it could not become a Kafka key
-# or a Redis key later on.
-_CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-
-
-def _no_control_chars(value: str) -> str:
-    match = _CONTROL_OR_SURROGATE.search(value)
-    if match:
-        raise PydanticCustomError(
-            "control_character",
-            "must not contain control characters or lone surrogates (found {char} at {pos})",
-            {"char": f"U+{ord(match.group()):04X}", "pos": match.start()},
-        )
-    return value
-
-
-def _truncate_reason(value: object) -> object:
-    """Cut a reason to MAX_REASON_BYTES of valid UTF-8 instead of rejecting it: a dead letter
-    must always be buildable, whatever an exception message happened to contain."""
-    if not isinstance(value, str):
-        return value
-    raw = value.encode("utf-8", "backslashreplace")  # also neutralises lone surrogates
-    if len(raw) <= MAX_REASON_BYTES:
-        return raw.decode("utf-8")
-    marker = " ...[truncated]"
-    head = raw[: MAX_REASON_BYTES - len(marker)].decode("utf-8", "ignore")  # drop a cut char
-    return head + marker
-
-
-_ISO_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
-
-
-def _iso_only(value: object) -> object:
-    """Accept datetimes and ISO 8601 / RFC 3339 strings only.
-
-    Pydantic would also read numbers and numeric strings as Unix time, guessing seconds vs
-    milliseconds from the magnitude: a guess we do not want to make about a producer's
-    clock. Parsing here (rather than leaving strings to pydantic) also keeps the rule the
-    same in strict-JSON decoding and in lax Python construction.
-    """
-    if isinstance(value, (int, float)):
-        raise PydanticCustomError("iso_datetime", "timestamps must be ISO 8601 strings, not numbers")
-    if isinstance(value, str):
-        if len(value) > 64 or not _ISO_DATETIME.match(value):
-            raise PydanticCustomError(
-                "iso_datetime",
-                "timestamps must be ISO 8601 date-times with an offset, e.g. 2024-05-01T12:00:00Z",
-            )
-        try:
-            return datetime.fromisoformat(value.upper())  # RFC 3339 allows "t" and "z"
-        except ValueError as exc:
-            raise PydanticCustomError(
-                "iso_datetime", "invalid ISO 8601 timestamp: {error}", {"error": str(exc)}
-            ) from None
-    return value
-
-
-Timestamp = Annotated[AwareDatetime, BeforeValidator(_iso_only)]
-"""Timezone-aware; ISO 8601 on the wire (UTC is serialised with a trailing Z)."""
-
-MAX_EPOCH_MS = 253_402_300_799_999
-"""9999-12-31T23:59:59.999Z, the last instant an ISO 8601 year of four digits can write."""
-
-
-def _iso_or_epoch_ms(value: object) -> object:
-    """Inbound timestamps (issue #13): ISO 8601 strings as before, or integer Unix epoch
-    *milliseconds* (what Java/JavaScript producers and Kafka itself write). Only integers: a
-    float or a numeric string stays an error, and no seconds-vs-milliseconds guess is made
-    from the magnitude -- the unit is part of the contract."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if not 0 <= value <= MAX_EPOCH_MS:
-            raise PydanticCustomError(
-                "epoch_ms_range", "epoch-millisecond timestamps must be within 0..{max}", {"max": MAX_EPOCH_MS})
-        return datetime.fromtimestamp(value / 1000, tz=timezone.utc).replace(
-            microsecond=(value % 1000) * 1000)
-    return _iso_only(value)
-
-
-InboundTimestamp = Annotated[
-    AwareDatetime,
-    BeforeValidator(_iso_or_epoch_ms),
-    WithJsonSchema({"anyOf": [
-        {"type": "string", "format": "date-time", "description": "ISO 8601 with an offset"},
-        {"type": "integer", "minimum": 0, "maximum": MAX_EPOCH_MS, "description": "Unix epoch milliseconds (UTC)"},
-    ]}, mode="validation"),
-]
-"""Timezone-aware; ISO 8601 with an offset, or integer epoch milliseconds (UTC)."""
-
-ConversationId = Annotated[
-    str,
-    Field(min_length=1, max_length=MAX_CONVERSATION_ID_CHARS),
-    AfterValidator(_no_control_chars),
-]
-Seq = Annotated[int, Field(ge=0, le=MAX_SEQ)]
-"""Per-conversation turn number, starting at 0."""
-Tenant = Annotated[
-    str, Field(min_length=1, max_length=MAX_TENANT_CHARS), AfterValidator(_no_control_chars)
-]
-MetadataKey = Annotated[
-    str, Field(min_length=1, max_length=MAX_METADATA_KEY_CHARS), AfterValidator(_no_control_chars)
-]
-
-
-def _not_an_int(value: object) -> object:
-    """Keep JSON integers out of the float branch: otherwise an out-of-range int (rejected by
-    the int branch) would be silently accepted as a rounded float."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        raise PydanticCustomError("int_as_float", "integers must be within +-2**53")
-    return value
-
-
-MetadataValue = (
-    Annotated[str, Field(max_length=MAX_METADATA_STR_CHARS)]
-    | Annotated[int, Field(ge=-MAX_SEQ, le=MAX_SEQ)]
-    | Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_not_an_int)]
-    | bool
-    | None
+from schemas.fields import (
+    ConversationId,
+    InboundTimestamp,
+    MAX_QUERY_CHARS,
+    MAX_SEQ,
+    MAX_TOPIC_CHARS,
+    Metadata,
+    Millis,
+    Name,
+    ReasonText,
+    SCHEMA_VERSION,
+    Seq,
+    Tenant,
+    Timestamp,
 )
-Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)]
-Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
-Millis = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-ReasonText = Annotated[str, BeforeValidator(_truncate_reason)]
-"""Human-readable detail, silently cut to MAX_REASON_BYTES."""
 
 
 class _Wire(BaseModel):
@@ -383,19 +257,53 @@ class MemoryOrigin(StrEnum):
     """An operator reset the conversation (`evostream reset`), e.g. after quarantine."""
 
 
+DOCUMENT_ID_NAMESPACE = uuid.UUID("5f0c3a52-6c1e-4d7a-9a43-3b8e2f1d9e17")
+"""UUID namespace of per-turn document ids (fixed for ever: ids are stored downstream)."""
+
+
+def document_id(tenant: str | None, conversation_id: str, generation: int, seq: int) -> str:
+    """The per-turn document id (issue #19): UUID v5 in DOCUMENT_ID_NAMESPACE of
+    `tenant + U+001F + conversation_id + U+001F + generation + U+001F + seq` (the default tenant
+    is ""). Why: a Kafka Connect sink that takes the record key (the conversation id) as the
+    document id keeps one document per conversation; this id names one turn's embedding in one
+    generation, is the same for every redelivered copy, fits any store's id column (36
+    characters) and can be recomputed in any language. U+001F cannot occur in tenants or ids."""
+    name = "\x1f".join((tenant or "", conversation_id, str(generation), str(seq)))
+    return str(uuid.uuid5(DOCUMENT_ID_NAMESPACE, name))
+
+
+def _plain_floats(value: object) -> object:
+    """A vector sent as a plain JSON array of numbers (EVOSTREAM_OUTPUT_VECTOR_FORMAT=floats) is
+    read as the float32 vector it prints: our own float32 values round-trip exactly."""
+    if isinstance(value, list):
+        import numpy as np
+
+        if not value or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+            raise PydanticCustomError("vector_floats", "a plain vector must be a non-empty array of numbers")
+        from schemas.vectors import encode_vector
+
+        try:
+            return encode_vector(np.asarray(value, dtype=np.float64).astype(np.float32))
+        except ValueError as exc:
+            raise PydanticCustomError("vector_floats", "invalid plain vector: {error}", {"error": str(exc)}) from None
+    return value
+
+
 class EmbeddingEvent(_Wire):
     """The embedding of one conversation after one turn, keyed by conversation id.
 
     Delivery is at-least-once; consumers deduplicate on `idempotency_key` =
-    (conversation_id, seq). A redelivered event for the same key carries the same vector
-    (the checkpoint store commits the turn before the event is emitted).
+    (conversation_id, seq), or on `document_id` (one turn in one generation). A redelivered
+    event for the same key carries the same vector (the checkpoint store commits the turn
+    before the event is emitted). `vector` is read from the encoded form or from a plain
+    array of numbers (what EVOSTREAM_OUTPUT_VECTOR_FORMAT=floats writes).
     """
 
     type: Literal["embedding"] = "embedding"
     schema_version: Literal[1] = SCHEMA_VERSION
     conversation_id: ConversationId
     seq: Seq
-    vector: EncodedVector
+    vector: Annotated[EncodedVector, BeforeValidator(_plain_floats)]
     dim: int = Field(ge=1)
     model: Name
     checkpoint: Name
@@ -412,11 +320,36 @@ class EmbeddingEvent(_Wire):
     timings: StageTimings
     produced_at: Timestamp
 
+    @model_validator(mode="before")
+    @classmethod
+    def _document_id_is_derived(cls, data: object) -> object:
+        """`document_id` is written by us (a computed field) and read back: it must be the id
+        of the event's own (tenant, conversation, generation, seq), never a second truth."""
+        if isinstance(data, dict) and "document_id" in data:
+            data = dict(data)
+            given = data.pop("document_id")
+            try:
+                want = document_id(data.get("tenant"), data["conversation_id"], int(data.get("generation", 1)),
+                                   int(data["seq"]))
+            except (KeyError, TypeError, ValueError):
+                return data  # the fields themselves are invalid: their own errors say so
+            if given != want:
+                raise PydanticCustomError("document_id_mismatch",
+                                          "document_id {given} is not the id of this turn ({want})",
+                                          {"given": str(given)[:64], "want": want})
+        return data
+
     @model_validator(mode="after")
     def _dim_matches_vector(self) -> "EmbeddingEvent":
         if self.dim != self.vector.dim:
             raise ValueError(f"dim {self.dim} does not match vector.dim {self.vector.dim}")
         return self
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def document_id(self) -> str:
+        """Per-turn document id (see `document_id()`): one turn's embedding in one generation."""
+        return document_id(self.tenant, self.conversation_id, self.generation, self.seq)
 
     @property
     def idempotency_key(self) -> tuple[str, int]:
@@ -589,7 +522,9 @@ __all__ = [
     "DEAD_LETTER_OVERHEAD_BYTES",
     "DeadLetterEvent",
     "DeadLetterReason",
+    "DOCUMENT_ID_NAMESPACE",
     "EmbeddingEvent",
+    "document_id",
     "INBOUND_EVENT_ADAPTER",
     "INBOUND_TYPES",
     "InboundEvent",

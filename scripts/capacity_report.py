@@ -235,7 +235,7 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
     # 1 -------------------------------------------------------------------------------------
     w("## 1. One conversation in Redis (measured)")
     w("")
-    w("A conversation driven turn by turn through the real `CheckpointStore` (commit script, "
+    w("A conversation driven turn by turn through the real `MemoryStore` (commit script, "
       "deltas, compaction, outbox acked as the pipeline does) with states of the released shapes "
       "(random latents; values do not change sizes). Bytes = `MEMORY USAGE key SAMPLES 0` summed "
       f"over the conversation's five keys; {data['redis'][0]['turn_tokens']} memory tokens per turn "

@@ -48,7 +48,7 @@ WHAT = {
         "Redis and no embedding after its tombstone."),
     "kill9": (
         "Worker processes are SIGKILLed while a producer streams interleaved conversations: from "
-        "outside at random moments, and from inside through the test-only fault hook "
+        "outside at random moments, and from inside through the test harness's fault injection "
         "(`devtools/faults.py`, `EVOSTREAM_FAULT_POINT`) right after the model step, between the "
         "Redis checkpoint and the emit, between the emit and the outbox ack, and between the ack "
         "and the offset commit. Each killed worker is restarted. Checkpoints compact every 3 turns "

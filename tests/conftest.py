@@ -23,6 +23,7 @@ import redis
 
 from devtools.localstack import ENV_KAFKA, ENV_REDIS, LocalStack
 from stream.kafka.topics import delete_topics_sync, ensure_topics_sync
+from tests.support.pg import pg_dsn, pg_target  # noqa: F401 - the bundled PostgreSQL (issue #19)
 
 EXTERNAL_KAFKA = "EVOSTREAM_TEST_KAFKA_BOOTSTRAP"
 EXTERNAL_REDIS = "EVOSTREAM_TEST_REDIS_URL"

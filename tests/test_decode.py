@@ -19,13 +19,8 @@ from schemas.events import (
     DeadLetterReason,
     TurnEvent,
 )
-from stream.processing.decode import (
-    MAX_DEPTH_LIMIT,
-    Rejection,
-    decode_inbound,
-    make_dead_letter,
-    nesting_depth,
-)
+from stream.processing.dead_letters import Rejection, make_dead_letter
+from stream.processing.decode import MAX_DEPTH_LIMIT, decode_inbound, nesting_depth
 
 # `tests` is a namespace package under `python -m pytest` (cwd on sys.path); plain `pytest`
 # puts tests/ itself on the path instead.

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.state.store import UnsafeRedisConfig
+from stream.state.errors import UnsafeRedisConfig
 from devtools.localstack import RedisServer
 from stream.settings import Durability
 from tests.support.oracle import TOL, compute_expected
@@ -57,7 +57,7 @@ def test_durable_commits_survive_sigkill(tmp_path: Path, appendfsync: str) -> No
         async def go() -> None:
             h = Harness(server.url, "dur", redis_durability=Durability.AOF)
             try:
-                assert (await h.store.check_server())["aof_enabled"] == "1"
+                assert (await h.store.server.check_server())["aof_enabled"] == "1"
                 await _stream(h, 5)
             finally:
                 await h.close()
@@ -95,7 +95,7 @@ def test_a_redis_without_persistence_loses_acknowledged_turns_and_durable_mode_r
             durable = Harness(server.url, "dur", redis_durability=Durability.AOF)
             try:
                 with pytest.raises(UnsafeRedisConfig, match="appendonly off"):
-                    await durable.store.check_server()
+                    await durable.store.server.check_server()
             finally:
                 await durable.close()
 

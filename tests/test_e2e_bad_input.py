@@ -35,7 +35,9 @@ from schemas.events import (
 )
 from schemas.turns import TurnInput
 from schemas.vectors import decode_vector
-from stream.state.store import CheckpointStore, FingerprintMismatch, TurnCommit
+from stream.state.errors import FingerprintMismatch
+from stream.state.records import TurnCommit
+from stream.state.store import MemoryStore
 from stream.kafka.topics import run_sync
 
 from strategies import DECODER_REASONS, hostile_records
@@ -177,7 +179,7 @@ def _seed_foreign_checkpoint(penv: PipelineEnv, cid: str) -> None:
     (out,) = engine.step(states, [TurnInput(conversation_id=cid, seq=0, messages=[{"role": "user", "content": "hi"}])])
 
     async def run() -> None:
-        store = CheckpointStore(penv.redis_url, fingerprint=FOREIGN_FP, hidden_size=engine.hidden_size,
+        store = MemoryStore(penv.redis_url, fingerprint=FOREIGN_FP, hidden_size=engine.hidden_size,
                                 capacity=engine.capacity, dtype=engine.state_dtype, namespace=penv.namespace)
         try:
             (res,) = await store.commit([TurnCommit(ref=cid, expected_seq=-1, state=states[cid],
@@ -194,7 +196,7 @@ def _seed_damaged_checkpoints(penv: PipelineEnv) -> None:
     their meta). `copied-conv`: tenant acme's checkpoint copied under tenant globex's keys."""
     import redis
 
-    from stream.state.store import conversation_keys
+    from stream.state.keys import conversation_keys
     from stream.identity import ConversationRef
 
     engine = offline_engine()
@@ -205,7 +207,7 @@ def _seed_damaged_checkpoints(penv: PipelineEnv) -> None:
             for ref in refs.values()}
 
     async def run() -> None:
-        store = CheckpointStore(penv.redis_url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
+        store = MemoryStore(penv.redis_url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
                                 capacity=engine.capacity, dtype=engine.state_dtype, namespace=penv.namespace)
         try:
             res = await store.commit([TurnCommit(ref=ref, expected_seq=-1, state=states[ref.tag],
@@ -423,7 +425,7 @@ def test_workers_still_alive_and_healthy(run: Run) -> None:
 
 
 def test_foreign_and_damaged_checkpoints_left_untouched(run: Run) -> None:
-    from stream.state.store import CheckpointProblem
+    from stream.state.records import MemoryProblem
     from stream.identity import ConversationRef
     from support.oracle import checkpoint_store
 
@@ -435,7 +437,7 @@ def test_foreign_and_damaged_checkpoints_left_untouched(run: Run) -> None:
             await store.close()
 
     got = run_sync(go)
-    codes = {str(k): (v.code if isinstance(v, CheckpointProblem) else None) for k, v in got.items()}
+    codes = {str(k): (v.code if isinstance(v, MemoryProblem) else None) for k, v in got.items()}
     assert codes == {"foreign-conv": R.FINGERPRINT_MISMATCH, "corrupt-conv": R.CHECKPOINT_CORRUPT,
                      "globex/copied-conv": R.TENANT_MISMATCH}
     with pytest.raises(FingerprintMismatch):

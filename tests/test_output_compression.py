@@ -10,11 +10,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from stream import unreadable
+from stream.kafka import unreadable
 from stream.kafka.emitter import KafkaEmitter, OutMessage, require_codec
 from stream.settings import Settings
 from stream.kafka.topics import run_sync
-from stream.kafka.unreadable import UnreadableBatches, disable_codecs_for_tests
+from devtools.faults import disable_codecs_for_tests
+from stream.kafka.unreadable import UnreadableBatches
 
 
 async def _emit(bootstrap: str, topic: str, compression: str) -> None:

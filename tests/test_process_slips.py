@@ -23,7 +23,7 @@ import pytest
 
 from stream.cli.errors import ExitCode
 from tests.support.workers import REPO, read_topic_sync
-from tests.test_cli import _env, closed_port, one_error, run_cli
+from tests.test_cli import _env, one_error, run_cli
 
 
 # --------------------------------------------------------------------------- a busy HTTP port
@@ -96,7 +96,9 @@ def test_demo_hint_for_inspect_names_the_tenant(tmp_path: Path) -> None:
     from devtools.demo import _Run
 
     out = io.StringIO()
-    d = _Run(run_dir=tmp_path, out=out, err=io.StringIO(), keep_running=True, worker_log=tmp_path / "worker.log")
+    d = _Run(run_dir=tmp_path, out=out, err=io.StringIO(), keep_running=True, worker_log=tmp_path / "worker.log",
+             env={"EVOSTREAM_SINK_SCHEMA": "demo"})
+    d.sink_log = tmp_path / "sink.log"
     d.web_port = 1
     d.tenants = {"support-refund-0001": "demo"}
     d.print_howto("support-refund-0001", "how long does the refund take?")
@@ -107,7 +109,7 @@ def test_demo_hint_for_inspect_names_the_tenant(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- unresolvable broker
 
 
-@pytest.mark.parametrize("command", [["dead-letters", "list"], ["indexer", "--once"]])
+@pytest.mark.parametrize("command", [["dead-letters", "list"], ["sink"]])
 def test_unresolvable_broker_leaves_no_unclosed_client_lines(command: list[str], tmp_path: Path) -> None:
     p = run_cli(*command, EVOSTREAM_KAFKA_BOOTSTRAP="no-such-host.invalid:9092",
                 EVOSTREAM_INDEX_PATH=str(tmp_path / "index.sqlite"))
@@ -148,16 +150,17 @@ def test_unreachable_line_gives_the_outage_length_not_the_uptime(caplog: pytest.
 
 
 def test_readme_walkthrough_stops_the_worker_it_started() -> None:
-    """The walk-through backgrounds `evostream worker &`; before, nothing stopped it, so it
-    outlived `evostream stack stop` (retrying a broker that was gone)."""
+    """The walk-through backgrounds `evostream worker &` (and `evostream sink &`); before, nothing
+    stopped the worker, so it outlived `evostream stack stop` (retrying a broker that was gone)."""
     readme = (REPO / "README.md").read_text()
     block = readme.split("Against the local broker + Redis", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     lines = [ln.split("#", 1)[0].strip() for ln in block.splitlines()]
-    started = [i for i, ln in enumerate(lines) if re.search(r"\bevostream worker\b.*&", ln)]
+    started = [i for i, ln in enumerate(lines) if re.search(r"\bevostream \w+\b.*&", ln)]
     stop = next(i for i, ln in enumerate(lines) if ln.startswith("evostream stack stop"))
-    assert started, block
+    assert any("evostream worker" in lines[i] for i in started), block
     for i in started:
         pid_var = re.search(r"(\w+)=\$!", lines[i])
-        assert pid_var, f"the walk-through does not keep the worker's pid: {lines[i]!r}"
-        assert any(f"kill ${pid_var.group(1)}" in ln for ln in lines[i + 1:stop]), \
-            "the walk-through never stops the worker before `evostream stack stop`"
+        assert pid_var, f"the walk-through does not keep the pid of: {lines[i]!r}"
+        killed = [ln for ln in lines[i + 1:stop] if ln.startswith("kill ")]
+        assert any(f"${pid_var.group(1)}" in ln.split() for ln in killed), \
+            f"the walk-through never stops {lines[i]!r} before `evostream stack stop`"

@@ -32,11 +32,13 @@ from schemas.events import (
 )
 from schemas.turns import ChatMessage, TurnInput
 from schemas.vectors import decode_vector
-from stream.state.store import CheckpointStore, UnsafeRedisConfig
+from stream.state.errors import UnsafeRedisConfig
+from stream.state.store import MemoryStore
 from stream.kafka.emitter import OutMessage
 from stream.identity import ConversationRef
 from stream.runtime.metrics import Metrics
-from stream.processing.pipeline import InboundRecord, TurnPipeline
+from stream.processing.pipeline import TurnPipeline
+from stream.processing.records import InboundRecord
 from stream.settings import GapPolicy, Settings
 from stream.state.cache import StateCache
 from tests.support.oracle import TOL, compute_expected, offline_engine
@@ -112,7 +114,7 @@ class Harness:
                                  embeddings_topic=EMB, dead_letter_topic=DLT, compact_every=4,
                                  worker_id=f"h-{uuid.uuid4().hex[:6]}", **settings)
         s = self.settings
-        self.store = CheckpointStore(redis_url, fingerprint=self.engine.fingerprint,
+        self.store = MemoryStore(redis_url, fingerprint=self.engine.fingerprint,
                                      hidden_size=self.engine.hidden_size, capacity=self.engine.capacity,
                                      dtype=self.engine.state_dtype, namespace=namespace, ttl_s=s.state_ttl_s,
                                      marker_ttl_s=s.marker_ttl_s, compact_every=s.compact_every,
@@ -469,7 +471,7 @@ def test_revoked_partition_state_never_reenters_the_cache(redis_url: str, ns: st
 def test_all_keys_of_a_conversation_share_one_cluster_slot(cid: str) -> None:
     """Before: the hash tag was the raw id, so an id containing `}` put its keys in
     different slots (every multi-key script then fails on Redis Cluster)."""
-    from stream.state.store import conversation_keys
+    from stream.state.keys import conversation_keys
 
     for tenant in (None, "acme", "t}x"):
         keys = conversation_keys("evostream", ConversationRef(tenant, cid))
@@ -513,14 +515,14 @@ def test_start_refuses_a_redis_that_may_evict(redis_url: str, r: redis.Redis) ->
     engine = offline_engine()
 
     async def go() -> None:
-        store = CheckpointStore(redis_url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
+        store = MemoryStore(redis_url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
                                 capacity=engine.capacity, dtype=engine.state_dtype)
         try:
-            assert (await store.check_server())["maxmemory_policy"] == "noeviction"
+            assert (await store.server.check_server())["maxmemory_policy"] == "noeviction"
             r.config_set("maxmemory-policy", "volatile-lru")
             with pytest.raises(UnsafeRedisConfig, match="volatile-lru.*noeviction"):
-                await store.check_server()
-            await store.check_server(allow_eviction=True)  # the documented override
+                await store.server.check_server()
+            await store.server.check_server(allow_eviction=True)  # the documented override
         finally:
             r.config_set("maxmemory-policy", "noeviction")
             await store.close()

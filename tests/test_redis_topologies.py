@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from redis.crc import key_slot
 
-from stream.state.store import CheckpointStore, conversation_keys
+from stream.state.keys import conversation_keys
+from stream.state.store import MemoryStore
 from stream.identity import ConversationRef
 from stream.state.redis_client import RedisOptions, RedisUrlError, ScriptingRedisCluster, make_redis
 from stream.kafka.topics import run_sync
@@ -46,7 +47,7 @@ def _states(penv: PipelineEnv, cids, options: RedisOptions | None = None) -> dic
     engine = offline_engine()
 
     async def run() -> dict:
-        store = CheckpointStore(penv.redis_url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
+        store = MemoryStore(penv.redis_url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
                                 capacity=engine.capacity, dtype=engine.state_dtype, namespace=penv.namespace,
                                 redis_options=options)
         try:
@@ -110,10 +111,10 @@ def test_store_operations_on_the_cluster(cluster: RedisCluster3) -> None:
         assert len({key_slot(k.encode()) for k in conversation_keys(ns, r)}) == 1
 
     async def go() -> None:
-        store = CheckpointStore(cluster.url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
+        store = MemoryStore(cluster.url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
                                 capacity=engine.capacity, dtype=engine.state_dtype, namespace=ns)
         try:
-            await store.wait_until_available(10)
+            await store.server.wait_until_available(10)
             await store.prepare()
             assert [await store.load(r) for r in refs] == [None] * len(refs)
             assert len(await store.load_many(refs)) == len(refs)  # one pipelined round trip over 3 masters
@@ -128,7 +129,7 @@ def test_store_operations_on_the_cluster(cluster: RedisCluster3) -> None:
 def test_plain_url_at_a_cluster_node_fails_clearly_not_forever(cluster: RedisCluster3) -> None:
     """redis:// at one cluster node: a MOVED reply is a configuration error (no retry cures
     it), reported with the redirection, instead of a store that waits for ever."""
-    from stream.state.store import CheckpointError
+    from stream.state.errors import MemoryStateError
 
     engine = offline_engine()
     ns = "plain"
@@ -136,7 +137,7 @@ def test_plain_url_at_a_cluster_node_fails_clearly_not_forever(cluster: RedisClu
                if cluster.owner(key_slot(conversation_keys(ns, ConversationRef(None, f"c{i}")).meta.encode())) != 0)
 
     async def go() -> None:
-        store = CheckpointStore(f"redis://{cluster.nodes[0].address}/0", fingerprint=engine.fingerprint,
+        store = MemoryStore(f"redis://{cluster.nodes[0].address}/0", fingerprint=engine.fingerprint,
                                 hidden_size=engine.hidden_size, capacity=engine.capacity, dtype=engine.state_dtype,
                                 namespace=ns)
         try:
@@ -146,7 +147,7 @@ def test_plain_url_at_a_cluster_node_fails_clearly_not_forever(cluster: RedisClu
 
     import redis
 
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(MemoryStateError) as info:
         asyncio.run(asyncio.wait_for(go(), 30))
     assert isinstance(info.value.__cause__, redis.exceptions.MovedError)
 

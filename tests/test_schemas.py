@@ -13,10 +13,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from pydantic import ValidationError
 
+from schemas.fields import MAX_REASON_BYTES, MAX_SEQ
 from schemas.events import (
     INBOUND_EVENT_ADAPTER,
-    MAX_REASON_BYTES,
-    MAX_SEQ,
     OUTBOUND_EVENT_ADAPTER,
     ConversationDelete,
     ConversationDeleted,

@@ -13,9 +13,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import UnsupportedCodecError
 from prometheus_client import CollectorRegistry
 
-from stream import unreadable
+from stream.kafka import unreadable
 from stream.kafka.topics import run_sync
-from stream.kafka.unreadable import UnreadableBatches, disable_codecs_for_tests
+from devtools.faults import disable_codecs_for_tests
+from stream.kafka.unreadable import UnreadableBatches
 
 
 async def _produce(bootstrap: str, topic: str, partition: int, values: list[bytes], codec: str | None) -> list[int]:

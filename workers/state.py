@@ -268,6 +268,13 @@ class ConversationState:
         )
 
 
+def stored_dtype(raw: bytes) -> torch.dtype | None:
+    """Latent dtype a serialized state or delta was written in (byte 4 of either header), or
+    None for bytes too short or a code this version does not know; lets a store whose storage
+    dtype setting changed still read what is there."""
+    return _CODE_DTYPES.get(raw[4]) if len(raw) > 4 else None
+
+
 def rebuild(base: bytes | None, deltas: list[bytes], *, hidden_size: int, capacity: int,
             dtype: torch.dtype) -> ConversationState:
     """State from a stored base plus the deltas appended after it (the store's layout).

@@ -83,7 +83,7 @@ class OperatorEndpoints:
         """200 when the worker can serve queries: its model is loaded (it is, once HTTP answers),
         Redis was checked at start and answers now, and it is not shutting down."""
         w = self.worker
-        store_ok = bool(w.store_ready) and await w.store.ping()
+        store_ok = bool(w.store_ready) and await w.store.server.ping()
         ing = ingestion(w)
         body: dict[str, Any] = {
             "ready": store_ok and not w.stopping,

@@ -21,12 +21,12 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-from schemas.events import (
+from schemas.events import QueryResponse
+from schemas.fields import (
     MAX_CONVERSATION_ID_CHARS,
     MAX_QUERY_CHARS,
     MAX_TENANT_CHARS,
     SCHEMA_VERSION,
-    QueryResponse,
     _no_control_chars,
 )
 

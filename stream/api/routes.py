@@ -11,6 +11,7 @@ included, in the shape of the route's callers (OpenAI's or TEI's, stream/api/err
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -40,6 +41,7 @@ from stream.api.errors import (
 from stream.api.health import OperatorEndpoints, ingestion, install_ingestion_gauge
 from stream.api.metrics import ApiMetrics
 from stream.api.openapi import build_openapi
+from stream.api.search import SearchRoute
 from stream.api.service import QueryService
 from stream.api.table import ROUTES, shapes
 
@@ -98,6 +100,7 @@ class QueryApi:
                                      max_token_id=self.max_token_id)
         self.model_name = (self.engine.model_name or "evoembedding")[:256]
         self.operator = OperatorEndpoints(worker)
+        self.search_route = SearchRoute(self)  # POST /v1/search through the sink's index (issue #19)
         self.ingestion_gauge = install_ingestion_gauge(worker)
 
     # -- wiring ------------------------------------------------------------------------------
@@ -106,11 +109,13 @@ class QueryApi:
         table's error shapes for it."""
         web_app.middlewares.append(error_middleware)
         web_app[SHAPES_KEY] = shapes()
+        owners = {"operator": self.operator, "search": self.search_route}
         for route in ROUTES:
-            owner = self.operator if "operator" in route.tags else self
+            owner = next((o for tag, o in owners.items() if tag in route.tags), self)
             handler = getattr(owner, route.handler)
             web_app.router.add_route(route.method, route.path, self._timed(route.doc_path, handler))
         web_app.on_shutdown.append(lambda _app: self.batcher.stop())
+        web_app.on_shutdown.append(lambda _app: asyncio.to_thread(self.search_route.close))
 
     def _timed(self, name: str, handler: Handler) -> Handler:
         async def run(request: web.Request) -> web.StreamResponse:
@@ -263,7 +268,7 @@ class QueryApi:
     async def health(self, request: web.Request) -> web.Response:
         """200 when the worker can answer queries (its checkpoint store answers a ping), with
         the ingestion side's state as detail (stream/api/health.py)."""
-        if not await self.worker.store.ping():
+        if not await self.worker.store.server.ping():
             raise unavailable("checkpoint store unavailable")
         return _json_response(m.HealthResponse(ingestion=ingestion(self.worker)))
 

@@ -17,7 +17,7 @@ from stream.api.auth import Principal
 from stream.api.batcher import EmbedItem, QueryBatcher
 from stream.api.errors import ApiError, not_found, too_large, unavailable
 from stream.api.models import InputType, MemoryInfo, UnknownConversation
-from stream.state.store import CheckpointCorrupt, CheckpointError, FingerprintMismatch
+from stream.state.errors import FingerprintMismatch, MemoryCorrupt, MemoryStateError
 from stream.identity import ConversationRef
 from stream.state.availability import StoreUnavailable
 from workers.engine import EvoEngine
@@ -73,7 +73,7 @@ class QueryService:
             except FingerprintMismatch:
                 raise ApiError(409, "checkpoint_mismatch",
                                "the conversation's memory was written by another model checkpoint") from None
-            except (CheckpointCorrupt, CheckpointError):
+            except (MemoryCorrupt, MemoryStateError):
                 log.warning("query for %s: checkpoint unreadable", ref, exc_info=True)
                 raise ApiError(409, "checkpoint_corrupt", "the conversation's checkpoint is unreadable") from None
             state = ck.state if ck is not None else None

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from stream.api import models as m
 from stream.api.errors import ErrorShape
+from stream.api.search import SearchRequest, SearchResponse
 
 #: The statuses every POST route over a conversation's memory can answer, in step order
 #: (stream/api/routes.py): key, tenant, memory, size, body, queue, store.
@@ -74,6 +75,10 @@ ROUTES: tuple[Route, ...] = (
           "/v1/embeddings)", TEI, m.QueryRequest, m.QueryResponse, auth=True,
           errors=("401", "403", "404", "409", "413", "422", "429", "500", "503"), deprecated=True,
           tags=("evostream",)),
+    Route("POST", "/v1/search", "search", "search", "rank a tenant's or a conversation's turns through the sink's "
+          "index, the query embedded against the conversation's live memory (issue #19)", TEI, SearchRequest,
+          SearchResponse, auth=True, errors=("401", "403", "409", "413", "422", "429", "500", "503"),
+          tags=("evostream", "search")),
     Route("GET", "/openapi.json", "openapi_doc", "openapi", "this document", TEI, response=("object",),
           tags=("evostream",)),
     # -- operator probes (stream/api/health.py) ----------------------------------------------

@@ -4,6 +4,9 @@
 Every expected failure ends as `error: <one line>` on stderr and a documented exit code
 (stream/cli/errors.py); a traceback is printed only with `--debug`. Global options are parsed
 by typer/click (stream/cli/base.py), anywhere on the line.
+
+May import: every room of stream (the CLI composes them), and devtools lazily, inside the
+`stack` and `demo` commands only (the dev tools are not installed with the package).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import typer
 
 from stream.cli import core as _core  # noqa: F401 - registers the commands
 from stream.cli import dead_letters as _dead_letters  # noqa: F401 - registers the group
+from stream.cli import sink as _sink  # noqa: F401 - registers `sink` and `search` (issue #19)
 from stream.cli.base import STATE, app, build_command
 from stream.cli.errors import ExitCode, explain
 

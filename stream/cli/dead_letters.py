@@ -41,7 +41,7 @@ async def read_dead_letters(s: Any, *, only: tuple[int, int] | None = None) -> l
 
     from schemas.events import DeadLetterEvent
     from stream.clients.produce_stream import start_consumer
-    from stream.index.indexer import TopicNotFound
+    from stream.index.sink import TopicNotFound
     from stream.kafka.security import KafkaSecurity
 
     c = await start_consumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,

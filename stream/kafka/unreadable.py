@@ -22,26 +22,24 @@ What happens instead, with `install()`:
   retention/an operator move the group's offset past a corrupt batch), restarting the
   worker resumes the partition from its committed offset.
 
-`disable_codecs_for_tests()` is the TEST-ONLY way to reproduce an unreadable batch on a
-healthy machine (`EVOSTREAM_FAULT_DISABLE_CODECS=zstd,lz4`): aiokafka then believes the
-library for those codecs is missing. Never set it in production.
+The test harness reproduces an unreadable batch on a healthy machine by making aiokafka
+believe a codec's library is missing (devtools/faults.py, `EVOSTREAM_FAULT_DISABLE_CODECS`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from aiokafka.consumer import fetcher
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 log = logging.getLogger(__name__)
 
 CODECS = ("gzip", "snappy", "lz4", "zstd")
-FAULT_ENV = "EVOSTREAM_FAULT_DISABLE_CODECS"
 
 Sink = Callable[[str, int, int, BaseException], None]
 """(topic, partition, first unread offset, error)"""
@@ -77,7 +75,6 @@ def install(sink: Sink) -> None:
             _sinks.append(sink)
         if _installed:
             return
-        from aiokafka.consumer import fetcher
 
         class GuardedPartitionRecords(fetcher.PartitionRecords):  # type: ignore[misc, valid-type]
             """aiokafka's iterator, but a batch that cannot be read ends the iteration there
@@ -135,8 +132,6 @@ def uninstall() -> None:
     global _installed, _originals
     with _install_lock:
         if _originals is not None:
-            from aiokafka.consumer import fetcher
-
             fetcher.PartitionRecords, fetcher.FetchResult = _originals
         _originals, _installed = None, False
         _sinks.clear()
@@ -201,24 +196,7 @@ class UnreadableBatches:
             return sorted(self._stopped.values(), key=lambda s: (s.topic, s.partition))
 
 
-def disable_codecs_for_tests(env: dict[str, str] | None = None) -> frozenset[str]:
-    """TEST-ONLY: make aiokafka believe the libraries of the codecs named in
-    EVOSTREAM_FAULT_DISABLE_CODECS are missing (reproduces an unreadable batch)."""
-    env = os.environ if env is None else env
-    names = frozenset(n.strip() for n in env.get(FAULT_ENV, "").split(",") if n.strip())
-    unknown = names - set(CODECS)
-    if unknown:
-        raise ValueError(f"{FAULT_ENV}: unknown codec(s) {sorted(unknown)}; known: {CODECS}")
-    if names:
-        from aiokafka import codec
-
-        for name in names:
-            setattr(codec, f"has_{name}", lambda: False)
-        log.warning("TEST-ONLY fault: codecs %s reported unavailable to aiokafka", sorted(names))
-    return names
-
-
-__all__ = ["CODECS", "FAULT_ENV", "StoppedPartition", "UnreadableBatches", "disable_codecs_for_tests",
+__all__ = ["CODECS", "StoppedPartition", "UnreadableBatches",
            "install", "uninstall", "uninstall_sink"]
 
 

@@ -20,17 +20,21 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+from datetime import datetime, timezone
+from typing import Any
 
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from schemas.events import OUTBOUND_EVENT_ADAPTER, DeadLetterEvent, DeadLetterReason, EmbeddingEvent
-from stream.processing.decode import Rejection, make_dead_letter
+from schemas.events import OUTBOUND_EVENT_ADAPTER, DeadLetterEvent, DeadLetterReason, EmbeddingEvent, ReasonText
 from stream.kafka.emitter import OutMessage
+from stream.processing.records import BatchReport, Due, InboundRecord
+from stream.runtime.logs import fields as log_fields
+from stream.state.records import MemoryProblem
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OversizeHandler", "dead_letter_budget", "fit_dead_letter", "record_size"]
+__all__ = ["DeadLetterWriter", "OversizeHandler", "Rejection", "dead_letter_budget", "fit_dead_letter", "make_dead_letter", "record_size"]
 
 #: Room kept for what the size estimate may not see (record headers a client adds, protocol
 #: framing differences between broker versions).
@@ -48,7 +52,7 @@ def dead_letter_budget(limit: int) -> int:
 
 
 def _b64(raw: bytes | None) -> str | None:
-    return None if raw is None else base64.b64encode(raw).decode("ascii")
+    return None if raw is None else base64.b64encode(bytes(raw)).decode("ascii")
 
 
 def fit_dead_letter(event: DeadLetterEvent, key: bytes | None, limit: int) -> DeadLetterEvent:
@@ -96,6 +100,53 @@ def fit_dead_letter(event: DeadLetterEvent, key: bytes | None, limit: int) -> De
             nk = max(0, nk - max(3, nk // 50))  # only when the key alone is too large
         out = build(nk, nv)
     return out
+
+
+class Rejection(BaseModel):
+    """Why a record cannot be processed; becomes a DeadLetterEvent via `make_dead_letter`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reason_code: DeadLetterReason
+    reason: ReasonText
+
+
+def make_dead_letter(
+    rejection: Rejection,
+    key: bytes | None,
+    value: bytes | None,
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp_ms: int | None,
+    worker: str,
+    *,
+    failed_at: datetime | None = None,
+    broker_limit: int | None = None,
+) -> DeadLetterEvent:
+    """Wrap a rejection with the record's exact bytes and coordinates.
+
+    The original bytes are kept whole, except when `broker_limit` (the broker's record size
+    limit) is given and the dead letter (keyed by `key`) would exceed it: then a prefix, the
+    full length and the SHA-256 are kept (`fit_dead_letter`, issue #8), because a dead
+    letter the broker refuses would stall the partition.
+    Kafka's "no timestamp" (-1) is normalised to None.
+    """
+    event = DeadLetterEvent(
+        reason_code=rejection.reason_code,
+        reason=rejection.reason,
+        original_key_b64=_b64(key),
+        original_value_b64=_b64(value),
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        timestamp_ms=None if timestamp_ms is None or timestamp_ms < 0 else timestamp_ms,
+        failed_at=failed_at or datetime.now(timezone.utc),
+        worker=worker,
+    )
+    if broker_limit is not None:
+        event = fit_dead_letter(event, key or None, dead_letter_budget(broker_limit))
+    return event
 
 
 class OversizeHandler:
@@ -154,3 +205,34 @@ class OversizeHandler:
         log.error("dropping a %d-byte record for %s refused as too large (%s; %s): it cannot be made smaller",
                   len(m.value), m.topic, exc, why)
         return None
+
+
+class DeadLetterWriter:
+    """The pipeline's one way to refuse a record: the dead letter (original bytes kept, cut to
+    the broker's limit), its metric and one log line with the record's coordinates."""
+
+    def __init__(self, *, topic: str, worker: str, broker_limit: int, metrics: Any) -> None:
+        self.topic = topic
+        self.worker = worker
+        self.broker_limit = broker_limit
+        self.metrics = metrics
+
+    def __call__(self, rec: InboundRecord, rej: Rejection, rep: BatchReport) -> OutMessage:
+        code = rej.reason_code.value
+        rep.dead_letters[code] = rep.dead_letters.get(code, 0) + 1
+        self.metrics.dead_letters.labels(reason=code).inc()
+        log.warning("dead-letter %s/%d@%d: %s: %s", rec.topic, rec.partition, rec.offset, code, rej.reason[:200],
+                    extra=log_fields(topic=rec.topic, partition=rec.partition, offset=rec.offset, reason_code=code,
+                                     conversation_id=rec.key.decode("utf-8", "replace") if rec.key else None))
+        dl = make_dead_letter(rej, rec.key, rec.value, rec.topic, rec.partition, rec.offset, rec.timestamp_ms,
+                              self.worker, broker_limit=self.broker_limit)
+        return OutMessage(self.topic, rec.key if rec.key else None, dl.model_dump_json().encode())
+
+    def quarantined(self, d: Due, problem: MemoryProblem, rep: BatchReport) -> OutMessage:
+        """A turn of a conversation that cannot be continued: dead-lettered with the reason,
+        counted; the rest of the batch (and the partition) flows on."""
+        self.metrics.quarantined.labels(reason=problem.code.value).inc()
+        hint = (" (see `evostream inspect`; `evostream reset` starts it over, then replay its dead letters)"
+                if problem.code is DeadLetterReason.CHECKPOINT_CORRUPT else "")
+        return self(d.record, Rejection(reason_code=problem.code, reason=f"conversation {d.ref}: {problem.detail}{hint}"),
+                    rep)

@@ -29,23 +29,20 @@ rejects all of that exactly as before.
 
 from __future__ import annotations
 
-import base64
 import json
-from datetime import datetime, timezone
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from schemas.events import (
     INBOUND_EVENT_ADAPTER,
     INBOUND_EVENT_V1_ADAPTER,
     INBOUND_TYPES,
     ConversationDelete,
-    DeadLetterEvent,
     DeadLetterReason,
-    ReasonText,
     TurnEvent,
 )
+from stream.processing.dead_letters import Rejection
 
 MAX_DEPTH_LIMIT = 128
 """Largest accepted `max_depth` setting. Valid events nest 3 deep; pydantic's JSON parser
@@ -58,15 +55,6 @@ CONFLUENT_HEADER_BYTES = 5
 """Magic byte 0 + big-endian 4-byte schema id, before the serialized payload."""
 
 R = DeadLetterReason
-
-
-class Rejection(BaseModel):
-    """Why a record cannot be processed; becomes a DeadLetterEvent via `make_dead_letter`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    reason_code: DeadLetterReason
-    reason: ReasonText
 
 
 DecodeResult = TurnEvent | ConversationDelete | Rejection
@@ -303,56 +291,10 @@ def _describe_exception(exc: BaseException) -> str:
     return f"unexpected {type(exc).__name__} while decoding: {detail}"
 
 
-def make_dead_letter(
-    rejection: Rejection,
-    key: bytes | None,
-    value: bytes | None,
-    topic: str,
-    partition: int,
-    offset: int,
-    timestamp_ms: int | None,
-    worker: str,
-    *,
-    failed_at: datetime | None = None,
-    broker_limit: int | None = None,
-) -> DeadLetterEvent:
-    """Wrap a rejection with the record's exact bytes and coordinates.
-
-    The original bytes are kept whole, except when `broker_limit` (the broker's record size
-    limit) is given and the dead letter (keyed by `key`) would exceed it: then a prefix, the
-    full length and the SHA-256 are kept (stream/processing/dead_letters.py, issue #8), because a dead
-    letter the broker refuses would stall the partition.
-    Kafka's "no timestamp" (-1) is normalised to None.
-    """
-    event = DeadLetterEvent(
-        reason_code=rejection.reason_code,
-        reason=rejection.reason,
-        original_key_b64=_b64(key),
-        original_value_b64=_b64(value),
-        topic=topic,
-        partition=partition,
-        offset=offset,
-        timestamp_ms=None if timestamp_ms is None or timestamp_ms < 0 else timestamp_ms,
-        failed_at=failed_at or datetime.now(timezone.utc),
-        worker=worker,
-    )
-    if broker_limit is not None:
-        from stream.processing.dead_letters import dead_letter_budget, fit_dead_letter
-
-        event = fit_dead_letter(event, key or None, dead_letter_budget(broker_limit))
-    return event
-
-
-def _b64(raw: bytes | None) -> str | None:
-    return None if raw is None else base64.b64encode(bytes(raw)).decode("ascii")
-
-
 __all__ = [
     "DecodeResult",
     "MAX_DEPTH_LIMIT",
-    "Rejection",
     "decode_inbound",
-    "make_dead_letter",
     "nesting_depth",
     "strip_confluent_framing",
 ]

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 
 #: Context a log call may attach with `extra=fields(...)`; emitted as top-level JSON keys so
@@ -46,3 +47,23 @@ def setup_logging(level: str = "INFO", json_lines: bool = True) -> None:
     root.setLevel(level.upper())
     for noisy in ("aiokafka", "faust", "mode", "transformers"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def worker_logging_config(settings: Any) -> dict[str, Any]:
+    """dictConfig of a worker process: JSON lines (or plain) on stderr, the Kafka client
+    libraries' repeated lines summarised (issue #12), their chatter at WARNING."""
+    handlers = ["json"] if settings.log_json else ["plain"]
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "stream.runtime.logs.JsonFormatter"},
+                       "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+        "filters": {"repeat_limit": {"()": "stream.runtime.log_limits.RepeatLimitFilter",
+                                     "window_s": settings.log_repeat_window_s, "burst": settings.log_repeat_burst}},
+        "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr",
+                              "filters": ["repeat_limit"]},
+                     "plain": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr",
+                               "filters": ["repeat_limit"]}},
+        "root": {"level": settings.log_level.upper(), "handlers": handlers},
+        "loggers": {name: {"level": "WARNING"} for name in ("aiokafka", "faust", "mode", "transformers")},
+    }

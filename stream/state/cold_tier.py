@@ -16,7 +16,7 @@ How it stays safe next to live writers (the checkpoint store's compare-and-set o
 * while cold, the store's view of the conversation is `cold` (generation + 1), so a worker
   still holding it in its cache loses its compare-and-set (STALE) and reloads; no writer can
   mistake it for a new conversation.
-* thaw (done by `CheckpointStore.load_many` when the store has a cold tier) = a Lua script
+* thaw (done by `MemoryStore.load_many` when the store has a cold tier) = a Lua script
   restores meta, base, deltas and outbox exactly as they were, only if the marker still says
   `cold` at the same (gen, seq) and no meta exists, refreshes the TTLs like a commit, and sets
   the marker back to `live`; then the SQLite row is dropped. Delete/reset drop the row too.
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from stream.identity import ConversationRef, RefLike, as_ref
 
 if TYPE_CHECKING:
-    from stream.state.store import CheckpointStore, ConversationKeys
+    from stream.state.store import MemoryStore, ConversationKeys
 
 __all__ = ["ColdRecord", "ColdTier", "FreezeReport"]
 
@@ -229,27 +229,27 @@ class ColdTier:
         return self._get([as_ref(ref).tag]).get(as_ref(ref).tag)
 
     # --- Redis side ----------------------------------------------------------------------
-    def _script(self, store: "CheckpointStore") -> tuple[Any, Any]:
+    def _script(self, store: "MemoryStore") -> tuple[Any, Any]:
         # The store's own client (its retry policy and availability mapping) runs our scripts.
         got = self._scripts.get(id(store))
         if got is None:
-            got = (store._redis.register_script(_FREEZE_LUA), store._redis.register_script(_THAW_LUA))
+            got = (store.redis.register_script(_FREEZE_LUA), store.redis.register_script(_THAW_LUA))
             self._scripts[id(store)] = got
         return got
 
     def _mark_ttl_ms(self) -> int:
         return 0 if self.retention_s is None else max(1, round(self.retention_s * 1000))
 
-    async def freeze(self, store: "CheckpointStore", refs: Sequence[RefLike]) -> FreezeReport:
+    async def freeze(self, store: "MemoryStore", refs: Sequence[RefLike]) -> FreezeReport:
         """Move these conversations' state out of Redis (those that are live and whole)."""
         return await self._freeze_keys(store, [(as_ref(r), store.keys(as_ref(r))) for r in refs])
 
-    async def _freeze_keys(self, store: "CheckpointStore",
+    async def _freeze_keys(self, store: "MemoryStore",
                            items: Sequence[tuple[ConversationRef | None, "ConversationKeys"]]) -> FreezeReport:
         rep = FreezeReport(idle=len(items))
         if not items:
             return rep
-        replies = await store._run_script(store._load_script, [(k, ()) for _, k in items], "cold read")
+        replies = await store.scripts.run(store.scripts.load, [(k, ()) for _, k in items], "cold read")
         recs: list[tuple[ColdRecord, "ConversationKeys", bytes]] = []
         for (ref, keys), reply in zip(items, replies):
             kind, gen, seq, meta_flat, base, deltas, outbox_flat, _mark = reply
@@ -267,7 +267,7 @@ class ColdTier:
         await asyncio.to_thread(self._put, [r for r, _, _ in recs])  # durable on disk first
         freeze, _ = self._script(store)
         mttl = str(self._mark_ttl_ms()).encode()
-        done = await store._run_script(
+        done = await store.scripts.run(
             freeze, [(k, [str(r.gen).encode(), str(r.seq).encode(), d, mttl]) for r, k, d in recs],
             "cold freeze", durable=True)
         changed = [r.tag for (r, _, _), ok in zip(recs, done) if not int(ok)]
@@ -278,7 +278,7 @@ class ColdTier:
         rep.bytes_moved = sum(r.nbytes for (r, _, _), ok in zip(recs, done) if int(ok))
         return rep
 
-    async def freeze_idle(self, store: "CheckpointStore", idle_s: float, *, limit: int | None = None,
+    async def freeze_idle(self, store: "MemoryStore", idle_s: float, *, limit: int | None = None,
                           scan_count: int = 1000, batch: int = 200) -> FreezeReport:
         """Freeze every conversation whose last commit is older than `idle_s` (SCAN over meta
         keys; no blocking command). `limit` bounds how many are frozen in this call."""
@@ -288,7 +288,7 @@ class ColdTier:
         from stream.state.store import ConversationKeys  # runtime import: no cycle at import time
 
         pending: list[tuple[ConversationRef | None, ConversationKeys]] = []
-        async for key in store._redis.scan_iter(match=pattern, count=scan_count):
+        async for key in store.redis.scan_iter(match=pattern, count=scan_count):
             k = key.decode() if isinstance(key, bytes) else key
             total.scanned += 1
             prefix = k[: -len("meta")]
@@ -303,9 +303,9 @@ class ColdTier:
             await self._freeze_batch(store, pending, cutoff_ms, total, limit)
         return total
 
-    async def _freeze_batch(self, store: "CheckpointStore", items: list, cutoff_ms: int,
+    async def _freeze_batch(self, store: "MemoryStore", items: list, cutoff_ms: int,
                             total: FreezeReport, limit: int | None) -> None:
-        pipe = store._redis.pipeline(transaction=False)
+        pipe = store.redis.pipeline(transaction=False)
         for _, k in items:
             pipe.hget(k.meta, "updated_at_ms")
         stamps = await pipe.execute()
@@ -318,7 +318,7 @@ class ColdTier:
         total.changed += rep.changed
         total.bytes_moved += rep.bytes_moved
 
-    async def thaw(self, store: "CheckpointStore", refs: Sequence[RefLike]) -> int:
+    async def thaw(self, store: "MemoryStore", refs: Sequence[RefLike]) -> int:
         """Restore these conversations into Redis exactly as frozen (called by the store's
         load when it sees `cold`). Returns how many were restored."""
         refs = [as_ref(r) for r in refs]
@@ -328,8 +328,8 @@ class ColdTier:
             rec = recs.get(ref.tag)
             if rec is None:
                 continue  # no copy: the store's load reports the conversation (never a silent reset)
-            ttl = store._ttl_ms(ref.tenant)
-            mttl = store._mark_ttl_ms(tenant=ref.tenant)
+            ttl = store.ttl.state_ms(ref.tenant)
+            mttl = store.ttl.marker_ms(tenant=ref.tenant)
             args = [str(rec.gen).encode(), str(rec.seq).encode(), str(ttl).encode(), str(mttl).encode(), rec.base,
                     str(len(rec.meta) // 2).encode(), str(len(rec.deltas)).encode(),
                     str(len(rec.outbox) // 2).encode(), *rec.meta, *rec.deltas, *rec.outbox]
@@ -338,7 +338,7 @@ class ColdTier:
         if not calls:
             return 0
         _, thaw = self._script(store)
-        done = await store._run_script(thaw, calls, "cold thaw", durable=True)
+        done = await store.scripts.run(thaw, calls, "cold thaw", durable=True)
         # Restored, or no longer cold at that (gen, seq) (deleted, reset, restored by another
         # worker): either way the row has served its purpose.
         await asyncio.to_thread(self._delete, tags)
@@ -350,7 +350,7 @@ class ColdTier:
 
 
 def store_levers(settings: Any) -> dict[str, Any]:
-    """CheckpointStore keyword arguments of the capacity levers (issue #14), from Settings:
+    """MemoryStore keyword arguments of the capacity levers (issue #14), from Settings:
     storage dtype, per-tenant TTLs, cold tier. One place, so every store a worker builds agrees."""
     import torch
 
@@ -367,14 +367,14 @@ def store_levers(settings: Any) -> dict[str, Any]:
 # Entry point
 
 
-def _store_from_settings(settings: Any, cold: ColdTier) -> "CheckpointStore":
+def _store_from_settings(settings: Any, cold: ColdTier) -> "MemoryStore":
     import torch
 
-    from stream.state.store import CheckpointStore
+    from stream.state.store import MemoryStore
     from stream.state.redis_client import RedisOptions
 
     # freeze/thaw move raw bytes: model shape and fingerprint are not needed to move them.
-    return CheckpointStore(settings.redis_url, fingerprint="cold-tier", hidden_size=1, capacity=1,
+    return MemoryStore(settings.redis_url, fingerprint="cold-tier", hidden_size=1, capacity=1,
                            dtype=torch.float32, namespace=settings.redis_namespace,
                            ttl_s=settings.state_ttl_s, marker_ttl_s=settings.marker_ttl_s,
                            ttl_by_tenant=getattr(settings, "state_ttl_by_tenant", None), cold=cold,

@@ -39,7 +39,7 @@ from pathlib import Path
 import redis
 from aiokafka import AIOKafkaProducer
 
-from stream.state.store import conversation_keys
+from stream.state.keys import conversation_keys
 
 from .oracle import metrics
 from .workers import REPO, PipelineEnv, WorkerProc

@@ -35,7 +35,7 @@ from schemas.events import (
 )
 from schemas.turns import TurnInput
 from schemas.vectors import decode_vector
-from stream.state.store import CheckpointStore
+from stream.state.store import MemoryStore
 from stream.kafka.topics import run_sync
 from workers.state import ConversationState
 
@@ -157,9 +157,9 @@ def read_dead_letters(bootstrap: str, topic: str) -> list[DeadLetterEvent]:
     return [DeadLetterEvent.model_validate_json(m.value) for m in read_topic_sync(bootstrap, topic)]
 
 
-def checkpoint_store(penv: PipelineEnv, engine=None) -> CheckpointStore:
+def checkpoint_store(penv: PipelineEnv, engine=None) -> MemoryStore:
     engine = engine or offline_engine()
-    return CheckpointStore(penv.redis_url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
+    return MemoryStore(penv.redis_url, fingerprint=engine.fingerprint, hidden_size=engine.hidden_size,
                            capacity=engine.capacity, dtype=engine.state_dtype, namespace=penv.namespace)
 
 

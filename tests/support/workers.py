@@ -88,7 +88,9 @@ class WorkerProc:
         env["EVOSTREAM_WORKER_ID"] = f"{self.name}-{self.starts}"
         self.starts += 1
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], cwd=REPO, env=env,
+            # faults are armed by the harness's own entry point, never by the production one
+            entry = "devtools.faults" if any(k.startswith("EVOSTREAM_FAULT_") for k in env) else "stream.cli"
+            self.proc = subprocess.Popen([sys.executable, "-m", entry, "worker"], cwd=REPO, env=env,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
