@@ -164,3 +164,19 @@ def test_readme_walkthrough_stops_the_worker_it_started() -> None:
         killed = [ln for ln in lines[i + 1:stop] if ln.startswith("kill ")]
         assert any(f"${pid_var.group(1)}" in ln.split() for ln in killed), \
             f"the walk-through never stops {lines[i]!r} before `evostream stack stop`"
+
+
+# --------------------------------------------------------------------------- stack start --postgres
+
+
+def test_stack_start_with_postgres_after_a_stack_without_it(tmp_path: Path) -> None:
+    """A run dir left by an earlier `evostream stack start` (without PostgreSQL) made the saved
+    state win over `--postgres`: no PostgreSQL, no EVOSTREAM_SINK_DSN, and the README
+    walk-through's `evostream sink` / `search` fell back to an SQLite file (found running the
+    walk-through as written after the sink landed)."""
+    from devtools.localstack import LocalStack
+
+    (tmp_path / "state.json").write_text(json.dumps({"broker": {"port": 1}, "redis": {"port": 2}}))
+    stack = LocalStack(tmp_path, with_postgres=True)
+    assert stack.postgres is not None
+    assert LocalStack(tmp_path).postgres is None  # not asked for, not saved: none
