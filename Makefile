@@ -14,11 +14,14 @@ demo: setup
 
 # Default test run: unit, engine parity, real-broker/real-Redis end-to-end and the short
 # fault-injection suite. Long soak/chaos runs are behind markers (see README).
+# In parallel (pytest-xdist): the suite mostly waits on processes and sockets, and every xdist
+# worker starts its own broker and Redis (tests/conftest.py), so tests never share a stack.
+TEST_WORKERS ?= 4
 test: setup
-	$(PY) -m pytest -m "not slow and not chaos_long" -q
+	$(PY) -m pytest -m "not slow and not chaos_long" -q -n $(TEST_WORKERS)
 
 test-all: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # issue 11: the plots (PNG in benchmarks/plots/, linked from BENCHMARKS.md) are drawn last,
 # from the series the benchmarks above saved in benchmarks/results/

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 DOCS = ("README.md", "BENCHMARKS.md", "RELIABILITY.md", "docs/CAPACITY.md", "docs/CONTRACTS.md")
 
-FIGURE = re.compile(r"<!--fig (?P<file>[\w.\-/]+?):(?P<path>(?:\"[^\"]*\"|[^\s:\"])+)(?::(?P<fmt>[^|>\s]*)(?:\|(?P<suffix>[^>\s]*))?)?-->"
+FIGURE = re.compile(r"<!--fig (?P<file>[\w.\-/]+?):(?P<path>(?:\"[^\"]*\"|[^\s:\"<>])+)(?::(?P<fmt>[^|>\s]*)(?:\|(?P<suffix>[^>\s]*))?)?-->"
                     r"(?P<text>.*?)<!--/fig-->", re.S)
 
 
@@ -81,6 +81,13 @@ def render_value(value: Any, fmt: str, suffix: str) -> str:
         return format(value, fmt) + suffix
     except (TypeError, ValueError) as exc:
         raise FigureError(f"cannot format {value!r} with {fmt!r}: {exc}") from exc
+
+
+def marker(file: str, data: Any, path: str, fmt: str = "", suffix: str = "") -> str:
+    """A marked figure for a document a script writes: the value at `path` of the results `data`
+    (as read from `file`), rendered between the markers that name where it comes from."""
+    spec = (f":{fmt}" + (f"|{suffix}" if suffix else "")) if (fmt or suffix) else ""
+    return f"<!--fig {file}:{path}{spec}-->{render_value(lookup(data, path), fmt, suffix)}<!--/fig-->"
 
 
 def figures(doc: str, text: str) -> list[Figure]:

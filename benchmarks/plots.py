@@ -156,7 +156,7 @@ def plot_latency_vs_load(res: E2EResults, path: Path, results: str) -> list[RunI
         ax_thr.text(0.98, 0.02, "\n".join(textwrap.fill(n, 48) for n in backlog_notes), transform=ax_thr.transAxes,
                     ha="right", va="bottom", fontsize=6.5, color="0.3")
     models = sorted({r.model for r in runs})
-    machines = sorted({r.run.machine for r in runs})
+    machines = sorted({f"{r.run.cpu} ({r.run.machine})" if r.run.cpu else r.run.machine for r in runs})
     fig.suptitle(f"End to end, one worker: model {'; '.join(models)}; machine {'; '.join(machines)}",
                  fontsize=9)
     sources = [r.run for r in runs]

@@ -24,6 +24,7 @@ import torch
 
 from schemas.events import MemoryOrigin
 from schemas.turns import ChatMessage, TurnInput
+from stream.state.cold_store import ColdStore
 from stream.state.errors import MemoryCorrupt
 from stream.state.records import CommitStatus, TurnCommit
 from stream.state.store import MemoryStore
@@ -158,7 +159,7 @@ async def test_ttl_by_tenant_reaches_every_key_of_the_tenants_conversations(redi
                 assert mark == -1
             else:
                 assert (ttl + 100) * 1000 - 5000 < mark <= (ttl + 100) * 1000, (ref, mark)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"ttl_by_tenant\['bad'\] must be positive or None"):
             store_for(redis_url, ns, ttl_by_tenant={"bad": 0})
     finally:
         r.close()
@@ -262,10 +263,19 @@ async def test_cold_tier_purge_drops_only_rows_past_retention(redis_url: str, tm
         for ref in refs:
             await drive(store, ref, 2)
         await cold.freeze(store, refs[:1])
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.05)  # distinct freeze times (ms resolution)
         await cold.freeze(store, refs[1:])
         assert cold.purge() == 0 and cold.count() == 2  # both younger than the retention
-        assert cold.purge(older_than_s=0.15) == 1 and cold.count() == 1
+        # A cutoff between the two freezes, by their recorded times; the purge's clock is pinned
+        # so that a slow machine between here and the purge cannot move the cutoff.
+        t0, t1 = sorted(t for rows in cold.files.each(lambda db: db.execute("SELECT frozen_at_ms FROM cold").fetchall())
+                        for (t,) in rows)
+        assert t0 < t1
+        now = t1 / 1000 + 5.0
+        from unittest import mock
+
+        with mock.patch("stream.state.cold_tier.time.time", return_value=now):
+            assert cold.purge(older_than_s=now - (t0 + t1) / 2000) == 1 and cold.count() == 1
         assert cold.get(refs[1]) is not None and cold.get(refs[0]) is None
     finally:
         await store.close()
@@ -282,14 +292,17 @@ async def test_cold_tier_leaves_a_conversation_that_moved_on_during_the_freeze(r
     loop = asyncio.get_running_loop()
     try:
         await drive(store, ref, 2)
-        real_put = cold._put
+        real_put = ColdStore.put
 
-        def put_then_commit(recs: Any) -> None:
-            real_put(recs)
+        def put_then_commit(shard: Any, recs: Any) -> None:
+            real_put(shard, recs)
             asyncio.run_coroutine_threadsafe(drive(writer, ref, 1, seed=5), loop).result(timeout=30)
 
-        cold._put = put_then_commit  # type: ignore[method-assign]
-        rep = await cold.freeze(store, [ref])
+        ColdStore.put = staticmethod(put_then_commit)  # type: ignore[method-assign]
+        try:
+            rep = await cold.freeze(store, [ref])
+        finally:
+            ColdStore.put = staticmethod(real_put)  # type: ignore[method-assign]
         assert rep.frozen == 0 and rep.changed == 1 and cold.count() == 0
         got = await store.load(ref)
         assert got is not None and got.seq == 2  # the newer commit is intact, in Redis

@@ -14,7 +14,7 @@ import pytest
 from schemas.turns import ChatMessage, TurnInput
 from workers import reference
 from workers.client import EvoEmbeddingClient, messages_to_turns
-from workers.evo_model import load_checkpoint
+from workers.loading import load_checkpoint
 from workers.rendering import Renderer
 from workers.tiny_checkpoint import cached_tiny_checkpoint
 
@@ -106,7 +106,7 @@ def test_encode_messages_single_message_and_objects(client):
     want = reference.embed_against(client.model, [r.text_ids("just a query")], [None])
     assert got.shape == (1, client.embedding_dim)
     assert np.abs(got - want).max() <= ATOL
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"encode_messages needs at least one message \(the last one is the query\)"):
         client.encode_messages([])
 
 

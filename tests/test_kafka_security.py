@@ -30,6 +30,7 @@ from stream.settings import Settings
 from stream.kafka.topics import ensure_topics_sync, run_sync
 
 from support.oracle import expected_for
+from support.peers import require_peer
 from support.tls import Pki, TlsKafka, make_pki
 from support.traffic import Workers, generate_traffic
 from support.workers import REPO, PipelineEnv, WorkerProc
@@ -55,6 +56,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def tls_kafka(pki: Pki, tmp_path_factory: pytest.TempPathFactory):
+    require_peer("stunnel4")  # the TLS terminator in front of tansu (tests/support/tls.py)
     with TlsKafka(tmp_path_factory.mktemp("tls-kafka"), pki) as k:
         yield k
 

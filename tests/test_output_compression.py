@@ -80,5 +80,5 @@ def test_unusable_codec_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_setting_default_and_values() -> None:
     assert Settings().output_compression == "zstd"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="output_compression\n  Input should be 'none', 'gzip', 'snappy', 'lz4' or 'zstd'"):
         Settings(output_compression="brotli")

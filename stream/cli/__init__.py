@@ -20,6 +20,7 @@ from typing import Any
 import typer
 
 from stream.cli import core as _core  # noqa: F401 - registers the commands
+from stream.cli import cold_tier as _cold_tier  # noqa: F401 - registers the group
 from stream.cli import dead_letters as _dead_letters  # noqa: F401 - registers the group
 from stream.cli import sink as _sink  # noqa: F401 - registers `sink` and `search` (issue #19)
 from stream.cli.base import STATE, app, build_command
