@@ -40,7 +40,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from support.workers import PipelineEnv, WorkerProc, read_topic  # noqa: E402
 
 from benchmarks.report import update_section  # noqa: E402
-from benchmarks.results_schema import RESULTS_DIR, E2EPhase, E2ERun, RunInfo, record_e2e_run  # noqa: E402
+from benchmarks.results_schema import (RESULTS_DIR, E2E_TINY_MODEL, E2EPhase, E2ERun, RunInfo,  # noqa: E402
+                                       record_e2e_run)
 from devtools.localstack import LocalStack  # noqa: E402
 from stream.clients.producer import produce_records, turn_events  # noqa: E402
 from stream.kafka.topics import ensure_topics_sync  # noqa: E402
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if not a.no_results:
-        run = E2ERun(run=RunInfo.now(cmd.split("# = ", 1)[-1].strip()), section=a.section,
+        run = E2ERun(run=RunInfo.now(cmd.split("# = ", 1)[-1].strip()), section=a.section, model=E2E_TINY_MODEL,
                      prefix_cache_bytes=a.prefix_cache_bytes, conversations=a.conversations,
                      turns_per_conversation=a.turns, partitions=a.partitions,
                      phases=[E2EPhase(**{k: r[k] for k in E2EPhase.model_fields}) for r in (backlog, *steadies)])

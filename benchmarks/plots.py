@@ -1,4 +1,4 @@
-"""Draw the benchmarks' curves as PNG files and link them from BENCHMARKS.md (issue 11).
+"""Draw the benchmarks' curves as PNG files and link them from BENCHMARKS.md.
 
 The tables in BENCHMARKS.md give a few points; a curve shows the shape a table hides: where
 latency turns up as the offered load nears what one worker drains, how a turn's cost grows
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -98,41 +99,49 @@ def _save(fig, path: Path, n_foot_lines: int) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+def _section_label(section: str) -> str:
+    """A BENCHMARKS.md section name as a reader of the plot needs it (no tracker references)."""
+    return re.sub(r"\s*\((?:issue|#)\s*\d+\)", "", section).strip()
+
+
 def plot_latency_vs_load(res: E2EResults, path: Path, results: str) -> list[RunInfo]:
     """End to end: p50/p99 of turn -> embedding latency at each offered rate, and the rate the
-    worker achieved, one colour per run (section of BENCHMARKS.md)."""
+    worker achieved, one colour per run (section of BENCHMARKS.md). Only the steady phases are
+    drawn: the backlog phase (a queue of turns drained in large batches) has no offered rate
+    and is not a sustained rate, so it is reported in words, not drawn as a line (issue
+    #18: a "capacity" line at the backlog's 95 turns/s sat above the 52 the steady phases
+    reached)."""
     runs = sorted((r for r in res.runs.values() if any(p.rate > 0 for p in r.phases)), key=lambda r: r.run.date_utc)
     if not runs:
         raise ResultsError(f"{results}: no run with a steady phase (rate > 0)")
-    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(12, 5.4), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(12, 5.6), gridspec_kw={"width_ratios": [3, 2]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     top = 0.0
     worst = max(p.p99_ms for r in runs for p in r.phases if p.rate > 0)
+    backlog_notes = []
     for i, run in enumerate(runs):
         c = colors[i % len(colors)]
         steady = sorted((p for p in run.phases if p.rate > 0), key=lambda p: p.rate)
         rates = [p.rate for p in steady]
-        label = (f"{run.section}: {run.conversations} x {run.turns_per_conversation} turns, "
+        label = (f"{_section_label(run.section)}: {run.conversations} x {run.turns_per_conversation} turns, "
                  f"prefix cache {'on' if run.prefix_cache_bytes else 'off'} ({run.run.date_utc})")
         ax_lat.plot(rates, [p.p50_ms for p in steady], "-o", color=c, label=label)
         ax_lat.plot(rates, [p.p99_ms for p in steady], "--s", color=c, alpha=0.8)
-        ax_thr.plot(rates, [p.turns_per_s for p in steady], "-o", color=c)
+        ax_thr.plot(rates, [p.turns_per_s for p in steady], "-o", color=c, label=f"run {i + 1}")
         top = max(top, *rates, *(p.turns_per_s for p in steady))
         for p in run.phases:
-            if p.rate == 0:  # the backlog drained as fast as the worker goes: its capacity
-                ax_thr.axhline(p.turns_per_s, color=c, ls=":", lw=1.2)
-                ax_lat.axvline(p.turns_per_s, color=c, ls=":", lw=1.2)
-                top = max(top, p.turns_per_s)
+            if p.rate == 0:
+                backlog_notes.append(f"run {i + 1}: a backlog of {p.turns} turns drained at {p.turns_per_s:.1f} "
+                                     "turns/s (large batches, no offered rate: not a sustained rate)")
     _plain_log_axis(ax_lat, top=worst * (2.5 + 0.6 * len(runs)))  # headroom: the legend sits above the curves
     ax_lat.set_xlabel("offered load (turns/s produced at a steady rate)")
     ax_lat.set_ylabel("latency, turn record -> embedding record (ms, log scale)")
-    ax_lat.set_title("End to end: latency vs offered load")
+    ax_lat.set_title("Latency vs offered load")
     ax_lat.grid(True, which="both", alpha=0.3)
     runs_legend = ax_lat.legend(loc="upper left", fontsize=7, title="run (BENCHMARKS.md section)", title_fontsize=7)
     ax_lat.add_artist(runs_legend)
     ax_lat.legend(handles=[Line2D([], [], color="0.3", ls="-", marker="o", label="p50"),
-                           Line2D([], [], color="0.3", ls="--", marker="s", label="p99"),
-                           Line2D([], [], color="0.3", ls=":", label="backlog drain rate (capacity)")],
+                           Line2D([], [], color="0.3", ls="--", marker="s", label="p99")],
                   loc="lower right", fontsize=7)
     lim = top * 1.1
     ax_thr.plot([0, lim], [0, lim], color="0.6", lw=0.8, label="achieved = offered")
@@ -140,11 +149,18 @@ def plot_latency_vs_load(res: E2EResults, path: Path, results: str) -> list[RunI
     ax_thr.set_ylim(0, lim)
     ax_thr.set_xlabel("offered load (turns/s)")
     ax_thr.set_ylabel("achieved (turns/s embedded)")
-    ax_thr.set_title("Throughput (dotted: backlog drain rate)")
+    ax_thr.set_title("Throughput at each steady rate")
     ax_thr.grid(True, alpha=0.3)
     ax_thr.legend(loc="upper left", fontsize=7)
+    if backlog_notes:
+        ax_thr.text(0.98, 0.02, "\n".join(textwrap.fill(n, 48) for n in backlog_notes), transform=ax_thr.transAxes,
+                    ha="right", va="bottom", fontsize=6.5, color="0.3")
+    models = sorted({r.model for r in runs})
+    machines = sorted({f"{r.run.cpu} ({r.run.machine})" if r.run.cpu else r.run.machine for r in runs})
+    fig.suptitle(f"End to end, one worker: model {'; '.join(models)}; machine {'; '.join(machines)}",
+                 fontsize=9)
     sources = [r.run for r in runs]
-    _save(fig, path, _footnote(fig, sources, results))
+    _save(fig, path, _footnote(fig, sources, results, "; ".join(models)))
     return sources
 
 

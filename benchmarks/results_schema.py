@@ -94,9 +94,15 @@ class E2EPhase(BaseModel):
     latencies_ms: list[float] = Field(default_factory=list, description="turn record -> first embedding record")
 
 
+#: bench_e2e has only ever run the seeded tiny checkpoint; files written before the `model`
+#: field existed are that model.
+E2E_TINY_MODEL = "seeded tiny qwen3 checkpoint (hidden 64, 4 layers), CPU float32"
+
+
 class E2ERun(BaseModel):
     run: RunInfo
     section: str
+    model: str = E2E_TINY_MODEL
     prefix_cache_bytes: int
     conversations: int
     turns_per_conversation: int

@@ -51,7 +51,8 @@ SAMPLE_QUESTIONS: list[tuple[str, str]] = [
 ]
 #: EVOSTREAM_* variables of the caller that are passed on to the worker (model choice, caches);
 #: everything else of that prefix is replaced by the demo's own settings.
-PASSED_ON = ("EVOSTREAM_CACHE_DIR", "EVOSTREAM_CHECKPOINT", "EVOSTREAM_BACKBONE_CONFIG", "EVOSTREAM_DEVICE",
+PASSED_ON = ("EVOSTREAM_CACHE_DIR", "EVOSTREAM_MODEL", "EVOSTREAM_MODEL_REVISION", "EVOSTREAM_BACKBONE_CONFIG",
+             "EVOSTREAM_DEVICE",
              "EVOSTREAM_DTYPE", "EVOSTREAM_MEMORY_RENDERING", "EVOSTREAM_TANSU_BIN", "EVOSTREAM_REDIS_SERVER_BIN")
 
 
@@ -245,7 +246,9 @@ class _Run:
             raise DemoError(f"could not create the topics on {self.stack.kafka_bootstrap}: {exc}") from None
         self.step(f"created topics {prefix}.turns / .embeddings / .dead-letter ({PARTITIONS} partitions)")
 
-        ckpt = os.environ.get("EVOSTREAM_CHECKPOINT", "")
+        # EVOSTREAM_MODEL; EVOSTREAM_CHECKPOINT is its deprecated alias (issue #21)
+        var = "EVOSTREAM_MODEL" if os.environ.get("EVOSTREAM_MODEL") else "EVOSTREAM_CHECKPOINT"
+        ckpt = os.environ.get(var, "")
         self.tiny = not ckpt
         if self.tiny:
             from workers.tiny_checkpoint import cached_tiny_checkpoint
@@ -263,9 +266,9 @@ class _Run:
                       + (f" (made in {time.monotonic() - t:.0f}s)" if fresh else " (cached)"))
         else:
             if not Path(ckpt).is_dir():
-                raise DemoError(f"EVOSTREAM_CHECKPOINT={ckpt} is not a directory")
-            self.step(f"model: checkpoint {ckpt} (from EVOSTREAM_CHECKPOINT)")
-        self.env["EVOSTREAM_CHECKPOINT"] = ckpt
+                raise DemoError(f"{var}={ckpt} is not a directory")
+            self.step(f"model: {ckpt} (from {var})")
+        self.env["EVOSTREAM_MODEL"] = ckpt
         self.web_port = free_ports(1)[0]
         self.env["EVOSTREAM_WEB_PORT"] = str(self.web_port)
         (self.run_dir / "demo.env").write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
@@ -471,8 +474,8 @@ class _Run:
                     self.say(f"    {'':>23}{_short(extra, 90)}")
         if self.tiny:
             self.say("\n  Note: the demo model is a tiny checkpoint with random weights, so these rankings show the\n"
-                     "  plumbing working end to end, not retrieval quality. Set EVOSTREAM_CHECKPOINT to a released\n"
-                     "  EvoEmbedding checkpoint directory to run the same demo with real vectors.")
+                     "  plumbing working end to end, not retrieval quality. Set EVOSTREAM_MODEL to a released\n"
+                     "  EvoEmbedding model directory to run the same demo with real vectors.")
         return questions[0]
 
     def print_howto(self, cid: str, question: str) -> None:
@@ -503,7 +506,7 @@ class _Run:
         self.say(f"  curl -s -X POST {self.url}/v1/search -H 'Content-Type: application/json' -d {shlex.quote(sbody)}")
         self.say(f"  psql \"$EVOSTREAM_SINK_DSN\" -c 'select conversation_id, seq, memory_origin from "
                  f"{self.env['EVOSTREAM_SINK_SCHEMA']}.evostream_turns'   # the table the sink keeps")
-        self.say(f"  {cli} inspect {cid}              # its checkpoint in Redis")
+        self.say(f"  {cli} inspect {cid}{tflag}              # its memory state in Redis")
         self.say(f"  {cli} produce data/sample_conversations.jsonl   # more turns (already applied seqs are skipped)")
         if self.keep_running:
             self.say(f"Stop everything: kill {self.worker.pid if self.worker else '<worker pid>'} "

@@ -637,7 +637,9 @@ class LocalStack:
         if saved:
             with_broker = "broker" in saved
             with_redis = "redis" in saved
-            with_postgres = "postgres" in saved
+            # asked for now, or part of the saved stack: a stack first started without it must
+            # not silently drop `--postgres` (the sink then fell back to an SQLite file)
+            with_postgres = with_postgres or "postgres" in saved
         # issue #19: the bundled PostgreSQL + pgvector (devtools/postgres.py) for the sink, on
         # a Unix socket in the run dir; `env()` names it as EVOSTREAM_SINK_DSN
         self.postgres: "EmbeddedPostgres | None" = None

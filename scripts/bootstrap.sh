@@ -20,9 +20,17 @@ n=$(grep -cE '^[A-Za-z0-9]' requirements.lock || true)
 step "creating $VENV and installing $n pinned packages (first run: about a minute)"
 "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-# torch==2.13.0 is pinned in the lock: pip picks the local CPU build; an unpinned torch
-# would pull gigabytes of CUDA wheels.
-"$VENV/bin/python" -m pip install --progress-bar off -r requirements.lock | progress
+# torch==2.13.0 is pinned in the lock, and the lock names PyTorch's CPU index, so pip installs
+# the CPU build (from PyPI alone it would pull gigabytes of CUDA wheels). Where that index cannot
+# be reached (an offline machine with a local wheel mirror), pip would retry it for minutes per
+# package: there it gives up on it at once and uses the configured indexes.
+retries=()
+if ! "$PY" -c 'import socket; socket.setdefaulttimeout(3); socket.getaddrinfo("download.pytorch.org", 443)' \
+     2>/dev/null; then
+  retries=(--retries 0)
+  step "download.pytorch.org cannot be resolved here: using the configured package indexes only"
+fi
+"$VENV/bin/python" -m pip install "${retries[@]}" --progress-bar off -r requirements.lock | progress
 step "installing evostream itself (editable)"
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
 step "checking the installed set"

@@ -1,14 +1,22 @@
 """All worker settings in one validated object: environment (EVOSTREAM_*), then an optional
 config file (JSON/TOML/YAML, named by EVOSTREAM_CONFIG or --config), then defaults.
 
-The defaults are the embedded local setup (tansu broker + local Redis + tiny checkpoint);
-production overrides broker, Redis, checkpoint, device and the idempotent producer.
+The defaults are the embedded local setup (tansu broker + local Redis + tiny model);
+production overrides broker, Redis, model, device and the idempotent producer.
+
+Why everything that names something is checked here (issue #18): a bad API-key table, a
+secret file that is not there or a Redis URL with the wrong scheme used to surface deep inside
+the worker, after the model had loaded, as "unexpected error" (exit 70) -- a crash loop under a
+restart policy. Validated in the model, the same mistake is one line and exit 2 from
+`evostream settings` and from every command, before any connection or model load.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from contextvars import ContextVar
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +52,44 @@ CONFIG_ENV = "EVOSTREAM_CONFIG"
 CONFIG_SECTION = "evostream"
 
 
+#: The settings file given on the command line (`evostream --config FILE`): it wins over
+#: EVOSTREAM_CONFIG without writing the process environment (issue #21).
+CONFIG_FILE: ContextVar[str | None] = ContextVar("evostream_config_file", default=None)
+
+
+def config_path() -> str | None:
+    """The settings file in effect: `--config` (CONFIG_FILE), else EVOSTREAM_CONFIG."""
+    return CONFIG_FILE.get() or os.environ.get(CONFIG_ENV) or None
+
+
+#: Old setting names still accepted (issue #21: "checkpoint" meant both the model's weights and
+#: a conversation's Redis state; the weights are now "model"). Using one records a deprecation.
+DEPRECATED_NAMES = {"checkpoint": "model", "checkpoint_revision": "model_revision"}
+_deprecations: list[str] = []
+
+
+def _deprecated(line: str) -> None:
+    if line not in _deprecations:
+        _deprecations.append(line)
+
+
+def take_deprecations() -> list[str]:
+    """Deprecation lines recorded while settings were read (each once), for the caller to
+    print; the list is emptied."""
+    out = list(_deprecations)
+    _deprecations.clear()
+    return out
+
+
+def _rename_deprecated(data: dict[str, Any], where: str) -> dict[str, Any]:
+    for old, new in DEPRECATED_NAMES.items():
+        if old in data:
+            value = data.pop(old)
+            data.setdefault(new, value)
+            _deprecated(f"{where}: {old!r} is deprecated: use {new!r}")
+    return data
+
+
 class ConfigFileMissing(FileNotFoundError):
     """EVOSTREAM_CONFIG / --config names a file that does not exist. A typo in that path must
     not silently fall back to defaults (pydantic-settings' file sources skip missing files)."""
@@ -51,8 +97,8 @@ class ConfigFileMissing(FileNotFoundError):
 
 def _unwrap(data: Any) -> dict[str, Any]:
     if isinstance(data, dict) and isinstance(data.get(CONFIG_SECTION), dict):
-        return dict(data[CONFIG_SECTION])
-    return dict(data or {})
+        data = data[CONFIG_SECTION]
+    return _rename_deprecated(dict(data or {}), f"settings file {config_path()}")
 
 
 class _Json(JsonConfigSettingsSource):
@@ -71,14 +117,16 @@ class _Yaml(YamlConfigSettingsSource):
 
 
 def config_file_source(settings_cls: type[BaseSettings]) -> PydanticBaseSettingsSource | None:
-    """pydantic-settings' own file source for the file named by EVOSTREAM_CONFIG (chosen by
-    suffix: .toml, .yaml/.yml, else JSON), or None when no file is configured."""
-    path = os.environ.get(CONFIG_ENV)
+    """pydantic-settings' own file source for the settings file (`--config` or
+    EVOSTREAM_CONFIG; chosen by suffix: .toml, .yaml/.yml, else JSON), or None when no file
+    is configured."""
+    path = config_path()
     if not path:
         return None
     p = Path(path)
     if not p.is_file():
-        raise ConfigFileMissing(f"{CONFIG_ENV}={path}: no such file")
+        where = f"--config {path}" if CONFIG_FILE.get() else f"{CONFIG_ENV}={path}"
+        raise ConfigFileMissing(f"{where}: no such file")
     if p.suffix == ".toml":
         return _Toml(settings_cls, toml_file=p)
     if p.suffix in (".yaml", ".yml"):
@@ -86,8 +134,105 @@ def config_file_source(settings_cls: type[BaseSettings]) -> PydanticBaseSettings
     return _Json(settings_cls, json_file=p)
 
 
+class _DeprecatedEnv(PydanticBaseSettingsSource):
+    """EVOSTREAM_CHECKPOINT / EVOSTREAM_CHECKPOINT_REVISION, read as EVOSTREAM_MODEL /
+    EVOSTREAM_MODEL_REVISION (below the new names in precedence), with a deprecation line."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for old, new in DEPRECATED_NAMES.items():
+            var = f"EVOSTREAM_{old.upper()}"
+            if var in os.environ:
+                out[new] = os.environ[var]
+                _deprecated(f"{var} is deprecated: use EVOSTREAM_{new.upper()}")
+        return out
+
+
+# --------------------------------------------------------------------------------------------- checks
+ALL_TENANTS = "*"
+MIN_API_KEY_CHARS = 16
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
+#: Settings that name a file which must exist when the settings are read (a secret mounted by
+#: the platform, a CA bundle). SQLite paths (index, cold tier) are created on use: not here.
+FILE_SETTINGS = ("kafka_sasl_username_file", "kafka_sasl_password_file", "kafka_sasl_oauth_token_file",
+                 "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile", "kafka_ssl_key_password_file",
+                 "redis_password_file", "redis_sentinel_password_file", "redis_tls_ca_file", "redis_tls_cert_file",
+                 "redis_tls_key_file", "api_keys_file")
+
+
+def parse_api_keys(raw: Any, source: str) -> dict[str, list[str | None]]:
+    """An API-key table `{"<key>": tenants}`, tenants being a list of names, one name, `null`
+    (the default tenant) or `"*"` (every tenant); keys of at least 16 characters. Messages
+    never contain a key."""
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and k for k in raw):
+        raise ValueError(f"{source}: expected a JSON object {{\"<key>\": [\"tenant\", ...]}}")
+    out: dict[str, list[str | None]] = {}
+    for i, (key, tenants) in enumerate(raw.items()):
+        if tenants is None or isinstance(tenants, str):
+            tenants = [tenants]
+        if not isinstance(tenants, list) or not tenants or not all(
+                t is None or (isinstance(t, str) and t) for t in tenants):
+            raise ValueError(f"{source}: key #{i + 1} needs a tenant name, a list of them, null (the default "
+                             f"tenant) or \"*\" (every tenant)")
+        if len(key) < MIN_API_KEY_CHARS:
+            raise ValueError(f"{source}: key #{i + 1} is too short: API keys must be at least "
+                             f"{MIN_API_KEY_CHARS} characters")
+        out[key] = list(tenants)
+    return out
+
+
+def read_api_keys_file(path: str) -> dict[str, list[str | None]]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not text.strip():
+        raise ValueError(f"{path} is empty (expected a JSON object of API keys)")
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{path} is not valid JSON (expected {{\"<key>\": [\"tenant\", ...]}})") from None
+    return parse_api_keys(parsed, path)
+
+
+def _check_file(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{path}: no such file")
+    if not p.is_file():
+        raise ValueError(f"{path} is not a file")
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"{path} is not readable by this process")
+
+
+def _check_hostports(value: str, what: str, example: str) -> None:
+    for item in value.split(","):
+        item = item.strip()
+        host, sep, port = item.rpartition(":")
+        if "://" in item or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected {what} as host:port[,host:port...] without a scheme, e.g. {example}")
+
+
+def _check_redis_url(url: str) -> None:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in REDIS_SCHEMES:
+        raise ValueError(f"unsupported scheme {scheme.lower() + '://' if sep else '(none)'}: use one of "
+                         + ", ".join(f"{x}://" for x in REDIS_SCHEMES))
+    if scheme.lower() == "unix":
+        return
+    hosts = rest.split("/", 1)[0].rpartition("@")[2]
+    for item in hosts.split(","):
+        port = item.rpartition("]")[2].rpartition(":")[2] if ":" in item.rpartition("]")[2] else ""
+        if not item.strip() or (port and not port.isdigit()):
+            raise ValueError("expected host[:port] after the scheme, e.g. redis://redis:6379/0")
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EVOSTREAM_", extra="forbid")
+    # hide_input_in_errors: a ValidationError's text must not carry a secret (API keys, passwords)
+    model_config = SettingsConfigDict(env_prefix="EVOSTREAM_", extra="forbid", hide_input_in_errors=True)
 
     # --- Kafka ---
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -176,13 +321,13 @@ class Settings(BaseSettings):
         16, ge=1, le=4096, description="SQLite files of a new cold tier (conversations spread by hash); an existing "
                                        "tier keeps the count its manifest records")
 
-    # --- model ---
-    checkpoint: str = Field("", description="checkpoint directory or hub id (owner/name); empty = the seeded tiny one")
+    # --- model (issue #21: "model" names the weights; EVOSTREAM_CHECKPOINT* are deprecated aliases) ---
+    model: str = Field("", description="model directory (released EvoRAG layout) or hub id (owner/name); "
+                                       "empty = the seeded tiny one")
     backbone_config: str | None = Field(
-        None, description="base model config.json path or hub id, when neither the checkpoint nor the hub cache has it")
-    # --- model source (issue #11) ---
-    checkpoint_revision: str | None = Field(
-        None, description="hub revision (branch, tag or commit) when the checkpoint is a hub id; default: main")
+        None, description="base model config.json path or hub id, when neither the model directory nor the hub cache has it")
+    model_revision: str | None = Field(
+        None, description="hub revision (branch, tag or commit) when the model is a hub id; default: main")
     # --- the vector sink and its index (issue #19) ---
     index_path: str | None = Field(
         None, description="`evostream sink`/`search` without a sink_dsn: SQLite file of the index; "
@@ -307,6 +452,61 @@ class Settings(BaseSettings):
             raise ValueError("memory_rendering must be 'chatml' or 'client'")
         return v
 
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, v: str) -> str:
+        _check_hostports(v, "the Kafka bootstrap servers", "kafka-0:9092,kafka-1:9092")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        _check_redis_url(v)
+        return v
+
+    @field_validator(*FILE_SETTINGS)
+    @classmethod
+    def _existing_file(cls, v: str | None) -> str | None:
+        if v:
+            _check_file(v)
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            try:
+                parsed = json.loads(v.get_secret_value())
+            except ValueError:
+                raise ValueError('not valid JSON (expected {"<key>": ["tenant", ...]}; the value is not shown)') from None
+            parse_api_keys(parsed, "the table")
+        return v
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _api_keys_file(cls, v: str | None) -> str | None:
+        if v:
+            read_api_keys_file(v)
+        return v
+
+    def api_key_table(self) -> dict[str, list[str | None]]:
+        """Every configured API key -> its tenants (`api_keys`, then `api_keys_file`)."""
+        table: dict[str, list[str | None]] = {}
+        if self.api_keys is not None:
+            table.update(parse_api_keys(json.loads(self.api_keys.get_secret_value()), "EVOSTREAM_API_KEYS"))
+        if self.api_keys_file:
+            table.update(read_api_keys_file(self.api_keys_file))
+        return table
+
+    def serving_problem(self) -> str | None:
+        """Why a worker with these settings could not serve its query API as configured, or
+        None. Authentication on with no key means every query gets 401: a worker refuses to
+        start on it (issue #18: it used to start silently). Only `serve` commands ask."""
+        if self.api_auth == "required" and not self.api_key_table():
+            return ("no API keys configured while EVOSTREAM_API_AUTH=required: every query would get 401; set "
+                    "EVOSTREAM_API_KEYS or EVOSTREAM_API_KEYS_FILE, or EVOSTREAM_API_AUTH=off for local use")
+        return None
+
     @model_validator(mode="after")
     def _cluster_durability(self) -> "Settings":
         # issue #8: WAIT/WAITAOF after a cluster pipeline would reach one random node, not the
@@ -320,7 +520,9 @@ class Settings(BaseSettings):
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Precedence: explicit arguments (CLI flags) > EVOSTREAM_* environment > settings file.
+        # Precedence: explicit arguments (CLI flags) > EVOSTREAM_* environment > deprecated
+        # EVOSTREAM_* names > settings file.
         file_source = config_file_source(settings_cls)
-        sources = (init_settings, env_settings) + ((file_source,) if file_source is not None else ())
+        sources = (init_settings, env_settings, _DeprecatedEnv(settings_cls)) + (
+            (file_source,) if file_source is not None else ())
         return sources + (file_secret_settings,)

@@ -91,12 +91,23 @@ def call(worker: WorkerProc, method: str, path: str, body: object = None, *, key
     return status, parsed, hdrs
 
 
+def error_of(body: object) -> tuple[str, str]:
+    """(message, type) of an error body in either shape (issue #18): OpenAI's nested one on the
+    OpenAI routes, TEI's flat one elsewhere."""
+    assert isinstance(body, dict), body
+    if isinstance(body.get("error"), dict):
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+        return body["error"]["message"], body["error"]["code"]
+    assert set(body) == {"error", "error_type"}, body
+    return body["error"], body["error_type"]
+
+
 def assert_error(status: int, body: object, want_status: int, want_type: str | None = None) -> None:
     assert status == want_status, (status, body)
-    assert isinstance(body, dict) and set(body) == {"error", "error_type"}, body
-    assert isinstance(body["error"], str) and body["error"]
+    message, kind = error_of(body)
+    assert isinstance(message, str) and message
     if want_type is not None:
-        assert body["error_type"] == want_type, body
+        assert kind == want_type, body
 
 
 # --------------------------------------------------------------------------- regressions (issue 9)
@@ -212,9 +223,9 @@ def test_openai_dimensions_are_refused_clearly(live: Live) -> None:
 
     with pytest.raises(openai.UnprocessableEntityError) as info:
         _openai(live.worker).embeddings.create(model="m", input="x", dimensions=256)
-    body = info.value.body if isinstance(info.value.body, dict) else json.loads(info.value.response.text)
-    assert body["error_type"] == "invalid_request" and "dimensions" in body["error"]
-    assert set(json.loads(info.value.response.text)) == {"error", "error_type"}
+    assert info.value.code == "invalid_request" and "dimensions" in info.value.message
+    message, kind = error_of(json.loads(info.value.response.text))
+    assert kind == "invalid_request" and "dimensions" in message
 
 
 # --------------------------------------------------------------------------- TEI shapes
@@ -281,10 +292,12 @@ def test_info_health_openapi(live: Live) -> None:
     assert info["dtype"] == "float32" and info["device"] == "cpu" and info["auth"] == "required"
     assert info["limits"]["max_inputs"] == 8 and info["limits"]["query_queue_max"] == 4
     status, health, _ = call(live.worker, "GET", "/health", key=None)
-    assert (status, health) == (200, {"status": "ok"})
+    assert status == 200 and health["status"] == "ok", health
+    assert health["ingestion"]["healthy"] and health["ingestion"]["state"] in ("consuming", "idle"), health
     status, doc, _ = call(live.worker, "GET", "/openapi.json", key=None)
     assert status == 200 and doc["openapi"].startswith("3.1")
-    assert {"/v1/embeddings", "/embed", "/rerank", "/info", "/health", "/v1/query"} <= set(doc["paths"])
+    assert {"/v1/embeddings", "/embed", "/rerank", "/info", "/health", "/v1/query", "/v1/models", "/tokenize",
+            "/healthz", "/readyz", "/metrics"} <= set(doc["paths"])
     assert "EmbeddingsRequest" in doc["components"]["schemas"]
     for path in ("/v1/embeddings", "/embed", "/rerank"):
         codes = set(doc["paths"][path]["post"]["responses"])
@@ -352,7 +365,7 @@ def test_too_large_is_413(live: Live) -> None:
 
 
 def test_invalid_is_422_without_echo(live: Live) -> None:
-    cases = [b"{not json", b"[1, 2]", b"", json.dumps({"input": [[1, 2, 3]], "model": "m"}).encode(),
+    cases = [b"{not json", b"[1, 2]", b"", json.dumps({"input": [[1, "a"]], "model": "m"}).encode(),
              json.dumps({"input": "x", "model": "m", "encoding_format": "int8"}).encode(),
              json.dumps({"input": "x", "model": "m", "secret_field_name": 1}).encode(),
              json.dumps({"input": "x", "model": "m", "conversation_id": "bad\u0001id"}).encode(),
@@ -360,7 +373,8 @@ def test_invalid_is_422_without_echo(live: Live) -> None:
     for raw in cases:
         status, body, _ = call(live.worker, "POST", "/v1/embeddings", raw=raw)
         assert_error(status, body, 422, "invalid_request")
-        assert "secret_field_name" not in body["error"] and "bad" not in body["error"] and "int8" not in body["error"]
+        message, _ = error_of(body)
+        assert "secret_field_name" not in message and "bad" not in message and "int8" not in message
 
 
 def test_full_query_queue_is_429(live: Live) -> None:

@@ -134,3 +134,47 @@ def test_each_plot_draws_on_its_own(tmp_path: Path, missing: str) -> None:
     assert len(drawn) == 2
     for f in drawn:
         _png_size(tmp_path / "plots" / f)
+
+
+def test_e2e_plot_draws_only_what_was_measured_and_names_model_and_machine(tmp_path: Path, monkeypatch) -> None:
+    """Issue #18 item 7: the plot drew the backlog's drain rate as a capacity line (95 turns/s
+    while its own throughput panel saturated near 52), did not say the model was the tiny one,
+    and showed "issue 11" in a legend."""
+    from benchmarks.results_schema import E2EResults
+
+    sweep = E2ERun(run=RunInfo(command="python -m benchmarks.bench_e2e --rates 4,8,64", date_utc="2026-11-30 12:00 UTC",
+                               machine="AMD EPYC 9B14, 2 CPUs"),
+                   section="End-to-end, latency vs load (issue 11)", prefix_cache_bytes=0, conversations=16,
+                   turns_per_conversation=8, partitions=4,
+                   phases=[_phase(0, 900, 94.7), _phase(4, 80, 4.0), _phase(8, 90, 8.0), _phase(64, 5000, 52.0)])
+    record_e2e_run(sweep, tmp_path)
+    res = E2EResults.model_validate_json((tmp_path / E2E_LOAD_FILE).read_text())
+    captured = {}
+
+    def keep(fig, path, n):  # the figure as drawn, instead of a file
+        captured["fig"] = fig
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.plot_latency_vs_load(res, tmp_path / "x.png", "results/e2e_load.json")
+    fig = captured["fig"]
+    steady = [p for p in sweep.phases if p.rate > 0]
+    measured_y = {p.p50_ms for p in steady} | {p.p99_ms for p in steady} | {p.turns_per_s for p in steady}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if line.get_label() == "achieved = offered":  # the reference diagonal, not data
+                continue
+            ys = {round(float(y), 6) for y in line.get_ydata()}
+            assert ys <= {round(v, 6) for v in measured_y}, (ax.get_title(), line.get_label(), ys)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    texts += [t.get_text() for t in fig.texts]
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is not None:
+            texts += [t.get_text() for t in legend.get_texts()] + [legend.get_title().get_text()]
+    texts += [ax.get_title() for ax in fig.axes] + [fig._suptitle.get_text() if fig._suptitle else ""]
+    every = "\n".join(texts)
+    assert "issue" not in every.lower(), every
+    assert "capacity" not in every.lower(), every
+    assert "tiny" in every and "AMD EPYC 9B14" in every, every
+    assert "94.7" in every  # the backlog's drain rate is reported as what it is, in words

@@ -6,7 +6,8 @@ and a real `evostream worker` subprocess. The faults are what an operator sees i
 incident: connections refused (`cut`: broker down) and connections that stay open but never
 answer (`blackhole`: a hung broker or a network dropping packets).
 
-Reproduced on the code before issue #12: `/readyz` stayed 200 during the outage, the log grew
+Reproduced on the code before issue #12: nothing said the worker could not consume (since issue #18 the
+ingestion signal says it; `/readyz` means "can serve" and rightly stays 200), the log grew
 by about 20 lines a second, and SIGTERM with the broker away did not end the process.
 """
 
@@ -94,9 +95,19 @@ def _sigterm_and_time(w: WorkerProc, bound: float) -> tuple[float, int | None]:
     return took, rc
 
 
-def test_readiness_false_while_broker_unreachable_and_back_after(proxied, redis_url, tmp_path: Path) -> None:
-    """Broker refuses connections: /readyz 503 with broker 'unreachable', the gauge says 0,
-    ONE log line for the transition; when it returns: ready again, gauge 1, one line; the
+def _ingestion(w: WorkerProc) -> tuple[int, dict]:
+    """(/readyz status, the ingestion summary), whatever the status."""
+    try:
+        code, state = w.status(timeout=3)
+    except OSError as exc:
+        return 0, {"error": repr(exc)}
+    return code, state.get("ingestion", {})
+
+
+def test_ingestion_unhealthy_while_broker_unreachable_and_back_after(proxied, redis_url, tmp_path: Path) -> None:
+    """Broker refuses connections: the ingestion signal says broker_unreachable (gauges 0),
+    ONE log line for the transition, while /readyz stays 200 (the worker still serves queries
+    from Redis, issue #18); when it returns: ingestion healthy again, gauges 1, one line; the
     worker still processes turns; SIGTERM with the broker up exits 0 within the grace."""
     broker, proxy = proxied
     penv = _env(proxy, redis_url)
@@ -104,17 +115,20 @@ def test_readiness_false_while_broker_unreachable_and_back_after(proxied, redis_
     try:
         proxy.set_mode("cut")
         t = time.monotonic()
-        code, body = wait(lambda: (lambda r: r if r[0] == 503 else None)(_readyz(w)), timeout=45,
-                          what="/readyz 503 during the outage")
+        code, ing = wait(lambda: (lambda r: r if r[1].get("state") == "broker_unreachable" else None)(_ingestion(w)),
+                         timeout=45, what="ingestion broker_unreachable during the outage")
         took = time.monotonic() - t
-        assert body.get("broker") == "unreachable", body
+        assert code == 200 and ing["broker"] == "unreachable" and not ing["healthy"], (code, ing)
         assert metrics(w).get("evostream_broker_connected") == 0.0
-        print(f"readiness false {took:.1f} s after the broker went away")
+        assert metrics(w).get("evostream_ingestion_healthy") == 0.0
+        print(f"ingestion unhealthy {took:.1f} s after the broker went away")
         time.sleep(5)
-        assert _readyz(w)[0] == 503, "readiness flapped back during the outage"
+        assert _ingestion(w)[1].get("state") == "broker_unreachable", "the signal flapped back during the outage"
+        assert _readyz(w)[0] == 200, "a worker that can serve queries left the Service during a broker outage"
         proxy.heal()
-        wait(lambda: _readyz(w)[0] == 200, timeout=90, what="/readyz 200 after the broker returned")
+        wait(lambda: _ingestion(w)[1].get("healthy"), timeout=90, what="ingestion healthy after the broker returned")
         assert metrics(w).get("evostream_broker_connected") == 1.0
+        assert metrics(w).get("evostream_ingestion_healthy") == 1.0
         text = "\n".join(_lines(w))
         assert len(re.findall(r"broker unreachable", text)) == 1, text[-3000:]
         assert len(re.findall(r"broker reachable again", text)) == 1, text[-3000:]

@@ -443,7 +443,7 @@ def _wait_group_stable(fleet: Fleet) -> None:
     def stable() -> bool:
         for w in fleet.alive_workers():
             try:
-                _, body = w.get("/readyz", timeout=2)
+                _, body = w.status(timeout=2)
             except (OSError, ValueError):
                 return False
             if not body.get("assigned"):
@@ -510,7 +510,7 @@ def test_redis_outage_pauses_and_resumes(local_stack: LocalStack, kafka_bootstra
                         fleet.poll()  # raises if a worker exited
                         for w in fleet.alive_workers():
                             with contextlib.suppress(OSError, ValueError):
-                                _, body = w.get("/readyz", timeout=2)
+                                _, body = w.status(timeout=2)
                                 if body.get("paused"):
                                     paused_seen[w.name] += 1
                         time.sleep(0.5)
@@ -890,14 +890,15 @@ def _dedicated_broker(tmp_path: Path):
 
 
 def _unready(fleet: Fleet, names) -> dict[str, str]:
-    """name -> broker state, for the given workers whose /readyz is not 200."""
+    """name -> broker state, for the given workers whose ingestion is not healthy (issue #18:
+    the ingestion signal, no longer /readyz, which means "can serve")."""
     out = {}
     for n in names:
         try:
-            code, body = fleet.workers[n].get("/readyz", timeout=3)
+            _, body = fleet.workers[n].status(timeout=3)
         except (OSError, ValueError):
             continue
-        if code != 200:
+        if not body.get("ingestion", {}).get("healthy", True):
             out[n] = str(body.get("broker"))
     return out
 

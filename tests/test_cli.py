@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import redis
 
-from stream.cli import split_global_options
 from stream.cli.config import check_environment
 from stream.cli.errors import CliError, ExitCode, redact
 from devtools.localstack import find_redis_server
@@ -59,13 +58,25 @@ def closed_port() -> int:
 
 # ---------------------------------------------------------------------------------------------
 # in-process units
-def test_global_options_are_taken_from_anywhere() -> None:
-    assert split_global_options(["worker", "--config", "a.toml", "--web-port", "1", "--debug"]) == (
-        ["worker", "--web-port", "1"], "a.toml", True)
-    assert split_global_options(["--config=b.yaml", "topics"]) == (["topics"], "b.yaml", False)
-    assert split_global_options(["produce", "--", "--debug"]) == (["produce", "--", "--debug"], None, False)
-    with pytest.raises(CliError):
-        split_global_options(["topics", "--config"])
+def test_global_options_are_parsed_by_typer_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """`--config`/`--debug` before or after the command, parsed by typer/click (issue #21: no
+    hand-written argv splitter); the settings file reaches the settings without the process
+    environment being written."""
+    from stream.cli import main
+
+    monkeypatch.delenv("EVOSTREAM_CONFIG", raising=False)
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("turns_partitions = 3\n")
+    for argv in (["settings", "--config", str(cfg)], ["--config", str(cfg), "settings"],
+                 [f"--config={cfg}", "settings", "--debug"], ["settings", "--debug", "--config", str(cfg)]):
+        assert main(argv) == 0, argv
+        assert json.loads(capsys.readouterr().out)["turns_partitions"] == 3, argv
+        assert "EVOSTREAM_CONFIG" not in os.environ
+    assert main(["settings"]) == 0  # the next call does not inherit the previous one's file
+    assert json.loads(capsys.readouterr().out)["turns_partitions"] == 8
+    assert main(["settings", "--config"]) == 2  # click: "Option '--config' requires an argument"
+    assert "requires an argument" in capsys.readouterr().err
 
 
 def test_unknown_variable_near_a_setting_is_refused_others_warned() -> None:
@@ -92,8 +103,9 @@ def test_version_and_help() -> None:
     assert p.returncode == 0
     for word in ("worker", "produce", "dead-letters", "Exit codes", "--config", "--debug"):
         assert word in p.stdout, word
+    assert "<bool>" not in p.stdout  # flags are not shown as taking a value (issue #18: `--debug true`)
     p = run_cli("settings", "--help")
-    assert p.returncode == 0 and "EVOSTREAM_KAFKA_BOOTSTRAP" in p.stdout and "EVOSTREAM_CHECKPOINT" in p.stdout
+    assert p.returncode == 0 and "EVOSTREAM_KAFKA_BOOTSTRAP" in p.stdout and "EVOSTREAM_MODEL" in p.stdout
 
 
 def test_usage_error_is_click_exit_2() -> None:
@@ -136,7 +148,8 @@ def test_produce_without_broker() -> None:
 
 
 def test_worker_without_broker() -> None:
-    one_error(run_cli("worker", EVOSTREAM_KAFKA_BOOTSTRAP=f"127.0.0.1:{closed_port()}"),
+    one_error(run_cli("worker", EVOSTREAM_KAFKA_BOOTSTRAP=f"127.0.0.1:{closed_port()}", EVOSTREAM_API_AUTH="off",
+                      EVOSTREAM_WEB_PORT=str(closed_port())),
               ExitCode.BROKER, "cannot connect", "EVOSTREAM_KAFKA_BOOTSTRAP")
 
 
@@ -186,9 +199,9 @@ def test_wrong_redis_credentials(redis_with_password: int) -> None:
               ExitCode.FAILED, "no checkpoint for conversation 'c1'")
 
 
-def test_missing_checkpoint(tmp_path: Path) -> None:
-    one_error(run_cli("inspect", "c1", EVOSTREAM_CHECKPOINT=str(tmp_path / "nowhere")), ExitCode.CHECKPOINT,
-              "is not a checkpoint directory", "EVOSTREAM_CHECKPOINT=")
+def test_missing_model(tmp_path: Path) -> None:
+    one_error(run_cli("inspect", "c1", EVOSTREAM_MODEL=str(tmp_path / "nowhere")), ExitCode.MODEL,
+              "is not a model directory", "EVOSTREAM_MODEL=")
 
 
 def test_worker_with_invalid_checkpoint(tmp_path: Path, kafka_bootstrap: str, topic_factory) -> None:
@@ -196,26 +209,26 @@ def test_worker_with_invalid_checkpoint(tmp_path: Path, kafka_bootstrap: str, to
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "bert"}))
     turns, emb, dl = topic_factory(1), topic_factory(1), topic_factory(1)
-    one_error(run_cli("worker", EVOSTREAM_KAFKA_BOOTSTRAP=kafka_bootstrap, EVOSTREAM_CHECKPOINT=str(bad),
+    one_error(run_cli("worker", EVOSTREAM_KAFKA_BOOTSTRAP=kafka_bootstrap, EVOSTREAM_MODEL=str(bad),
                       EVOSTREAM_TURNS_TOPIC=turns, EVOSTREAM_EMBEDDINGS_TOPIC=emb, EVOSTREAM_DEAD_LETTER_TOPIC=dl,
-                      EVOSTREAM_TURNS_PARTITIONS="1"),
-              ExitCode.CHECKPOINT, "checkpoint:", "model_type 'bert', expected 'EvoRAG'")
+                      EVOSTREAM_TURNS_PARTITIONS="1", EVOSTREAM_API_AUTH="off", EVOSTREAM_WEB_PORT=str(closed_port())),
+              ExitCode.MODEL, "model:", "model_type 'bert', expected 'EvoRAG'")
 
 
 def test_checkpoint_hub_id_not_cached(tmp_path: Path) -> None:
-    one_error(run_cli("inspect", "c1", EVOSTREAM_CHECKPOINT="MiG-NJU/EvoEmbedding-0.8B",
+    one_error(run_cli("inspect", "c1", EVOSTREAM_MODEL="MiG-NJU/EvoEmbedding-0.8B",
                       HF_HUB_CACHE=str(tmp_path / "empty-cache")),
-              ExitCode.CHECKPOINT, "'MiG-NJU/EvoEmbedding-0.8B' is not available", "HF_HUB_OFFLINE is set")
+              ExitCode.MODEL, "'MiG-NJU/EvoEmbedding-0.8B' is not available", "HF_HUB_OFFLINE is set")
 
 
 def test_checkpoint_hub_id_from_offline_cache(tmp_path: Path, redis_url: str) -> None:
     cache = tmp_path / "hub"
     put_checkpoint_dir(cache, "MiG-NJU/EvoEmbedding-0.8B", cached_tiny_checkpoint("qwen3", "tiny"))
     # resolved from the cache: the command gets as far as Redis and answers "no checkpoint"
-    p = run_cli("inspect", "never-seen", EVOSTREAM_CHECKPOINT="MiG-NJU/EvoEmbedding-0.8B",
+    p = run_cli("inspect", "never-seen", EVOSTREAM_MODEL="MiG-NJU/EvoEmbedding-0.8B",
                 HF_HUB_CACHE=str(cache), EVOSTREAM_REDIS_URL=redis_url)
     one_error(p, ExitCode.FAILED, "no checkpoint for conversation 'never-seen'")
-    assert "resolving checkpoint MiG-NJU/EvoEmbedding-0.8B through the hub cache" in p.stderr
+    assert "resolving model MiG-NJU/EvoEmbedding-0.8B through the hub cache" in p.stderr
 
 
 def test_worker_unreachable() -> None:
@@ -237,7 +250,7 @@ def test_reset_needs_yes_and_says_when_nothing_is_stored(redis_url: str) -> None
 
 
 def test_settings_output_masks_secrets() -> None:
-    p = run_cli("settings", EVOSTREAM_API_KEYS='{"k-secret-1": ["acme"]}',
+    p = run_cli("settings", EVOSTREAM_API_KEYS='{"k-secret-1-0123456789": ["acme"]}',
                 EVOSTREAM_REDIS_URL="redis://:pw-secret@127.0.0.1:1/0", EVOSTREAM_KAFKA_SASL_PASSWORD="sasl-secret")
     assert p.returncode == 0, p.stderr
     assert "secret" not in p.stdout

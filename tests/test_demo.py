@@ -22,7 +22,8 @@ def _nothing_left_running(run_dir: Path) -> None:
 
 
 def test_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("EVOSTREAM_CHECKPOINT", raising=False)  # the tiny checkpoint, as for a new user
+    monkeypatch.delenv("EVOSTREAM_MODEL", raising=False)  # the tiny model, as for a new user
+    monkeypatch.delenv("EVOSTREAM_CHECKPOINT", raising=False)
     run_dir = tmp_path / "demo"
     out, err = io.StringIO(), io.StringIO()
     rc = run_demo(conversations=2, run_dir=run_dir, out=out, err=err)
@@ -40,7 +41,8 @@ def test_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert 'support-refund-0001: "how long does the refund take?"  (index: postgres)' in stdout
     hits = re.findall(r"^\s+(\d)\. seq (\d+)\s+score ([+-][\d.]+)\s+user: (.+)$", stdout, re.M)
     assert len(hits) >= 3 and [h[0] for h in hits[:3]] == ["1", "2", "3"]
-    assert "curl -s -X POST http://127.0.0.1:" in stdout and "evostream inspect support-refund-0001" in stdout
+    assert "curl -s -X POST http://127.0.0.1:" in stdout
+    assert "evostream inspect support-refund-0001 --tenant demo" in stdout  # issue #18: the tenant was missing
     assert "/v1/search" in stdout and "evostream search" in stdout
     assert "stopped the sink, the worker and the local stack" in stderr
     _nothing_left_running(run_dir)
@@ -48,7 +50,8 @@ def test_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_demo_failure_stops_what_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EVOSTREAM_CHECKPOINT", str(tmp_path / "no-such-checkpoint"))
+    monkeypatch.delenv("EVOSTREAM_MODEL", raising=False)
+    monkeypatch.setenv("EVOSTREAM_CHECKPOINT", str(tmp_path / "no-such-checkpoint"))  # the deprecated name still works
     run_dir = tmp_path / "demo"
     out, err = io.StringIO(), io.StringIO()
     rc = run_demo(conversations=1, run_dir=run_dir, out=out, err=err)

@@ -33,7 +33,7 @@ SETTINGS = {f"EVOSTREAM_{name.upper()}" for name in Settings.model_fields} | {"E
 #: Compose-file variables (interpolated on the host by `docker compose`, never seen by evostream).
 #: Only the two that `evostream` itself knows to ignore (stream/cli/config.py); the others
 #: carry no EVOSTREAM_ prefix, so a shell exporting them still runs `evostream` commands.
-HOST_VARIABLES = {"EVOSTREAM_CHECKPOINT_DIR", "EVOSTREAM_WORKERS"}
+HOST_VARIABLES = {"EVOSTREAM_MODEL_DIR", "EVOSTREAM_WORKERS"}
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
@@ -54,7 +54,7 @@ def interpolate(text: str, env: dict[str, str]) -> str:
 
 
 def compose(env: dict[str, str] | None = None) -> dict:
-    env = {"EVOSTREAM_CHECKPOINT_DIR": "/models/ckpt", "REDIS_PASSWORD": "x"} if env is None else env
+    env = {"EVOSTREAM_MODEL_DIR": "/models/ckpt", "REDIS_PASSWORD": "x"} if env is None else env
     return yaml.safe_load(interpolate(COMPOSE.read_text(), env))
 
 
@@ -82,23 +82,26 @@ def test_compose_file_matches_the_compose_spec_schema() -> None:
 
 
 def test_compose_refuses_to_start_without_checkpoint_or_password() -> None:
-    with pytest.raises(KeyError, match="EVOSTREAM_CHECKPOINT_DIR"):
+    with pytest.raises(KeyError, match="EVOSTREAM_MODEL_DIR"):
         compose({"REDIS_PASSWORD": "x"})
     redis_cmd = " ".join(compose()["services"]["redis"]["command"])
     assert "test -s /run/secrets/redis_password" in redis_cmd and "exit 1" in redis_cmd
 
 
+WORKERS = ("worker", "worker-gpu0", "worker-gpu1")
+
+
 def test_compose_fixes_what_a_first_up_hit() -> None:
     c = compose()
     s = c["services"]
-    for name in ("worker", "worker-gpu"):
+    for name in WORKERS:
         w = s[name]
         env = w["environment"]
         assert any(str(p).endswith(":6066") for p in w["ports"]), "worker HTTP not published"
         assert "/readyz" in " ".join(w["healthcheck"]["test"])
         assert env["EVOSTREAM_PRODUCER_IDEMPOTENCE"] == "true"
         assert env["EVOSTREAM_REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password" and "redis_password" in w["secrets"]
-        assert w["volumes"][0].startswith("/models/ckpt:/checkpoint")
+        assert env["EVOSTREAM_MODEL"] == "/model" and w["volumes"][0].startswith("/models/ckpt:/model")
         assert w["restart"].startswith("on-failure"), "a worker that cannot start must not crash-loop for ever"
         assert w["depends_on"]["topics"]["condition"] == "service_completed_successfully"
     # the image binds 0.0.0.0 (Dockerfile ENV); nothing in compose overrides it back
@@ -106,14 +109,109 @@ def test_compose_fixes_what_a_first_up_hit() -> None:
     assert all("EVOSTREAM_WEB_HOST" not in w.get("environment", {}) for w in s.values())
     assert s["topics"]["command"][:2] == ["evostream", "topics"]
     redis_cmd = " ".join(s["redis"]["command"])
-    for flag in ("--requirepass", "--maxmemory-policy noeviction", "--appendfsync always", "--appendonly yes"):
+    for flag in ("requirepass", "--maxmemory-policy noeviction", "--appendfsync always", "--appendonly yes"):
         assert flag in redis_cmd
-    gpu = s["worker-gpu"]
-    assert gpu["profiles"] == ["gpu"] and s["worker"]["profiles"] == ["cpu"]
-    assert gpu["environment"]["EVOSTREAM_DEVICE"] == "cuda" and gpu["environment"]["EVOSTREAM_DTYPE"] == "bfloat16"
-    (dev,) = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"]
-    assert "cu1" in gpu["build"]["args"]["TORCH_INDEX_URL"]
+    assert s["worker"]["profiles"] == ["cpu"]
+    for name in ("worker-gpu0", "worker-gpu1"):
+        gpu = s[name]
+        assert gpu["profiles"] == ["gpu"]
+        assert gpu["environment"]["EVOSTREAM_DEVICE"] == "cuda" and gpu["environment"]["EVOSTREAM_DTYPE"] == "bfloat16"
+        (dev,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"]
+        assert "cu1" in gpu["build"]["args"]["TORCH_INDEX_URL"]
+
+
+# -- issue #18 item 6: what the deploy files got wrong
+
+
+def test_each_gpu_worker_reserves_a_gpu_of_its_own() -> None:
+    """Replicas of one service share its device reservation: `count: 1` put every replica on
+    the same GPU. One service per GPU, each with its own device id, one replica each."""
+    s = compose()["services"]
+    gpu_services = [n for n, v in s.items() if "gpu" in v.get("profiles", [])]
+    assert len(gpu_services) >= 2
+    ids = []
+    for name in gpu_services:
+        d = s[name].get("deploy", {})
+        assert d.get("replicas", 1) == 1, f"{name}: replicas would share one GPU"
+        (dev,) = d["resources"]["reservations"]["devices"]
+        assert "count" not in dev and len(dev["device_ids"]) == 1, dev
+        ids += dev["device_ids"]
+    assert len(ids) == len(set(ids)), f"two GPU workers on one device: {ids}"
+    ports = [p for n in gpu_services for p in s[n]["ports"]]
+    assert len(ports) == len(set(ports)), "two GPU workers publish the same host port"
+
+
+def test_prometheus_scrapes_every_worker_replica() -> None:
+    """A static target `worker:6066` reached one of the replicas; DNS discovery of each worker
+    service finds all of them (compose's DNS answers a service name with every replica)."""
+    cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == "evostream-workers"]
+    assert "static_configs" not in job
+    names = {n for sd in job["dns_sd_configs"] for n in sd["names"]}
+    workers = {n for n, v in compose()["services"].items() if v.get("command", [])[:2] == ["evostream", "worker"]}
+    assert workers and names == workers, (names, workers)
+    assert all(sd["port"] == 6066 and sd["type"] == "A" for sd in job["dns_sd_configs"])
+
+
+def test_compose_runs_prometheus_and_grafana_with_the_dashboard() -> None:
+    s = compose()["services"]
+    prom, graf = s["prometheus"], s["grafana"]
+    assert any(v.startswith("./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml") for v in prom["volumes"])
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in graf["volumes"]}
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    board = mounts["./grafana/evostream-dashboard.json"]
+    (ds,) = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    assert ds["url"] == "http://prometheus:9090" and ds["type"] == "prometheus" and ds["isDefault"]
+    (prov,) = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/evostream.yml").read_text())["providers"]
+    assert board.startswith(prov["options"]["path"] + "/")
+    assert "GF_SECURITY_ADMIN_PASSWORD__FILE" in graf["environment"]
+
+
+def test_kafka_topics_live_on_a_volume_like_redis_data() -> None:
+    """Kafka's log was in the container's /tmp: `compose down` lost the topics and kept the
+    memory states in Redis."""
+    c = compose()
+    kafka = c["services"]["kafka"]
+    log_dir = kafka["environment"]["KAFKA_LOG_DIRS"]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in kafka["volumes"]}
+    assert log_dir in mounted and mounted[log_dir] in c["volumes"], (log_dir, mounted)
+    assert "redis-data" in c["volumes"]
+
+
+def test_published_ports_are_bound_to_this_host_only() -> None:
+    """Worker ports (and their unauthenticated /metrics) were published on 0.0.0.0."""
+    for name, svc in compose()["services"].items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_redis_password_is_not_on_the_command_line() -> None:
+    """`redis-server --requirepass <pw>` shows the password to `ps` and `docker inspect`."""
+    script = compose()["services"]["redis"]["command"][-1]
+    server = script[script.index("exec redis-server"):]
+    assert "requirepass" not in server and "/run/secrets" not in server, server
+    assert "requirepass" in script.split("exec redis-server")[0] and "umask 077" in script
+
+
+def test_readme_compose_steps_set_every_required_variable() -> None:
+    """Every variable compose requires (a `${X:?...}` or a secret from the environment) is
+    exported in the README's compose steps (the API-keys secret was missing)."""
+    text = COMPOSE.read_text()
+    required = {m.group(1) for m in _VAR.finditer(text) if m.group(2) == ":?"}
+    required |= {v["environment"] for v in yaml.safe_load(text)["secrets"].values()}
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("**Docker Compose**", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    exported = set(re.findall(r"^export (\w+)=", block, re.M))
+    assert required <= exported, f"README compose steps do not set {sorted(required - exported)}"
+
+
+def test_lock_installs_the_cpu_build_of_torch() -> None:
+    """From PyPI alone `torch==2.13.0` is the CUDA build (gigabytes of NVIDIA wheels)."""
+    lines = (REPO / "requirements.lock").read_text().splitlines()
+    index = [ln for ln in lines if ln.startswith("--extra-index-url")]
+    assert index == ["--extra-index-url https://download.pytorch.org/whl/cpu"], index
+    assert any(ln.startswith("torch==") for ln in lines)
 
 
 # ----------------------------------------------------------------------------- kubernetes

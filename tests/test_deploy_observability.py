@@ -19,8 +19,15 @@ DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 
 def _exported_names() -> set[str]:
+    from types import SimpleNamespace
+
+    from stream.api.health import install_ingestion_gauge
+
     m = Metrics()
-    ApiMetrics(m.registry).request_s.labels(endpoint="/v1/query").observe(0.01)
+    api = ApiMetrics(m.registry)
+    api.request_s.labels(endpoint="/v1/embeddings").observe(0.01)
+    api.requests.labels(endpoint="/v1/embeddings", status="429").inc()
+    install_ingestion_gauge(SimpleNamespace(metrics=m))
     m.lag.labels(partition="0").set(0)  # labelled series appear once used
     m.dead_letters.labels(reason="invalid_json").inc(0)
     names: set[str] = set()
@@ -47,12 +54,25 @@ def test_dashboard_is_generated_and_queries_exported_metrics() -> None:
     assert {"evostream_consumer_lag", "evostream_api_request_seconds_bucket", "process_resident_memory_bytes"} <= used
 
 
+def test_dashboard_shows_the_query_api_not_the_deprecated_route() -> None:
+    """Issue #18 item 7: the only API panel showed the deprecated /v1/query; request rate,
+    errors, 429 and queue depth were exported but not shown."""
+    board = json.loads((DEPLOY / "grafana" / "evostream-dashboard.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    assert not any("/v1/query" in e for e in exprs)
+    assert any("evostream_api_requests_total" in e and "status=~" in e for e in exprs), "no error-rate panel"
+    assert any("evostream_api_requests_total" in e and "by (endpoint)" in e for e in exprs), "no request-rate panel"
+    assert any("evostream_query_rejected_total" in e for e in exprs), "no 429 panel"
+    assert any("evostream_query_queue_depth" in e for e in exprs), "no queue-depth panel"
+    assert any("evostream_ingestion_healthy" in e for e in exprs), "no ingestion panel"
+
+
 def test_prometheus_config_scrapes_worker_metrics() -> None:
     cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     job = jobs["evostream-workers"]
     assert job["metrics_path"] == "/metrics"
-    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
-    assert targets and all(re.fullmatch(r"[\w.-]+:\d+", t) for t in targets)
+    names = [n for sd in job["dns_sd_configs"] for n in sd["names"]]
+    assert names and all(re.fullmatch(r"[\w.-]+", n) for n in names)
     # the dashboard's process panels filter on this job name
     assert "evostream-workers" in (DEPLOY / "grafana" / "evostream-dashboard.json").read_text()

@@ -7,7 +7,7 @@ broker, on a 2-partition turns topic:
 * worker A runs with zstd made unavailable (the TEST-ONLY `EVOSTREAM_FAULT_DISABLE_CODECS`):
   the zstd batch on partition 0 cannot be read. Before issue #13 that crashed the worker
   ("We experienced a crash!") and every worker after it. Now A stops partition 0 *before*
-  that batch, says so (log, `evostream_partition_stopped`, `/readyz` 503 with the offset),
+  that batch, says so (log, `evostream_partition_stopped`, `/readyz`'s ingestion detail with the offset),
   keeps embedding partition 1 (gzip, snappy, then lz4 produced after the stop), and
   dead-letters nothing;
 * worker B (all codecs, output compressed with zstd) takes over: it resumes partition 0 at
@@ -108,9 +108,9 @@ def run(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathF
         expected = compute_expected({cid: [t.to_turn_input() for t in ts] for cid, ts in convs.items()})
         wait_for_embeddings(penv, keys(convs, "plain-p0", "gzip-p1", "snappy-p1"), timeout=TIMEOUT, workers=[a])
 
-        def stopped() -> dict | None:
-            code, body = a.get("/readyz")
-            return body if code == 503 and body.get("stopped_partitions") else None
+        def stopped() -> dict | None:  # the ingestion state (issue #18: not readiness any more)
+            code, body = a.status()
+            return body if body.get("stopped_partitions") else None
 
         stopped_body = wait_for(stopped, 60, 0.5, "partition 0 reported stopped")
         # Partition 1 keeps flowing after partition 0 stopped.
@@ -141,7 +141,9 @@ def test_unreadable_batch_stops_only_its_partition(run: Run) -> None:
     assert stopped["topic"] == run.penv.turns_topic and stopped["partition"] == 0
     assert stopped["offset"] == run.zstd_offset, stopped
     assert "zstd" in stopped["error"], stopped
-    assert run.stopped_body["ready"] is False
+    # the worker still serves queries (/readyz "ready"), its ingestion says a partition stopped
+    assert run.stopped_body["ready"] is True
+    assert run.stopped_body["ingestion"]["state"] == "partition_stopped" and not run.stopped_body["ingestion"]["healthy"]
     assert run.a_metrics.get('evostream_partition_stopped{partition="0"}') == 1, run.a_metrics
     assert run.a_metrics.get('evostream_unreadable_batches_total{partition="0"}', 0) >= 1
     assert not run.a_metrics.get('evostream_partition_stopped{partition="1"}')

@@ -143,8 +143,13 @@ def test_inconsistent_settings_are_refused(kwargs: dict, message: str) -> None:
 
 
 def test_unreadable_secret_file_is_one_clear_error(tmp_path: Path) -> None:
-    s = Settings(kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_username="u",
+    # Settings refuse a missing file when they are read (issue #18); a file that goes away
+    # afterwards is still one clear error here
+    with pytest.raises(ValueError, match="kafka_sasl_password_file"):
+        Settings(kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_username="u",
                  kafka_sasl_password_file=str(tmp_path / "absent"))
+    s = Settings.model_construct(kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_username="u",
+                                 kafka_sasl_password_file=str(tmp_path / "absent"))
     with pytest.raises(KafkaSecurityError, match="cannot read SASL password from .*absent"):
         KafkaSecurity.from_settings(s)
 
@@ -197,7 +202,7 @@ def test_worker_exits_naming_a_missing_topic(kafka_bootstrap: str, tmp_path: Pat
     ensure_topics_sync(kafka_bootstrap, {existing: 1})
     env = _env(EVOSTREAM_KAFKA_BOOTSTRAP=kafka_bootstrap, EVOSTREAM_TURNS_TOPIC=existing,
                EVOSTREAM_EMBEDDINGS_TOPIC=existing, EVOSTREAM_DEAD_LETTER_TOPIC=missing,
-               EVOSTREAM_WEB_PORT="0")
+               EVOSTREAM_WEB_PORT="0", EVOSTREAM_API_AUTH="off")
     r = _run(["worker"], env, timeout=120)
     assert r.returncode != 0, r.stderr[-2000:]
     assert f"topic(s) {missing} missing" in r.stderr and "evostream topics" in r.stderr

@@ -86,7 +86,7 @@ def test_not_ready_while_redis_cannot_be_reached_at_start(penv_factory, tmp_path
         seen = None
         while time.monotonic() < deadline:
             try:
-                seen = w.get("/readyz")
+                seen = w.status()
             except OSError:
                 time.sleep(0.5)
                 continue
@@ -94,7 +94,7 @@ def test_not_ready_while_redis_cannot_be_reached_at_start(penv_factory, tmp_path
                 break  # assigned its partition, still waiting for Redis
             time.sleep(0.5)
         assert seen is not None, w.tail()
-        code, body = w.get("/readyz")
+        code, body = w.status()
         assert code == 503 and body["store"] == "starting" and body["ready"] is False, body
         assert w.alive()
     finally:

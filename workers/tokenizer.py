@@ -99,6 +99,12 @@ class QwenTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    def encode_offsets(self, text: str) -> list[tuple[int, int, int]]:
+        """(id, start, stop) of each plain-text token, offsets in characters of `text` (the
+        query API's `/tokenize`)."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return [(i, a, b) for i, (a, b) in zip(enc.ids, enc.offsets)]
+
     @property
     def fingerprint(self) -> str:
         """Identifies the vocabulary: family, size and the ids of the structural specials."""

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
+#: the query API's endpoints in a label matcher: every endpoint but the probes and the scrape
+_API = 'endpoint!~"/metrics|/healthz|/readyz"'
 
 # (title, unit, [(expr, legend)])
 PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
@@ -19,11 +21,23 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Turn -> embedding latency", "s",
      [("histogram_quantile(0.5, sum by (le) (rate(evostream_turn_to_embedding_seconds_bucket[5m])))", "p50"),
       ("histogram_quantile(0.99, sum by (le) (rate(evostream_turn_to_embedding_seconds_bucket[5m])))", "p99")]),
-    ("Query latency (/v1/query)", "s",
-     [("histogram_quantile(0.5, sum by (le) (rate(evostream_api_request_seconds_bucket{endpoint=\"/v1/query\"}[5m])))",
-       "p50"),
-      ("histogram_quantile(0.99, sum by (le) (rate(evostream_api_request_seconds_bucket{endpoint=\"/v1/query\"}[5m])))",
-       "p99")]),
+    # The query API (issue #18: the only API panel showed the deprecated /v1/query). Probes and
+    # scrapes (/healthz, /readyz, /metrics) are left out of the request panels.
+    ("API requests / s by endpoint", "reqps",
+     [(f"sum by (endpoint) (rate(evostream_api_requests_total{{{_API}}}[1m]))", "{{endpoint}}")]),
+    ("API errors / s by status (4xx, 5xx)", "reqps",
+     [(f"sum by (status) (rate(evostream_api_requests_total{{{_API}, status=~\"[45]..\"}}[1m]))", "{{status}}")]),
+    ("API overloaded: 429 / s (query queue full)", "reqps",
+     [("sum by (worker) (rate(evostream_query_rejected_total[1m]))", "{{worker}}")]),
+    ("Query queue depth (requests waiting for the model)", "short",
+     [("max by (worker) (evostream_query_queue_depth)", "{{worker}}")]),
+    ("API latency by endpoint (p50, p99)", "s",
+     [(f"histogram_quantile(0.5, sum by (le, endpoint) (rate(evostream_api_request_seconds_bucket{{{_API}}}[5m])))",
+       "p50 {{endpoint}}"),
+      (f"histogram_quantile(0.99, sum by (le, endpoint) (rate(evostream_api_request_seconds_bucket{{{_API}}}[5m])))",
+       "p99 {{endpoint}}")]),
+    ("Ingestion healthy (1 = consuming; readiness does not depend on it)", "short",
+     [("min by (worker) (evostream_ingestion_healthy)", "{{worker}}")]),
     ("Batch stages (p50)", "s",
      [(f"histogram_quantile(0.5, sum by (le) (rate(evostream_{m}_seconds_bucket[5m])))", m)
       for m in ("step", "state_load", "checkpoint", "emit", "batch")]),

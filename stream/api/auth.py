@@ -1,12 +1,14 @@
 """API keys, each bound to the tenants whose conversations it may read.
 
 Keys come from the `api_keys` setting (a secret string holding JSON) and/or a JSON file
-(`api_keys_file`), both shaped `{"<key>": ["tenant-a", "tenant-b"]}`; `null` in the list is the default tenant (turns that
-carry no tenant) and `"*"` is every tenant. Keys are kept as SHA-256 digests and compared in
-constant time, so neither a memory dump of the table nor response timing tells a key.
+(`api_keys_file`), both shaped `{"<key>": ["tenant-a", "tenant-b"]}` (or one name instead of
+the list); `null` is the default tenant (turns that carry no tenant) and `"*"` is every tenant.
+Keys are kept as SHA-256 digests and compared in constant time, so neither a memory dump of the
+table nor response timing tells a key.
 
 Authentication is on unless `api_auth = "off"` is configured explicitly (the local demo and
-tests do so); with it on and no key configured, every protected request is refused — a
+tests do so). With it on and no key configured a worker refuses to start (`Settings.
+serving_problem`); a table built without keys anyway refuses every protected request -- a
 misconfigured deployment fails closed, not open.
 """
 
@@ -16,11 +18,9 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from stream.api.errors import forbidden, unauthorized
-
-ALL_TENANTS = "*"
+from stream.settings import ALL_TENANTS, parse_api_keys, read_api_keys_file
 
 
 @dataclass(frozen=True)
@@ -52,20 +52,6 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
-def _parse_table(raw: object, source: str) -> dict[str, list[str | None]]:
-    if not isinstance(raw, dict) or not all(isinstance(k, str) and k for k in raw):
-        raise ValueError(f"{source}: expected a JSON object {{\"<key>\": [tenants...]}}")
-    out: dict[str, list[str | None]] = {}
-    for key, tenants in raw.items():
-        if not isinstance(tenants, list) or not tenants or not all(t is None or (isinstance(t, str) and t)
-                                                                  for t in tenants):
-            raise ValueError(f"{source}: each key needs a non-empty list of tenant names (or null, \"*\")")
-        if len(key) < 16:
-            raise ValueError(f"{source}: API keys must be at least 16 characters")
-        out[key] = tenants
-    return out
-
-
 class KeyTable:
     def __init__(self, table: dict[str, list[str | None]], *, required: bool):
         self.required = required
@@ -77,19 +63,23 @@ class KeyTable:
 
     @classmethod
     def from_settings(cls, settings: object) -> "KeyTable":
-        raw = getattr(settings, "api_keys", None)
-        if raw is None:
-            table: dict[str, list[str | None]] = {}
+        """The table of validated settings (stream/settings.py checks keys and the keys file
+        when the settings are read); objects without `api_key_table` are parsed here."""
+        if hasattr(settings, "api_key_table"):
+            table = settings.api_key_table()
         else:
-            text = raw.get_secret_value() if hasattr(raw, "get_secret_value") else raw
-            try:
-                parsed = json.loads(text) if isinstance(text, str) else text
-            except ValueError:
-                raise ValueError("EVOSTREAM_API_KEYS: not valid JSON") from None  # never quote a secret
-            table = _parse_table(parsed, "EVOSTREAM_API_KEYS")
-        path = getattr(settings, "api_keys_file", None)
-        if path:
-            table.update(_parse_table(json.loads(Path(path).read_text()), str(path)))
+            table = {}
+            raw = getattr(settings, "api_keys", None)
+            if raw is not None:
+                text = raw.get_secret_value() if hasattr(raw, "get_secret_value") else raw
+                try:
+                    parsed = json.loads(text) if isinstance(text, str) else text
+                except ValueError:
+                    raise ValueError("EVOSTREAM_API_KEYS: not valid JSON") from None  # never quote a secret
+                table = parse_api_keys(parsed, "EVOSTREAM_API_KEYS")
+            path = getattr(settings, "api_keys_file", None)
+            if path:
+                table.update(read_api_keys_file(str(path)))
         return cls(table, required=getattr(settings, "api_auth", "required") != "off")
 
     def __len__(self) -> int:

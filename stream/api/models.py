@@ -16,9 +16,9 @@ silently memory-less answer. String constraints are written as JSON-Schema-expre
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from schemas.events import QueryResponse
@@ -57,6 +57,32 @@ def _no_lone_surrogates(value: str) -> str:
 
 
 InputText = Annotated[str, Field(max_length=MAX_QUERY_CHARS), AfterValidator(_no_lone_surrogates)]
+#: Token ids of one input, from this model's tokenizer (`POST /tokenize` gives them). The
+#: document states the highest accepted id (the last plain-text id of the vocabulary).
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+#: What OpenAI's `input` and TEI's `inputs` take: a text, texts, one token-id list, or several.
+Inputs = (InputText | Annotated[list[InputText], Field(min_length=1)] | TokenIds
+          | Annotated[list[TokenIds], Field(min_length=1)])
+
+
+def _only_normalized(value: bool) -> bool:
+    if value is not True:
+        raise PydanticCustomError(
+            "normalize_unsupported",
+            "normalize=false is not supported: EvoEmbedding normalises its embeddings inside the model (the "
+            "unnormalised vector is never formed), so only true is accepted")
+    return value
+
+
+class TruncationDirection(StrEnum):
+    """TEI's `truncation_direction`: which end of an over-long input is kept."""
+
+    RIGHT = "right"   # keep the beginning, cut the end (TEI's default)
+    LEFT = "left"     # keep the end
+
+
+#: TEI clients write "Right"/"Left" as well as "right"/"left".
+Direction = Annotated[TruncationDirection, BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)]
 
 
 class InputType(StrEnum):
@@ -101,22 +127,41 @@ class MemoryInfo(_Body):
 
 
 class ErrorBody(_Body):
-    """Every non-2xx answer. `error` never contains request input."""
+    """Every non-2xx answer of the TEI-style and evostream routes, TEI's shape (`error`,
+    `error_type`; `detail` only on the operator probe `/readyz`). `error` never contains
+    request input."""
 
     error: str
     error_type: str
+    detail: dict[str, Any] | None = Field(None, description="/readyz only: the state behind a 503")
+
+
+class OpenAIError(_Body):
+    message: str
+    type: str = Field(description="invalid_request_error (4xx), rate_limit_error (429) or server_error (5xx)")
+    param: str | None = Field(None, description="the request field at fault, when one is")
+    code: str = Field(description="evostream's error type, the same word the TEI routes put in error_type")
+
+
+class OpenAIErrorBody(_Body):
+    """Every non-2xx answer of the OpenAI routes (`/v1/embeddings`, `/v1/models`, unknown
+    `/v1/...` paths): OpenAI's shape, which the `openai` client reads into `e.message`,
+    `e.type`, `e.code` and `e.param`."""
+
+    error: OpenAIError
 
 
 # --------------------------------------------------------------------------- OpenAI
 
 
 class EmbeddingsRequest(MemoryExtension):
-    """OpenAI `POST /v1/embeddings`. `model` is accepted and not used (one model per worker:
-    `GET /info`); `dimensions` is refused unless it is the model's own dimension (vectors
-    cannot be shortened without changing what they mean); token-array inputs are refused."""
+    """OpenAI `POST /v1/embeddings`. `model` is optional, accepted and not used (one model per
+    worker: `GET /v1/models`); `dimensions` is refused unless it is the model's own dimension
+    (vectors cannot be shortened without changing what they mean). Token-id inputs are
+    decoded with the model's tokenizer and then read like text."""
 
-    input: InputText | Annotated[list[InputText], Field(min_length=1)]
-    model: Annotated[str, Field(min_length=1, max_length=256)]
+    input: Inputs
+    model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
@@ -147,12 +192,15 @@ class EmbeddingsResponse(_Body):
 
 
 class EmbedRequest(MemoryExtension):
-    """TEI `POST /embed`. Vectors are always L2-normalised (the model's output); asking for
-    `normalize: false` or `truncate: true` is refused rather than ignored."""
+    """TEI `POST /embed`. Vectors are always L2-normalised (the model's output): `normalize:
+    false` is refused, saying why. `truncate: true` cuts an input over the token limit
+    (`truncation_direction` says which end is kept) instead of answering 413."""
 
-    inputs: InputText | Annotated[list[InputText], Field(min_length=1)]
-    normalize: Literal[True] = True
-    truncate: Literal[False] = False
+    inputs: Inputs
+    normalize: Annotated[bool, AfterValidator(_only_normalized),
+                         Field(json_schema_extra={"const": True})] = True
+    truncate: bool | None = False
+    truncation_direction: Direction = TruncationDirection.RIGHT
     input_type: InputType = InputType.QUERY
 
 
@@ -166,8 +214,10 @@ class RerankRequest(MemoryExtension):
     query: InputText
     texts: Annotated[list[InputText], Field(min_length=1)]
     return_text: bool = False
-    raw_scores: Literal[False] = False
-    truncate: Literal[False] = False
+    raw_scores: bool = Field(False, description="accepted: scores are cosines with no activation applied, so raw "
+                                                "and default scores are the same numbers")
+    truncate: bool | None = False
+    truncation_direction: Direction = TruncationDirection.RIGHT
     top_n: Annotated[int, Field(ge=1)] | None = None
 
 
@@ -186,24 +236,87 @@ class Limits(_Body):
     query_batch_max: int
 
 
+class EmbeddingModelInfo(_Body):
+    pooling: str = Field(description="how a sequence becomes one vector: the last token's hidden state")
+
+
+class ModelTypeInfo(_Body):
+    embedding: EmbeddingModelInfo
+
+
 class InfoResponse(_Body):
-    """TEI-style `GET /info`, plus the checkpoint fingerprint (vectors from different
-    fingerprints are not comparable) and the limits."""
+    """TEI's `GET /info` fields, plus the checkpoint fingerprint (vectors from different
+    fingerprints are not comparable), the device and the limits."""
 
     model_id: str
-    model_type: Literal["embedding"] = "embedding"
+    model_sha: str | None = Field(None, description="the hub revision asked for (EVOSTREAM_MODEL_REVISION), if any")
+    model_dtype: str = Field(description="the dtype the model computes in (EVOSTREAM_DTYPE)")
+    model_type: ModelTypeInfo
+    max_concurrent_requests: int = Field(description="query requests that may wait (EVOSTREAM_QUERY_QUEUE_MAX)")
+    max_input_length: int = Field(description="tokens per input (EVOSTREAM_API_MAX_INPUT_TOKENS)")
+    max_batch_tokens: int = Field(description="padded tokens per forward pass (EVOSTREAM_MAX_BATCH_TOKENS)")
+    max_batch_requests: int | None = Field(description="texts per query pass (EVOSTREAM_QUERY_BATCH_MAX)")
+    max_client_batch_size: int = Field(description="inputs per request (EVOSTREAM_API_MAX_INPUTS)")
+    auto_truncate: bool = Field(description="false: an over-long input is refused (413) unless truncate=true")
+    tokenization_workers: int
+    version: str
+    sha: str | None = None
+    docker_label: str | None = None
     checkpoint: str
     embedding_dim: int
-    max_input_length: int
-    dtype: str
+    dtype: str = Field(description="the dtype of the memory state")
     device: str
-    version: str
     auth: Literal["required", "off"]
     limits: Limits
 
 
+class IngestionInfo(_Body):
+    """The worker's other job, consuming the turns topic (issue #18: its own signal, not
+    readiness)."""
+
+    healthy: bool = Field(description="consuming its partitions (or a member with none to own): broker reachable, "
+                                      "not paused, no partition stopped, not in a rebalance")
+    state: Literal["consuming", "idle", "rebalancing", "paused", "broker_unreachable", "partition_stopped", "stopping"]
+    partitions: list[int]
+    broker: str
+    paused: bool
+    stopped_partitions: list[dict[str, Any]]
+
+
 class HealthResponse(_Body):
     status: Literal["ok"] = "ok"
+    ingestion: IngestionInfo | None = None
+
+
+# --------------------------------------------------------------------------- OpenAI models, TEI tokenize
+
+
+class ModelCard(_Body):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "evostream"
+
+
+class ModelList(_Body):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeRequest(_Body):
+    """TEI `POST /tokenize`: the tokens the model reads for each input (the instruction prefix
+    of a query is not shown)."""
+
+    inputs: InputText | Annotated[list[InputText], Field(min_length=1)]
+    add_special_tokens: bool = Field(True, description="true: the end-of-text token the model appends is shown")
+
+
+class SimpleToken(_Body):
+    id: int
+    text: str
+    special: bool
+    start: int | None = Field(description="character offset in the input; null for a special token")
+    stop: int | None
 
 
 # --------------------------------------------------------------------------- legacy /v1/query
@@ -222,5 +335,7 @@ class QueryRequest(_Body):
 
 
 __all__ = ["EmbedRequest", "EmbeddingData", "EmbeddingsRequest", "EmbeddingsResponse", "ErrorBody",
-           "HealthResponse", "InfoResponse", "InputType", "Limits", "MemoryExtension", "MemoryInfo", "QueryRequest",
-           "QueryResponse", "RerankHit", "RerankRequest", "UnknownConversation", "Usage"]
+           "HealthResponse", "InfoResponse", "IngestionInfo", "InputType", "Limits", "MemoryExtension", "MemoryInfo",
+           "ModelCard", "ModelList", "OpenAIError", "OpenAIErrorBody", "QueryRequest", "QueryResponse", "RerankHit",
+           "RerankRequest", "SimpleToken", "TokenIds", "TokenizeRequest", "TruncationDirection", "UnknownConversation",
+           "Usage"]

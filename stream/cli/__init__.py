@@ -2,7 +2,8 @@
 `evostream` script).
 
 Every expected failure ends as `error: <one line>` on stderr and a documented exit code
-(stream/cli/errors.py); a traceback is printed only with `--debug`.
+(stream/cli/errors.py); a traceback is printed only with `--debug`. Global options are parsed
+by typer/click (stream/cli/base.py), anywhere on the line.
 
 May import: every room of stream (the CLI composes them), and devtools lazily, inside the
 `stack` and `demo` commands only (the dev tools are not installed with the package).
@@ -14,6 +15,7 @@ import logging
 import os
 import sys
 import traceback
+from typing import Any
 
 import typer
 
@@ -21,52 +23,29 @@ from stream.cli import core as _core  # noqa: F401 - registers the commands
 from stream.cli import cold_tier as _cold_tier  # noqa: F401 - registers the group
 from stream.cli import dead_letters as _dead_letters  # noqa: F401 - registers the group
 from stream.cli import sink as _sink  # noqa: F401 - registers `sink` and `search` (issue #19)
-from stream.cli.base import STATE, app
-from stream.cli.errors import CliError, ExitCode, explain
-
-
-def split_global_options(argv: list[str]) -> tuple[list[str], str | None, bool]:
-    """Remove `--config FILE` / `--config=FILE` and `--debug` wherever they are (they are
-    global options, valid after the subcommand too). Everything after `--` is left alone."""
-    out: list[str] = []
-    config: str | None = None
-    debug = False
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--":
-            out.extend(argv[i:])
-            break
-        if a == "--debug":
-            debug = True
-        elif a == "--config":
-            if i + 1 >= len(argv):
-                raise CliError("--config needs a FILE", ExitCode.USAGE)
-            config = argv[i + 1]
-            i += 1
-        elif a.startswith("--config="):
-            config = a.split("=", 1)[1]
-        else:
-            out.append(a)
-        i += 1
-    return out, config, debug
+from stream.cli.base import STATE, app, build_command
+from stream.cli.errors import ExitCode, explain
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args, config, debug = split_global_options(args)
-    except CliError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return int(exc.code)
-    STATE.debug = debug or STATE.debug
+    STATE.reset()
+    from stream.settings import CONFIG_FILE
+
+    CONFIG_FILE.set(None)
     # Operator commands print their own lines; library log records (a reconnect, a reloaded
-    # script) only with --debug. `worker` installs its own logging from the settings.
-    logging.basicConfig(level=logging.DEBUG if STATE.debug else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if config:
-        os.environ["EVOSTREAM_CONFIG"] = config
-    command = typer.main.get_command(app)
+    # script) only with --debug (its option callback lowers the level). `worker` installs its
+    # own logging from the settings.
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    root_level = logging.getLogger().level
+    command = build_command()
+    try:
+        return _run(command, args)
+    finally:
+        logging.getLogger().setLevel(root_level)  # `--debug` lowered it for this call only
+
+
+def _run(command: Any, args: list[str]) -> int:
     try:
         rv = command.main(args=args, prog_name="evostream", standalone_mode=False)
         return int(rv) if isinstance(rv, int) else 0
@@ -98,4 +77,4 @@ def main(argv: list[str] | None = None) -> int:
         return int(err.code)
 
 
-__all__ = ["app", "main", "split_global_options"]
+__all__ = ["app", "main"]

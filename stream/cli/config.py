@@ -23,7 +23,7 @@ PREFIX = "EVOSTREAM_"
 AUXILIARY_VARIABLES = frozenset({
     "EVOSTREAM_CONFIG", "EVOSTREAM_CACHE_DIR", "EVOSTREAM_LOCALSTACK_DIR", "EVOSTREAM_TANSU_BIN",
     "EVOSTREAM_REDIS_SERVER_BIN", "EVOSTREAM_VENV", "EVOSTREAM_PYTHON", "EVOSTREAM_WORKERS",
-    "EVOSTREAM_CHECKPOINT_DIR",
+    "EVOSTREAM_MODEL_DIR", "EVOSTREAM_CHECKPOINT_DIR",  # docker-compose host variables (the model directory)
     "EVOSTREAM_API_KEY",  # the query API key of `evostream query/search` (a client's, not a worker setting; #9)
 })
 AUXILIARY_PREFIXES = ("EVOSTREAM_FAULT", "EVOSTREAM_CHAOS_", "EVOSTREAM_TEST_", "EVOSTREAM_BENCH_")
@@ -36,14 +36,23 @@ def setting_variables() -> dict[str, str]:
     return {PREFIX + name.upper(): name for name in Settings.model_fields}
 
 
+def deprecated_variables() -> dict[str, str]:
+    """{old EVOSTREAM_NAME: the setting it stands for} (still read, with a deprecation line)."""
+    from stream.settings import DEPRECATED_NAMES
+
+    return {PREFIX + old.upper(): new for old, new in DEPRECATED_NAMES.items()}
+
+
 def check_environment(environ: Mapping[str, str] | None = None) -> list[str]:
     """Raise CliError(USAGE) for an EVOSTREAM_* variable that is close to a setting's name but
     is not one (a typo: it would be ignored); return warnings for other unknown ones."""
     env = os.environ if environ is None else environ
     known = setting_variables()
+    old = deprecated_variables()
     warnings: list[str] = []
     for var in sorted(env):
-        if not var.startswith(PREFIX) or var in known or var in AUXILIARY_VARIABLES or var.startswith(AUXILIARY_PREFIXES):
+        if (not var.startswith(PREFIX) or var in known or var in old or var in AUXILIARY_VARIABLES
+                or var.startswith(AUXILIARY_PREFIXES)):
             continue
         close = difflib.get_close_matches(var, list(known), n=1, cutoff=0.8)
         if close:
@@ -53,21 +62,39 @@ def check_environment(environ: Mapping[str, str] | None = None) -> list[str]:
     return warnings
 
 
+#: Settings whose value is never repeated in an error line (secrets).
+SECRET_SETTINGS = frozenset({"api_keys", "kafka_sasl_password"})
+
+
+def _shown(field: str, value: Any) -> str:
+    """A setting's value as an error line may show it: secrets hidden, URL passwords redacted."""
+    from stream.cli.errors import redact
+
+    if field in SECRET_SETTINGS:
+        return "(value not shown)"
+    return repr(redact(value)) if isinstance(value, str) and "://" in value else repr(value)
+
+
 def _describe(err: dict[str, Any], overrides: Mapping[str, Any], environ: Mapping[str, str]) -> str:
+    from stream.settings import config_path
+
     loc = err.get("loc") or ("?",)
     field = str(loc[0])
     var = PREFIX + field.upper()
-    msg = err.get("msg", "invalid")
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    cfg = config_path()
     if err.get("type") == "extra_forbidden":
         close = difflib.get_close_matches(field, list(setting_variables().values()), n=1, cutoff=0.75)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"unknown setting {field!r} in the settings file {environ.get('EVOSTREAM_CONFIG')}{hint}"
+        return f"unknown setting {field!r} in the settings file {cfg}{hint}"
     if field in overrides:
-        where = f"--{field.replace('_', '-')}={overrides[field]!r}"
+        where = f"--{field.replace('_', '-')}={_shown(field, overrides[field])}"
     elif var in environ:
-        where = f"{var}={environ[var]!r}"
-    elif environ.get("EVOSTREAM_CONFIG"):
-        where = f"{field!r} in {environ['EVOSTREAM_CONFIG']} (or {var})"
+        where = f"{var}={_shown(field, environ[var])}"
+    elif cfg:
+        where = f"{field!r} in {cfg} (or {var})"
+    elif field == "__root__" or field == "?":
+        return f"invalid settings: {msg}"
     else:
         where = var
     return f"{where} is invalid: {msg}"
@@ -76,7 +103,7 @@ def _describe(err: dict[str, Any], overrides: Mapping[str, Any], environ: Mappin
 def load_settings(**overrides: Any):  # -> stream.settings.Settings
     """Settings from flags (`overrides`, None = not given), environment and settings file;
     every problem becomes one CliError line naming the EVOSTREAM_* variable."""
-    from stream.settings import ConfigFileMissing, Settings
+    from stream.settings import ConfigFileMissing, Settings, config_path
 
     given = {k: v for k, v in overrides.items() if v is not None}
     env = dict(os.environ)
@@ -85,10 +112,10 @@ def load_settings(**overrides: Any):  # -> stream.settings.Settings
     except ConfigFileMissing as exc:
         raise CliError(str(exc), ExitCode.USAGE) from exc
     except ValidationError as exc:
-        parts = [_describe(e, given, env) for e in exc.errors()]
+        parts = [_describe(e, given, env) for e in exc.errors(include_input=False, include_url=False)]
         raise CliError("; ".join(parts), ExitCode.USAGE) from exc
     except (ValueError, OSError) as exc:  # a settings file that does not parse
-        raise CliError(f"cannot read settings file {env.get('EVOSTREAM_CONFIG')}: {exc}", ExitCode.USAGE) from exc
+        raise CliError(f"cannot read settings file {config_path()}: {exc}", ExitCode.USAGE) from exc
 
 
 def _readme_meanings() -> dict[str, str]:
@@ -123,5 +150,5 @@ def settings_help() -> str:
     return "\n\n".join(lines)
 
 
-__all__ = ["AUXILIARY_PREFIXES", "AUXILIARY_VARIABLES", "check_environment", "load_settings", "setting_variables",
-           "settings_help"]
+__all__ = ["AUXILIARY_PREFIXES", "AUXILIARY_VARIABLES", "check_environment", "deprecated_variables", "load_settings",
+           "setting_variables", "settings_help"]

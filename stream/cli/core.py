@@ -24,13 +24,25 @@ from stream.cli.config import check_environment, load_settings, settings_help
 from stream.cli.errors import CliError, ExitCode
 
 
+def warn(line: str) -> None:
+    """One `warning:` line on stderr, once per command."""
+    if line not in STATE.warnings:
+        STATE.warnings.append(line)
+        print(f"warning: {line}", file=sys.stderr)
+
+
 def settings(**overrides: Any):  # -> Settings
-    """Check the environment, load and remember the settings (error messages quote them)."""
+    """Check the environment, load and remember the settings (error messages quote them);
+    deprecated names used get one line each."""
+    from stream.settings import take_deprecations
+
     for w in check_environment():
-        if w not in STATE.warnings:
-            STATE.warnings.append(w)
-            print(f"warning: {w}", file=sys.stderr)
-    s = load_settings(**overrides)
+        warn(w)
+    try:
+        s = load_settings(**overrides)
+    finally:
+        for line in take_deprecations():
+            warn(line)
     STATE.settings = s
     return s
 
@@ -81,27 +93,27 @@ def _kafka_call(s: Any, fn: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # the model
-def resolve_checkpoint(spec: str, revision: str | None = None) -> Path:
-    """The configured checkpoint (a directory or a hub id), or the seeded tiny one (generated
+def resolve_model(spec: str, revision: str | None = None) -> Path:
+    """The configured model (a directory or a hub id), or the seeded tiny one (generated
     once into the cache, with a note: it takes seconds the first time)."""
     if spec:
         from workers.loading import ModelLoadError
         from workers.model_source import ModelNotAvailable, is_hub_id, resolve_checkpoint_dir
 
         if is_hub_id(spec):
-            note(f"resolving checkpoint {spec}{'@' + revision if revision else ''} through the hub cache ...")
+            note(f"resolving model {spec}{'@' + revision if revision else ''} through the hub cache ...")
         try:
             path = resolve_checkpoint_dir(spec, revision)
         except ModelNotAvailable as exc:
             raise ModelLoadError(str(exc)) from exc
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"EVOSTREAM_CHECKPOINT={spec}: {path} is not a checkpoint directory (no config.json)")
+            raise ModelLoadError(f"EVOSTREAM_MODEL={spec}: {path} is not a model directory (no config.json)")
         return path
     from workers.tiny_checkpoint import cache_dir, cached_tiny_checkpoint
 
     target = cache_dir() / "checkpoints" / "tiny-qwen3-tiny-s0"
     if not (target / "model.safetensors").is_file():
-        note(f"no EVOSTREAM_CHECKPOINT: generating the seeded tiny checkpoint in {target} (first run only) ...")
+        note(f"no EVOSTREAM_MODEL: generating the seeded tiny model in {target} (first run only) ...")
     return cached_tiny_checkpoint("qwen3", "tiny")
 
 
@@ -123,8 +135,7 @@ def engine_config(s: Any):  # -> EngineConfig
 def load_engine_with_progress(s: Any):  # -> EvoEngine
     from workers.engine import load_engine
 
-    revision = getattr(s, "checkpoint_revision", None)
-    ckpt = resolve_checkpoint(s.checkpoint, revision)
+    ckpt = resolve_model(s.model, s.model_revision)
     cfg = engine_config(s)
     note(f"loading model and tokenizer from {ckpt} ({s.device}, {s.dtype}) ...")
     t0 = time.monotonic()
@@ -164,12 +175,40 @@ def worker(web_port: Optional[int] = typer.Option(None, "--web-port", help="HTTP
     from stream.runtime.logs import setup_logging
 
     s = settings(web_port=web_port)
+    check_can_serve(s)
     setup_logging(s.log_level, s.log_json)
     note(f"checking topics on {s.kafka_bootstrap} ...")
     _kafka_call(s, lambda: _worker_topics(s))
     engine = load_engine_with_progress(s)
     note(f"joining group {s.group_id!r} on {s.kafka_bootstrap}; HTTP on http://{s.web_host}:{s.web_port}")
     run_worker(s, engine)
+
+
+def check_can_serve(s: Any) -> None:
+    """What would stop a worker after its model has loaded, checked before (issue #18): a
+    query API that would refuse every request, an HTTP port another process holds."""
+    import errno
+    import socket
+
+    problem = s.serving_problem()
+    if problem:
+        raise CliError(problem, ExitCode.USAGE)
+    try:
+        infos = socket.getaddrinfo(s.web_host, s.web_port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise CliError(f"EVOSTREAM_WEB_HOST={s.web_host!r} is not an address of this machine: {exc}",
+                       ExitCode.USAGE) from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: TIME_WAIT is no conflict
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CliError(f"HTTP port {s.web_port} on {s.web_host} is already in use (another worker?): set "
+                               "EVOSTREAM_WEB_PORT or --web-port to a free port", ExitCode.USAGE) from None
+            raise CliError(f"cannot listen on {s.web_host}:{s.web_port} (EVOSTREAM_WEB_HOST/EVOSTREAM_WEB_PORT): "
+                           f"{exc.strerror or exc}", ExitCode.USAGE) from None
 
 
 def _ensure_topics(s: Any) -> dict[str, int]:
@@ -227,10 +266,16 @@ def produce(file: Path = typer.Argument(..., exists=True, dir_okay=False, readab
 
     s = settings()
     dest = topic or s.turns_topic
-    n = _kafka_call(s, lambda: asyncio.run(produce_file(
+    r = _kafka_call(s, lambda: asyncio.run(produce_file(
         file, bootstrap=s.kafka_bootstrap, topic=dest, rate=rate, progress=not quiet,
         security=KafkaSecurity.from_settings(s), idempotent=s.producer_idempotence)))
-    print(f"produced {n} records to {dest}", file=sys.stderr)
+    if r.interrupted:  # Ctrl-C (issue #18): say what reached the topic, and what a rerun does
+        of = f" of {r.total}" if r.total is not None else f" ({r.sent} sent)"
+        print(f"interrupted: {r.delivered}{of} records delivered to {dest}; running the same produce again "
+              "sends them all again, and the workers skip the turns they already applied (same seq)",
+              file=sys.stderr)
+        raise typer.Exit(int(ExitCode.INTERRUPTED))
+    print(f"produced {r.delivered} records to {dest}", file=sys.stderr)
 
 
 URL_HELP = "the worker's base URL"
@@ -267,7 +312,7 @@ def _store(s: Any):  # -> MemoryStore
     from workers.loading import checkpoint_fingerprint
     from workers.precision import state_dtype_for
 
-    ckpt = resolve_checkpoint(s.checkpoint, getattr(s, "checkpoint_revision", None))
+    ckpt = resolve_model(s.model, s.model_revision)
     cfg = json.loads((ckpt / "config.json").read_text())
     hidden = int(cfg["backbone_config"]["hidden_size"]) if "backbone_config" in cfg else 0
     return MemoryStore(s.redis_url, fingerprint=checkpoint_fingerprint(ckpt), hidden_size=hidden,
@@ -383,6 +428,9 @@ def settings_cmd() -> None:
     from stream.cli.errors import redact
 
     s = settings()
+    problem = s.serving_problem()
+    if problem:
+        warn(f"{problem} (a worker refuses to start on this)")
     out = json.loads(s.model_dump_json())
     for name, value in out.items():
         if value and _re.search(r"(password|secret|token|api_keys)$", name):

@@ -37,17 +37,18 @@ def _parse_id(letter_id: str) -> tuple[int, int]:
 async def read_dead_letters(s: Any, *, only: tuple[int, int] | None = None) -> list[tuple[int, int, Any]]:
     """Every record of the dead-letter topic (or just `only`), as (partition, offset, event or
     the raw text when it does not parse)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
     from schemas.events import DeadLetterEvent
+    from stream.clients.produce_stream import start_consumer
     from stream.index.sink import TopicNotFound
     from stream.kafka.security import KafkaSecurity
 
-    c = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
-                         max_partition_fetch_bytes=max(4 * 1024 * 1024, 4 * s.max_record_bytes),
-                         fetch_max_bytes=max(16 * 1024 * 1024, 8 * s.max_record_bytes),
-                         **KafkaSecurity.from_settings(s).client_kwargs())
-    await c.start()
+    c = await start_consumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False,
+                             auto_offset_reset="earliest",
+                             max_partition_fetch_bytes=max(4 * 1024 * 1024, 4 * s.max_record_bytes),
+                             fetch_max_bytes=max(16 * 1024 * 1024, 8 * s.max_record_bytes),
+                             **KafkaSecurity.from_settings(s).client_kwargs())
     out: list[tuple[int, int, Any]] = []
     try:
         if s.dead_letter_topic not in await c.topics():  # by listing: a named lookup auto-creates on tansu

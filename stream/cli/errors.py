@@ -1,7 +1,7 @@
 """Expected failures of the command line: one clear line and a documented exit code each.
 
 Why a classifier instead of try/except in every command: the same failure (no broker, Redis
-refusing a password, a checkpoint that is not there) surfaces from many commands and through
+refusing a password, a model that is not there) surfaces from many commands and through
 several libraries' exception types (aiokafka, redis-py, huggingface_hub, our own wrappers).
 `explain` walks an exception and its causes and turns the first one it recognises into a
 `CliError`; anything it does not recognise is a bug, reported as such (exit 70), with the
@@ -20,12 +20,13 @@ class ExitCode(IntEnum):
     """Exit codes of `evostream` (README "Exit codes" and `evostream --help` list them)."""
 
     OK = 0
-    FAILED = 1          # the command ran and the answer is no (no such checkpoint, query rejected)
+    FAILED = 1          # the command ran and the answer is no (nothing stored for that conversation, query rejected)
     USAGE = 2           # bad flags, bad or unknown EVOSTREAM_* setting, missing settings file
     BROKER = 3          # Kafka broker unreachable, or a topic it needs is missing
     REDIS = 4           # Redis unreachable
     AUTH = 5            # credentials refused (Kafka SASL/TLS, Redis AUTH)
-    CHECKPOINT = 6      # model checkpoint missing, invalid, or not in the hub cache
+    MODEL = 6           # model missing, invalid, or not in the hub cache
+    CHECKPOINT = 6      # the old name of MODEL (an alias: same code)
     WORKER = 7          # the worker's HTTP endpoint is unreachable
     INTERNAL = 70       # unexpected error (a bug): rerun with --debug for the traceback
     INTERRUPTED = 130   # Ctrl-C
@@ -33,12 +34,13 @@ class ExitCode(IntEnum):
 
 EXIT_CODE_HELP = "\n".join(f"  {int(c):>3}  {c.name.lower()}: {doc}" for c, doc in (
     (ExitCode.OK, "success"),
-    (ExitCode.FAILED, "ran, but the answer is no (e.g. no checkpoint for that conversation)"),
-    (ExitCode.USAGE, "bad flag, bad or unknown EVOSTREAM_* setting, missing settings file"),
+    (ExitCode.FAILED, "ran, but the answer is no (e.g. nothing stored for that conversation)"),
+    (ExitCode.USAGE, "bad flag, bad or unknown EVOSTREAM_* setting, missing settings file; worker: no API key "
+                     "with authentication on, HTTP port in use"),
     (ExitCode.BROKER, "Kafka broker unreachable or a topic missing"),
     (ExitCode.REDIS, "Redis unreachable"),
     (ExitCode.AUTH, "credentials refused (Kafka SASL/TLS, Redis)"),
-    (ExitCode.CHECKPOINT, "model checkpoint missing, invalid or not cached"),
+    (ExitCode.MODEL, "model missing, invalid or not cached (EVOSTREAM_MODEL)"),
     (ExitCode.WORKER, "worker HTTP endpoint unreachable"),
     (ExitCode.INTERNAL, "unexpected error (rerun with --debug)"),
     (ExitCode.INTERRUPTED, "interrupted"),
@@ -109,7 +111,7 @@ def explain(exc: BaseException, *, kafka: str | None = None, redis_url: str | No
         if isinstance(e, InputError):
             return CliError(f"bad input file: {_one_line(e)}", ExitCode.USAGE)
         if isinstance(e, ModelLoadError):
-            return CliError(f"checkpoint: {_one_line(e, 500)}", ExitCode.CHECKPOINT)
+            return CliError(f"model: {_one_line(e, 500)}", ExitCode.MODEL)
         if isinstance(e, QueryError):
             return CliError(_one_line(e, 500), ExitCode.WORKER if e.status is None else ExitCode.FAILED)
         if type(e).__name__ == "TopicNotFound":

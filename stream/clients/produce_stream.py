@@ -9,8 +9,13 @@ conversation's turns still go out in order under its own key; ready-made turn ev
 file are passed through in file order. In-flight sends are bounded too (`max_in_flight`), so a
 slow broker applies back-pressure instead of piling futures up.
 
-Progress is measured in bytes of the file read (known up front without a pre-pass), shown by
-tqdm with the records/s rate and the estimated time left; it writes to stderr only.
+Progress is counted in records delivered out of the file's total (counted by a quick first
+read of the file when progress is shown), by tqdm with the rate and the time left, on stderr
+only. (It used to count bytes of the file read: with conversations interleaved the whole window
+is read before the first record goes out, so the bar sat at 0% until the end -- issue #18.)
+
+Interrupted (Ctrl-C), the producer stops sending, waits for what is in flight, and the result
+says how many records reached the topic, so the caller can tell the user (issue #18).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import json
 import time
 from collections import deque
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Iterator
@@ -92,59 +98,98 @@ def iter_file_records(fh: IO[bytes], *, window: int = 256, name: str = "input") 
 
 
 class _Progress:
-    """tqdm over the bytes of the file, with records and records/s in the postfix."""
+    """tqdm over the records delivered, out of the file's total."""
 
-    def __init__(self, total_bytes: int, enabled: bool):
+    def __init__(self, total: int | None, enabled: bool):
         self.bar = None
-        self.records = 0
-        self.t0 = time.monotonic()
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="produce", dynamic_ncols=True,
-                            mininterval=0.5)
+            self.bar = tqdm(total=total, unit="rec", desc="produce", dynamic_ncols=True, mininterval=0.5)
 
-    def update(self, pos: int) -> None:
-        self.records += 1
-        if self.bar is not None and (self.records % 200 == 0):
-            self.bar.update(pos - self.bar.n)
-            rate = self.records / max(1e-9, time.monotonic() - self.t0)
-            self.bar.set_postfix_str(f"{self.records} records, {rate:,.0f} rec/s", refresh=False)
+    def delivered(self, n: int) -> None:
+        if self.bar is not None and n > self.bar.n:
+            self.bar.update(n - self.bar.n)
 
-    def close(self, pos: int) -> None:
+    def close(self) -> None:
         if self.bar is not None:
-            self.bar.update(pos - self.bar.n)
-            rate = self.records / max(1e-9, time.monotonic() - self.t0)
-            self.bar.set_postfix_str(f"{self.records} records, {rate:,.0f} rec/s")
             self.bar.close()
+
+
+@dataclass(frozen=True)
+class ProduceResult:
+    """What a produce did: records handed to the producer, records the broker acknowledged,
+    the file's total (None when not counted), and whether it was interrupted."""
+
+    sent: int
+    delivered: int
+    total: int | None
+    interrupted: bool = False
 
 
 async def produce_stream(path: Path, *, bootstrap: str, topic: str, rate: float = 0.0, progress: bool = True,
                          security: KafkaSecurity | None = None, idempotent: bool = False, window: int = 256,
-                         max_in_flight: int = 10_000) -> int:
-    """Send every record of `path` to `topic`; returns the count. Waits for every delivery."""
+                         max_in_flight: int = 10_000) -> ProduceResult:
+    """Send every record of `path` to `topic` and wait for every delivery. Cancelled (Ctrl-C
+    under asyncio.run), it stops sending, flushes what is in flight and returns with
+    `interrupted` set instead of raising, so the caller can say what reached the topic."""
+    total = quick_count(path) if progress else None
     prod = await start_producer(bootstrap, security=security, idempotent=idempotent)
-    n = 0
-    with open(path, "rb") as fh:
-        bar = _Progress(path.stat().st_size, progress)
-        try:
+    sent = 0
+    delivered = 0
+    bar = _Progress(total, progress)
+
+    def done(fut: asyncio.Future) -> None:
+        nonlocal delivered
+        if not fut.cancelled() and fut.exception() is None:
+            delivered += 1
+            bar.delivered(delivered)
+
+    interrupted = False
+    try:
+        with open(path, "rb") as fh:
             in_flight: deque[asyncio.Future] = deque()
             t0 = time.monotonic()
-            for key, value in iter_file_records(fh, window=window, name=str(path)):
-                in_flight.append(await prod.send(topic, value, key=key))
-                n += 1
-                while len(in_flight) > max_in_flight:
+            try:
+                for key, value in iter_file_records(fh, window=window, name=str(path)):
+                    fut = await prod.send(topic, value, key=key)
+                    fut.add_done_callback(done)
+                    in_flight.append(fut)
+                    sent += 1
+                    while len(in_flight) > max_in_flight:
+                        await in_flight.popleft()
+                    if rate > 0:
+                        delay = t0 + sent / rate - time.monotonic()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                while in_flight:
                     await in_flight.popleft()
-                if rate > 0:
-                    delay = t0 + n / rate - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                bar.update(fh.tell())
-            while in_flight:
-                await in_flight.popleft()
-            bar.close(fh.tell())
+            except asyncio.CancelledError:
+                interrupted = True  # Ctrl-C: the flush below decides what was delivered
+    finally:
+        try:
+            await prod.stop()  # sends and waits for what is in flight
         finally:
-            await prod.stop()
+            bar.close()
+    return ProduceResult(sent=sent, delivered=delivered, total=total, interrupted=interrupted)
+
+
+def quick_count(path: Path) -> int:
+    """The records a produce of `path` sends, counted without building them (a line that does
+    not parse counts 0 here; the produce itself reports it)."""
+    n = 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and obj.get("type") == "turn":
+                n += 1
+            elif isinstance(obj, dict) and isinstance(obj.get("turns"), list):
+                n += len(obj["turns"])
     return n
 
 
@@ -154,7 +199,23 @@ def count_records(path: Path, window: int = 256) -> int:
         return sum(1 for _ in iter_file_records(fh, window=window, name=str(path)))
 
 
-__all__ = ["InputError", "count_records", "iter_file_records", "produce_stream"]
+__all__ = ["InputError", "ProduceResult", "count_records", "iter_file_records", "produce_stream", "quick_count",
+           "start_consumer", "start_producer"]
+
+
+async def start_consumer(**kwargs: Any) -> Any:
+    """A started AIOKafkaConsumer; a failed start (broker unreachable, name not resolvable)
+    stops the half-open client before raising, so nothing is left for the garbage collector
+    to report as "Unclosed AIOKafkaConsumer" after the command's error line (issue #18)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(**kwargs)
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer
 
 
 async def start_producer(bootstrap: str, *, security: Any = None, idempotent: bool = False) -> Any:

@@ -21,6 +21,7 @@ from stream.clients.produce_stream import start_producer
 from schemas.events import TurnEvent
 
 if TYPE_CHECKING:
+    from stream.clients.produce_stream import ProduceResult
     from stream.kafka.security import KafkaSecurity
 
 
@@ -92,9 +93,10 @@ async def produce_records(records: list[tuple[bytes, bytes]], *, bootstrap: str,
 
 
 async def produce_file(path: Path, *, bootstrap: str, topic: str, rate: float = 0.0, progress: bool = True,
-                       security: KafkaSecurity | None = None, idempotent: bool = False) -> int:
+                       security: KafkaSecurity | None = None, idempotent: bool = False) -> ProduceResult:
     """Stream `path` to the topic in constant memory, with a rate/ETA progress bar (issue #11:
-    stream/clients/produce_stream.py); `read_records` + `produce_records` remain for in-memory callers."""
+    stream/clients/produce_stream.py); `read_records` + `produce_records` remain for in-memory
+    callers. Interrupted, it returns what was delivered (`ProduceResult.interrupted`)."""
     from stream.clients.produce_stream import produce_stream
 
     return await produce_stream(path, bootstrap=bootstrap, topic=topic, rate=rate, progress=progress,

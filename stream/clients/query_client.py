@@ -13,7 +13,8 @@ and the server's own error message, e.g.
     worker at http://127.0.0.1:6066/v1/embeddings rejected the query (HTTP 401): missing or unknown API key ...
 
 `url` is the worker's base URL (`http://host:port`); a URL that already ends in
-`/v1/embeddings` (or the older `/v1/query`) is reduced to its base. `api_key` defaults to the
+`/v1/embeddings` (or the older `/v1/query`), or in `/v1` (the OpenAI clients' `base_url`
+habit, issue #18: it used to become `/v1/v1/embeddings`, a 404), is reduced to its base. `api_key` defaults to the
 EVOSTREAM_API_KEY environment variable.
 """
 
@@ -60,9 +61,10 @@ def query_url(url: str) -> str:
     if "://" not in u:
         u = "http://" + u
     u = u.rstrip("/")
-    for suffix in (QUERY_PATH, _OLD_PATH):
+    for suffix in (QUERY_PATH, _OLD_PATH, "/v1"):
         if u.endswith(suffix):
-            u = u[: -len(suffix)]
+            u = u[: -len(suffix)].rstrip("/")
+            break
     return u + QUERY_PATH
 
 
@@ -90,7 +92,9 @@ def _error_detail(raw: bytes) -> str:
         obj: Any = json.loads(text)
     except ValueError:
         obj = None
-    if isinstance(obj, dict) and "error" in obj:
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):  # OpenAI's shape (/v1/embeddings)
+        text = str(obj["error"].get("message") or obj["error"])
+    elif isinstance(obj, dict) and "error" in obj:
         msg = str(obj["error"])
         if obj.get("detail") is not None:  # workers before the error_type shape
             msg += ": " + json.dumps(obj["detail"], ensure_ascii=False)

@@ -91,15 +91,18 @@ class Sink:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka import TopicPartition
+
+        from stream.clients.produce_stream import start_consumer
 
         if self._consumer is not None:
             return
-        c = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
-                             client_id=f"evostream-sink-{uuid.uuid4().hex[:6]}", fetch_max_wait_ms=100,
-                             max_partition_fetch_bytes=8 * 1024 * 1024,
-                             **(self.security.client_kwargs() if self.security is not None else {}))
-        await c.start()
+        # start_consumer stops the client when its start fails (issue #18: an unresolvable broker
+        # left "Unclosed AIOKafkaConsumer" lines after the command's error line)
+        c = await start_consumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                 auto_offset_reset="earliest", client_id=f"evostream-sink-{uuid.uuid4().hex[:6]}",
+                                 fetch_max_wait_ms=100, max_partition_fetch_bytes=8 * 1024 * 1024,
+                                 **(self.security.client_kwargs() if self.security is not None else {}))
         try:
             existing = await c.topics()  # a listing: a named lookup would auto-create the topic on tansu
             if self.embeddings_topic not in existing:

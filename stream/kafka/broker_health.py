@@ -5,7 +5,7 @@ outside (the consumer just yields nothing) and loudly in the log (one error per 
 100 ms). Nothing tells readiness, metrics or an operator "this worker cannot consume". So the
 worker asks the cluster itself, from the same process and through the same network path as its
 consumer: a metadata request and a FindCoordinator for its group, with a timeout. No answer
-for `unreachable_after_s` => UNREACHABLE (readiness false, gauge 0, ONE warning line); the
+for `unreachable_after_s` => UNREACHABLE (ingestion unhealthy, gauge 0, ONE warning line); the
 first answer after that => CONNECTED again (one info line with the outage's length).
 
 While unreachable, the probe backs off exponentially up to a cap, and so does the consumer:
@@ -75,16 +75,17 @@ class BrokerMonitor:
     def observe(self, ok: bool, error: str = "") -> BrokerState:
         """Record one probe result; returns the (possibly new) state."""
         now = self.clock()
+        # the broker has been silent since its last answer (or since start if it never answered)
+        silent_since = self._last_ok if self._last_ok is not None else self._started_at
         if ok:
-            self.failures = 0
             self._last_ok = now
-            self._set(BrokerState.CONNECTED, now)
+            self._set(BrokerState.CONNECTED, now, silent_since)
+            self.failures = 0  # after the line, which counts them
         else:
             self.failures += 1
             self.last_error = error
-            silent_since = self._last_ok if self._last_ok is not None else self._started_at
             if now - silent_since >= self.unreachable_after_s:
-                self._set(BrokerState.UNREACHABLE, now)
+                self._set(BrokerState.UNREACHABLE, now, silent_since)
         if self.on_backoff is not None:
             self.on_backoff(self.next_delay() if self.state is BrokerState.UNREACHABLE else None)
         return self.state
@@ -95,16 +96,19 @@ class BrokerMonitor:
             return self.interval_s
         return max(self.interval_s, min(self.backoff.max_s, self.interval_s * 2 ** min(self.failures, 16)))
 
-    def _set(self, new: BrokerState, now: float) -> None:
+    def _set(self, new: BrokerState, now: float, silent_since: float) -> None:
         old = self.state
         if new is old:
             return
         self.state = new
-        duration = now - self.since
+        # Both lines give the outage's length, measured from the broker's last answer, not from
+        # when the previous state began (issue #18: a minute of uptime was reported as
+        # "unreachable for 56.2 s" 4 s into an outage).
+        duration = now - silent_since
         self.since = now
         if new is BrokerState.UNREACHABLE:
             log.warning("broker unreachable: no answer from %s (metadata + group coordinator) for %.1f s "
-                        "(%s); not ready, retrying with back-off up to %.0f s", self.bootstrap, duration,
+                        "(%s); not consuming, retrying with back-off up to %.0f s", self.bootstrap, duration,
                         self.last_error or "timeout", self.backoff.max_s)
         elif old is BrokerState.UNREACHABLE:
             log.info("broker reachable again after %.1f s unreachable (%d failed probes)", duration, self.failures)

@@ -23,13 +23,10 @@ Broker quirks this code guards against (tansu 0.6, the offline test broker):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
 import logging
-import os
 import ssl
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, TypeVar
@@ -286,42 +283,3 @@ def settings_topics(s: object) -> tuple[dict[str, int], dict[str, dict[str, str]
             cfg["retention.ms"] = str(retention)
         configs[name] = cfg
     return counts, configs
-
-
-def _parse_spec(spec: str) -> tuple[str, int]:
-    name, sep, count = spec.rpartition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=PARTITIONS, got {spec!r}")
-    return name, int(count)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m stream.kafka.topics [--bootstrap HOST:PORT] [NAME=PARTITIONS ...]``.
-
-    Used by the docker-compose one-shot service: waits for the broker, then creates the
-    default topics (or the ones given). Exits non-zero on failure.
-    """
-    parser = argparse.ArgumentParser(prog="python -m stream.kafka.topics", description=main.__doc__)
-    parser.add_argument("--bootstrap", default=os.environ.get("EVOSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
-    parser.add_argument("--replication", type=int, default=1)
-    parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the broker")
-    parser.add_argument("topics", nargs="*", type=_parse_spec, help="NAME=PARTITIONS (default: evostream's topics)")
-    args = parser.parse_args(argv)
-    wanted = dict(args.topics) or DEFAULT_TOPICS
-
-    async def go() -> dict[str, int]:
-        await wait_for_broker(args.bootstrap, args.wait)
-        return await ensure_topics(args.bootstrap, wanted, args.replication)
-
-    try:
-        actual = run_sync(go)
-    except (TimeoutError, TopicError, KafkaError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for name, count in actual.items():
-        print(f"{name}\t{count} partitions")
-    return 0 if all(actual[n] == wanted[n] for n in wanted) else 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

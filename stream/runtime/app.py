@@ -157,8 +157,7 @@ def build_app(worker: "Worker") -> faust.App:
     async def close_clients(sender: Any, **kwargs: Any) -> None:
         await worker.close_clients()
 
-    worker._register_views(app)
-    worker.api = register_api(app, worker)  # query API: stream/api/ (issue #9)
+    worker.api = register_api(app, worker)  # all HTTP, probes and /metrics included: stream/api/ (#9, #21)
     return app
 
 

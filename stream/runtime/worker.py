@@ -11,8 +11,6 @@ import asyncio
 import logging
 from typing import Any
 
-import faust
-from faust.web import Request, Response, View
 from faust.worker import Worker as FaustWorker
 
 from stream.kafka.broker_health import BrokerMonitor, BrokerState, apply_consumer_backoff, throttle_reconnects
@@ -159,32 +157,6 @@ class Worker:
                 await asyncio.wait_for(closer(), timeout_s)
             except Exception as exc:  # noqa: BLE001 - best effort at shutdown
                 log.warning("closing the %s did not finish (%s: %s)", what, type(exc).__name__, exc)
-
-    # ------------------------------------------------------------------------------------------
-    def _register_views(self, app: faust.App) -> None:
-        worker = self
-
-        @app.page("/healthz")
-        class Health(View):
-            async def get(self, request: Request) -> Response:
-                return self.json({"status": "ok", "worker": worker.settings.worker_id, "batches": worker.batches})
-
-        @app.page("/readyz")
-        class Ready(View):
-            async def get(self, request: Request) -> Response:
-                stopped = [p.as_dict() for p in worker.unreadable.stopped()]  # issue #13
-                broker = worker.broker.state.value  # issue #12: connected | unreachable | unknown
-                ok = (worker.ready and worker.store_ready and not worker.pipeline.paused and not stopped
-                      and worker.broker.reachable and not worker.stopping)
-                body = {"ready": ok, "assigned": worker.ready, "store": "ok" if worker.store_ready else "starting",
-                        "paused": worker.pipeline.paused,
-                        "stopped_partitions": stopped, "broker": broker, "stopping": worker.stopping}
-                return self.json(body, status=200 if ok else 503)
-
-        @app.page("/metrics")
-        class MetricsView(View):
-            async def get(self, request: Request) -> Response:
-                return self.bytes(worker.metrics.render(), content_type="text/plain; version=0.0.4")
 
 
 def run_worker(settings: Settings, engine: EvoEngine) -> None:

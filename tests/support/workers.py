@@ -57,7 +57,7 @@ class PipelineEnv:
             EVOSTREAM_TURNS_PARTITIONS=str(self.partitions),
             EVOSTREAM_GROUP_ID=self.group_id,
             EVOSTREAM_REDIS_NAMESPACE=self.namespace,
-            EVOSTREAM_CHECKPOINT=self.checkpoint,
+            EVOSTREAM_MODEL=self.checkpoint,  # the model directory ("" = the seeded tiny one)
             EVOSTREAM_SESSION_TIMEOUT_S="6",
             EVOSTREAM_REBALANCE_TIMEOUT_S="6",
             EVOSTREAM_HEARTBEAT_INTERVAL_S="1",
@@ -114,13 +114,21 @@ class WorkerProc:
             if not self.alive():
                 raise RuntimeError(f"worker {self.name} exited (rc={self.proc.returncode}); log:\n{self.tail()}")
             try:
+                # serving (/readyz 200) and consuming its partitions (the ingestion signal,
+                # issue #18: readiness alone no longer says the worker owns partitions)
                 code, body = self.get("/readyz")
-                if code == 200 and body.get("ready"):
+                if code == 200 and body.get("ready") and body.get("ingestion", {}).get("healthy", True):
                     return
             except OSError:
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"worker {self.name} not ready after {timeout}s; log:\n{self.tail()}")
+
+    def status(self, timeout: float = 2.0) -> tuple[int, dict]:
+        """`/readyz` as (status, state): the state is the body of a 200 and the `detail` of a
+        503 (an error body, issue #21), so callers read the same keys either way."""
+        code, body = self.get("/readyz", timeout=timeout)
+        return code, body.get("detail", body) if code != 200 else body
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs (the crash the design must survive)."""
