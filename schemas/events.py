@@ -99,7 +99,8 @@ class TurnEvent(_Inbound):
     content is rejected (`empty_turn`): it would spend a seq on nothing. A turn whose only
     content is in messages the model does not read (e.g. a lone system prompt) is valid but
     has no text (`has_text` False): it is acknowledged and counted, not embedded.
-    `timestamp`: ISO 8601 with an offset, or integer epoch milliseconds (UTC).
+    `timestamp`: ISO 8601 with an offset, or an integer Unix epoch in seconds (below 10**11)
+    or milliseconds (UTC).
     """
 
     type: Literal["turn"] = "turn"
