@@ -62,10 +62,10 @@ def test_emptied_store_is_detected_not_papered_over(kafka_bootstrap: str, topic_
             assert not after, [(e.conversation_id, e.seq, e.memory.value, e.generation) for e in after]
             code, body = w.get("/readyz")
             assert code == 503 and body.get("store") == "lost", body
-            assert "acknowledged" in body.get("store_problem", ""), body
+            assert "emptied" in body.get("store_problem", ""), body
             m = metrics(w)
             assert m.get("evostream_store_lost") == 1.0
-            assert m.get("evostream_store_lost_total") == 1.0
+            assert m.get("evostream_store_losses_total") == 1.0
             log = w.log_path.read_text(errors="replace")
             assert log.count("memory-state store LOST") == 1, "the loss must be said once per transition"
         finally:

@@ -199,9 +199,13 @@ class QueryApi:
                             query_queue_max=s.query_queue_max, query_batch_max=s.query_batch_max)))
 
     async def health(self, request: web.Request) -> web.Response:
-        """200 when the worker can answer queries: its checkpoint store answers a ping."""
+        """200 when the worker can answer queries: its checkpoint store answers a ping, and
+        (issue #17) it is neither lost (answers would use missing memories) nor full."""
         if not await self.worker.store.server.ping():
             raise unavailable("checkpoint store unavailable")
+        state, why = getattr(self.worker, "store_status", lambda: ("ok", None))()
+        if state in ("lost", "building", "full"):
+            raise unavailable(f"memory-state store {state}" + (f": {why}" if why else ""))
         return _json_response(m.HealthResponse())
 
     async def openapi_doc(self, request: web.Request) -> web.Response:

@@ -66,12 +66,19 @@ class TurnPipeline:
         self.metrics = metrics or Metrics()
         self.cache = cache if cache is not None else StateCache(settings.cache_max_bytes)
         self.input_shapes = InputShapes(self.metrics.registry)  # tolerant reader counters (issue #13)
-        self.guard = PauseOnOutage(store, self.metrics)
+        self.guard = PauseOnOutage(store, self.metrics, retry_max_s=settings.store_retry_backoff_max_s)
+        self.guard.on_new_store.append(self._forget_store)  # issue #17: a lost store was replaced
         self.views = ViewLoader(self.cache, store, self.guard, self.metrics)
         self.dead_letter = DeadLetterWriter(topic=settings.dead_letter_topic, worker=settings.worker_id,
                                             broker_limit=settings.kafka_max_message_bytes, metrics=self.metrics)
         self.admission = Admission(settings, engine.turn_tokens, store, self.guard, self.dead_letter, self.metrics)
         self.step = ModelStep(engine, executor, self.views, self.dead_letter)
+
+    def _forget_store(self) -> None:
+        """After a lost store is trusted again (restored, rebuilt, or its loss accepted):
+        nothing this worker cached from before may be committed against it."""
+        self.cache.clear()
+        self.store.planner.counts = type(self.store.planner.counts)()
 
     @property
     def paused(self) -> bool:
@@ -206,6 +213,7 @@ class TurnPipeline:
         writer that computed a turn before the delete can commit it afterwards. A replayed
         delete older than the conversation's live generation is ignored."""
         self.cache.discard(ref)
+        batch.sealed = False  # the watermarks must follow this write (commit.py)
         try:
             _existed, through = await self.guard(
                 lambda: self.store.delete(ref, at=(rec.partition, rec.offset)), "delete")

@@ -62,6 +62,7 @@ from stream.state import scripts
 from stream.state.availability import unavailable_as
 from stream.state.codec import StateCodec
 from stream.state.durability import DurabilityPolicy
+from stream.state.epoch import EpochInfo, EpochWatch, Position, StoreEpoch, StoreMismatch, new_identity
 from stream.state.errors import FingerprintMismatch, MemoryCorrupt, StaleDelete
 from stream.state.inspect import inspect
 from stream.state.keys import ConversationKeys, check_namespace, conversation_keys
@@ -132,6 +133,12 @@ class MemoryStore:
         durable = DurabilityPolicy(Durability(durability), durability_replicas, durability_timeout_ms, self.where)
         self.scripts = scripts.ScriptRunner(self.redis, durable, self.where)
         self.server = ServerChecks(self.redis, durable, self.where, backoff)
+        # issue #17: the store's identity and watermarks (stream/state/epoch.py); inactive
+        # until a worker (or a rebuild) opens it
+        self.epoch = EpochWatch(StoreEpoch(self.redis, self.namespace, self.where), fingerprint=fingerprint,
+                                created_by=self.writer_id)
+        self.epoch.compat = self._join_check
+        self.adopt_dtype = False
 
     @property
     def fingerprint(self) -> str:
@@ -165,7 +172,12 @@ class MemoryStore:
         unique = [as_ref(r) for r in given]
         if not unique:
             return {}
+        self.epoch.raise_if_lost()
         replies = await self.scripts.run(self.scripts.load, [(self.keys(r), ()) for r in unique], "load")
+        if any(r[0] not in (b"live", "live") for r in replies):
+            # "no memory" is only believed from a store that is still the one we wrote (issue #17);
+            # read after the loads, so an emptying before them is seen
+            await self.epoch.verify()
         cold = [i for i, r in enumerate(replies) if r[0] in (b"cold", "cold")]
         if cold and self.cold is not None:  # issue #14: bring idle conversations back, exactly
             await self.cold.thaw(self, [unique[i] for i in cold])
@@ -200,7 +212,7 @@ class MemoryStore:
         return await inspect(self, ref)
 
     # --- writes ------------------------------------------------------------------------------
-    async def commit(self, commits: list[TurnCommit]) -> list[CommitResult]:
+    async def commit(self, commits: list[TurnCommit], through: dict[Position, int] | None = None) -> list[CommitResult]:
         """Write a batch: per conversation atomic CAS on (gen, seq), all in one round trip,
         followed by the configured durability wait.
 
@@ -208,15 +220,21 @@ class MemoryStore:
         expectation is left untouched (status STALE, `stored_seq` tells where it is): the
         caller must drop its in-memory state and reload. Raises StoreUnavailable (nothing
         lost: retry the same batch after `server.wait_until_available`; commits that did land
-        are reported ALREADY_APPLIED on the retry)."""
+        are reported ALREADY_APPLIED on the retry). `through`: the batch's input positions,
+        whose watermarks ride in the same round trip (stream/state/epoch.py); StoreLost if
+        the store's identity is gone or another."""
         if not commits:
             return []
+        self.epoch.raise_if_lost()
         refs = [c.ref for c in commits]
         if len(set(refs)) != len(refs):
             raise ValueError("one commit per conversation per batch (merge its turns' deltas)")
         plans = [self.planner.plan(c, self.keys(c.ref)) for c in commits]
+        wm = self.epoch.advance_call(through or {})
         replies = await self.scripts.run(self.scripts.commit, [(p.keys, p.args) for p in plans], "commit",
-                                         durable=True)
+                                         durable=True, also=[(self.epoch.epoch.advance_script, *wm)] if wm else [])
+        if wm:
+            self.epoch.advanced(replies.pop())
         results = []
         for plan, reply in zip(plans, replies):
             code, stored_seq, n_deltas, compacted, gen = (int(x) for x in reply)
@@ -288,6 +306,50 @@ class MemoryStore:
                 pipe.pexpire(k.mark, ttl)
             n, *_ = await pipe.execute()
         return int(n)
+
+    async def advance(self, through: dict[Position, int]) -> None:
+        """Move the watermarks to `through` (a batch that committed nothing after its last
+        write); with the durability wait, like a commit. StoreLost if the identity is gone."""
+        wm = self.epoch.advance_call(through)
+        if wm:
+            (reply,) = await self.scripts.run(self.epoch.epoch.advance_script, [wm], "watermark", durable=True)
+            self.epoch.advanced(reply)
+
+    # --- identity (issue #17) ------------------------------------------------------------------
+    def storage_dtype_name(self) -> str:
+        return str(self.codec.storage_dtype or self.codec.dtype).removeprefix("torch.")
+
+    async def open_identity(self, committed: dict[Position, int] | None, *, adopt_dtype: bool = False) -> EpochInfo | None:
+        """Worker start: join this namespace's store, or create its identity for a new
+        deployment (stream/state/epoch.py). StoreMismatch (exit 78) for a store of another
+        model, or of another state precision unless `adopt_dtype`."""
+        self.adopt_dtype = adopt_dtype
+        return await self.epoch.open(committed, create=lambda: new_identity(
+            fingerprint=self.fingerprint, dtype=self.storage_dtype_name(), created_by=self.writer_id))
+
+    def _join_check(self, info: EpochInfo) -> None:
+        """May this worker write to the store `info` describes? Adopts its state dtype when told."""
+        ns = self.namespace
+        if info.fingerprint and info.fingerprint != self.fingerprint:
+            raise StoreMismatch(
+                f"namespace {ns!r} holds memories of model fingerprint {info.fingerprint}, this worker runs "
+                f"{self.fingerprint}: continuing them with another model would be silently wrong. A model change is "
+                f"a blue-green rebuild: `evostream rebuild --into NEW` with the new model, then EVOSTREAM_REDIS_NAMESPACE=NEW")
+        if info.scope != "all":
+            raise StoreMismatch(f"namespace {ns!r} holds a partial rebuild ({info.scope}): workers cannot serve from it")
+        mine = self.storage_dtype_name()
+        if info.dtype and info.dtype != mine:
+            if not self.adopt_dtype:
+                raise StoreMismatch(
+                    f"namespace {ns!r} stores states in {info.dtype}, this worker in {mine}: set "
+                    f"EVOSTREAM_STORE_DTYPE_JOIN=adopt to read and write them in {info.dtype} (bfloat16 -> float32 is "
+                    f"exact; float32 -> bfloat16 rounds every loaded state), or rebuild into a new namespace")
+            import torch
+
+            stored = getattr(torch, info.dtype)
+            self.codec.storage_dtype = None if stored == self.codec.dtype else stored
+            log.warning("joining namespace %r in its state dtype %s (this worker computes in %s)", ns, info.dtype,
+                        str(self.codec.dtype).removeprefix("torch."))
 
     # --- lifetime ----------------------------------------------------------------------------
     async def prepare(self) -> None:
