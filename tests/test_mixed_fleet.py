@@ -37,7 +37,10 @@ def bf16():
     return bf16_engine()
 
 
-def test_quarantined_turn_is_replayable_after_the_repair(redis_url: str, bf16) -> None:
+@pytest.mark.parametrize("rebalance", [True, False], ids=["caches-dropped", "stale-cache"])
+def test_quarantined_turn_is_replayable_after_the_repair(redis_url: str, bf16, rebalance: bool) -> None:
+    """stale-cache: the float32 worker kept its cached state (no revoke seen): the commit
+    script itself refuses to commit past the held turn."""
     ns = f"mix{uuid.uuid4().hex[:8]}"
 
     async def go() -> None:
@@ -45,8 +48,13 @@ def test_quarantined_turn_is_replayable_after_the_repair(redis_url: str, bf16) -
         b = Harness(redis_url, ns, engine=bf16)    # a bfloat16 worker that joined the group
         try:
             await a.turns("m1", [0, 1, 2])
-            await b.turns("m1", [3])               # the partition moved to the bfloat16 worker
-            await a.turns("m1", [4])               # ... and back
+            if rebalance:
+                a.pipeline.cache.revoke({0})        # a rebalance: the partition moves to the bfloat16 worker
+            await b.turns("m1", [3])
+            if rebalance:
+                b.pipeline.cache.revoke({0})        # ... and back
+                a.pipeline.cache.assign({0})
+            await a.turns("m1", [4])
             letters = b.emitter.dead_letters() + a.emitter.dead_letters()
             assert letters, "the bfloat16 worker read a float32 memory it was not allowed to"
             # the repair: the bfloat16 worker is gone (or reconfigured); the operator replays

@@ -45,6 +45,7 @@ class ScriptRunner:
         self.commit = redis.register_script(lua("commit"))
         self.load = redis.register_script(lua("load"))
         self.end = redis.register_script(lua("end"))
+        self.hold = redis.register_script(lua("hold"))
 
     async def run(self, script: AsyncScript, calls: list[tuple[Sequence[str], Sequence[bytes]]],
                   what: str, *, durable: bool = False,
@@ -96,5 +97,5 @@ class ScriptRunner:
         """Load the scripts into the server's cache up front (so the first batch does not
         pay, and log, a NOSCRIPT round trip)."""
         with unavailable_as(f"SCRIPT LOAD on {self.where}"):
-            for script in (self.commit, self.load, self.end):
+            for script in (self.commit, self.load, self.end, self.hold):
                 script.sha = await self.redis.script_load(script.script)

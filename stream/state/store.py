@@ -66,7 +66,7 @@ from stream.state.epoch import EpochInfo, EpochWatch, Position, StoreEpoch, Stor
 from stream.state.errors import FingerprintMismatch, MemoryCorrupt, StaleDelete
 from stream.state.inspect import inspect
 from stream.state.keys import ConversationKeys, check_namespace, conversation_keys
-from stream.state.planner import CommitPlanner
+from stream.state.planner import CommitPlanner, parse_ledger
 from stream.state.records import CommitResult, CommitStatus, LoadedMemory, MemoryProblem, TurnCommit
 from stream.state.redis_client import RedisOptions, describe_url, make_redis
 from stream.state.server import ServerChecks
@@ -231,7 +231,7 @@ class MemoryStore:
             raise ValueError("one commit per conversation per batch (merge its turns' deltas)")
         plans = [self.planner.plan(c, self.keys(c.ref)) for c in commits]
         wm = self.epoch.advance_call(through or {})
-        replies = await self.scripts.run(self.scripts.commit, [(p.keys, p.args) for p in plans], "commit",
+        replies = await self.scripts.run(self.scripts.commit, [(p.keys.with_ledger(), p.args) for p in plans], "commit",
                                          durable=True, also=[(self.epoch.epoch.advance_script, *wm)] if wm else [])
         if wm:
             self.epoch.advanced(replies.pop())
@@ -270,7 +270,7 @@ class MemoryStore:
                 (ref.tenant or "").encode(), ref.conversation_id.encode(),
                 str(at[0]).encode() if at else b"", str(at[1] if at else 0).encode()]
         existed, last_seq, _gen = (await self.scripts.run(
-            self.scripts.end, [(self.keys(ref), args)], status, durable=True))[0]
+            self.scripts.end, [(self.keys(ref).with_ledger(), args)], status, durable=True))[0]
         existed = int(existed)
         if existed >= 0 and self.cold is not None:  # issue #14: a cold copy must not outlive a delete/reset
             existed = int(await self.cold.discard(ref)) or existed
@@ -344,12 +344,26 @@ class MemoryStore:
                     f"namespace {ns!r} stores states in {info.dtype}, this worker in {mine}: set "
                     f"EVOSTREAM_STORE_DTYPE_JOIN=adopt to read and write them in {info.dtype} (bfloat16 -> float32 is "
                     f"exact; float32 -> bfloat16 rounds every loaded state), or rebuild into a new namespace")
-            import torch
-
             stored = getattr(torch, info.dtype)
             self.codec.storage_dtype = None if stored == self.codec.dtype else stored
             log.warning("joining namespace %r in its state dtype %s (this worker computes in %s)", ns, info.dtype,
                         str(self.codec.dtype).removeprefix("torch."))
+
+    async def ledger(self, ref: RefLike) -> dict[int, bytes]:
+        """The applied turns of the conversation's live generation, seq -> digest of the
+        messages the model read (stream/state/keys.py); {} when none are recorded."""
+        with unavailable_as(f"ledger on {self.where}"):
+            return parse_ledger(await self.redis.get(self.keys(ref).ledger))
+
+    async def hold(self, ref: RefLike, seq: int, reason: str) -> int:
+        """Record that turn `seq` was quarantined: every worker dead-letters the later turns
+        behind it until it is applied (a replay after the repair) or the conversation is
+        reset. Returns the seq held from now (the lowest)."""
+        ref = as_ref(ref)
+        args = [str(int(seq)).encode(), reason.encode(), (ref.tenant or "").encode(), ref.conversation_id.encode(),
+                str(self.ttl.marker_ms(tenant=ref.tenant)).encode()]
+        (held,) = await self.scripts.run(self.scripts.hold, [([self.keys(ref).mark], args)], "hold")
+        return int(held)
 
     # --- lifetime ----------------------------------------------------------------------------
     async def prepare(self) -> None:
