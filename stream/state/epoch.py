@@ -150,11 +150,13 @@ class StoreEpoch:
         with unavailable_as(f"store identity on {self.where}"):
             await self.redis.hset(self.key, "status", status)
 
-    def advance_call(self, known_id: str, through: Mapping[Position, int]) -> tuple[list[str], list[str]]:
-        """(keys, args) of the watermark script, to ride in another pipeline."""
+    def advance_call(self, known_id: str, through: Mapping[Position, int],
+                     floors: Mapping[Position, int]) -> tuple[list[str], list[str]]:
+        """(keys, args) of the watermark script, to ride in another pipeline. `floors`: what
+        the writer acknowledged already; a store below them is behind (nothing is written)."""
         args = [known_id]
         for pos, off in sorted(through.items()):
-            args += [wm_field(pos), str(int(off))]
+            args += [wm_field(pos), str(int(off)), str(int(floors.get(pos, -1)))]
         return [self.key], args
 
 
@@ -289,15 +291,17 @@ class EpochWatch:
     def advance_call(self, through: Mapping[Position, int]) -> tuple[list[str], list[str]] | None:
         if not self.opened or self.known is None or not through:
             return None
-        return self.epoch.advance_call(self.known.id, through)
+        return self.epoch.advance_call(self.known.id, through, self.acked)
 
     def advanced(self, reply: Any) -> None:
         """The watermark script's answer: raise StoreLost when the identity is gone or another."""
         code = int(reply)
         if code == 1:
             return
-        self._set("lost", "the store identity is gone (the store was emptied)" if code == 0 else
-                  "the store identity changed under this worker")
+        self._set("lost", {0: "the store identity is gone (the store was emptied)",
+                           -1: "the store identity changed under this worker",
+                           -2: "the store is behind what this worker acknowledged (restored from an old snapshot, or "
+                               "it lost acknowledged writes)"}.get(code, f"watermark script answered {code}"))
         raise StoreLost(f"{self.epoch.where}: {self.problem}")
 
     def note_acked(self, through: Mapping[Position, int]) -> None:

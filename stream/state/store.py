@@ -174,10 +174,11 @@ class MemoryStore:
             return {}
         self.epoch.raise_if_lost()
         replies = await self.scripts.run(self.scripts.load, [(self.keys(r), ()) for r in unique], "load")
-        if any(r[0] not in (b"live", "live") for r in replies):
-            # "no memory" is only believed from a store that is still the one we wrote (issue #17);
-            # read after the loads, so an emptying before them is seen
-            await self.epoch.verify()
+        # What was read is only believed from a store that is still the one we wrote, and not
+        # behind what was acknowledged (issue #17): "no memory" may be an emptied store, an
+        # older memory a restored snapshot. Read after the loads, so a fault before them is
+        # seen; one after them makes the commit's compare-and-set fail, and the re-read sees it.
+        await self.epoch.verify()
         cold = [i for i, r in enumerate(replies) if r[0] in (b"cold", "cold")]
         if cold and self.cold is not None:  # issue #14: bring idle conversations back, exactly
             await self.cold.thaw(self, [unique[i] for i in cold])
