@@ -1,4 +1,4 @@
-"""What a consumer group has acknowledged, and where a topic ends: read without joining.
+"""What a consumer group has acknowledged, read without joining the group.
 
 Why: the memory-state store must reflect at least every record the group acknowledged
 (stream/state/epoch.py). A worker compares the two when it starts, and `evostream rebuild`
@@ -31,22 +31,5 @@ async def committed_offsets(bootstrap: str, group: str, topic: str, *,
             if off is not None and off >= 0:
                 out[(topic, p)] = int(off)
         return out
-    finally:
-        await c.stop()
-
-
-async def end_offsets(bootstrap: str, topic: str, *, client_kwargs: dict[str, Any] | None = None
-                      ) -> dict[tuple[str, int], int]:
-    """{(topic, partition): offset the next record will get} of every partition of `topic`."""
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **(client_kwargs or {}))
-    await c.start()
-    try:
-        parts = c.partitions_for_topic(topic)
-        if parts is None:
-            await c.topics()
-            parts = c.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        ends = await c.end_offsets(tps) if tps else {}
-        return {(tp.topic, tp.partition): int(o) for tp, o in ends.items()}
     finally:
         await c.stop()

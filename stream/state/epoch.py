@@ -172,6 +172,7 @@ class EpochWatch:
         self.fingerprint = fingerprint
         self.created_by = created_by
         self.required = False
+        self.building_ok = False  # a rebuild writing into its own namespace: "building" is its own doing
         self.opened = False
         self.known: EpochInfo | None = None
         self.acked: dict[Position, int] = {}      # what this process acknowledged (after the store had it)
@@ -204,7 +205,7 @@ class EpochWatch:
         for fn in self.listeners:
             fn(was, kind, problem)
 
-    def _judge(self, info: EpochInfo | None) -> tuple[str | None, str | None]:
+    def judge(self, info: EpochInfo | None) -> tuple[str | None, str | None]:
         """(kind, problem) for what the store holds now; adopts a decided new identity."""
         known = self.known
         if info is None:
@@ -214,7 +215,7 @@ class EpochWatch:
                                 f"offsets show acknowledged records ({_describe(acked)}): the store was emptied")
             return "lost", (f"the store identity {known.id} is gone from {self.epoch.key!r}: the store was emptied "
                             f"(FLUSHALL, a replica promoted empty, a lost volume) after this worker wrote to it")
-        if info.status != "ready":
+        if info.status != "ready" and not self.building_ok:
             return "building", f"a rebuild is writing into namespace {self.epoch.namespace!r} (status {info.status})"
         if known is not None and info.id != known.id:
             if info.decision is Decision.NONE:
@@ -258,7 +259,7 @@ class EpochWatch:
             if written and info is not None:
                 log.info("new store identity %s for namespace %r (%s, state dtype %s)", info.id,
                          self.epoch.namespace, info.fingerprint, info.dtype)
-        kind, problem = self._judge(info)
+        kind, problem = self.judge(info)
         self.opened = True
         self._opened.set()
         self._set(kind, problem)
@@ -275,7 +276,7 @@ class EpochWatch:
         """Re-read the identity and judge it; True if the store can be trusted."""
         if not self.opened:
             return True
-        kind, problem = self._judge(await self.epoch.read())
+        kind, problem = self.judge(await self.epoch.read())
         self._set(kind, problem)
         return kind is None
 
