@@ -178,3 +178,52 @@ def test_rebuild_stops_at_what_the_group_acknowledged_and_from_a_time(kafka_boot
     assert got is None and rep.records == 0
     rep, got = asyncio.run(go(through="end", from_time=datetime.now(UTC) - timedelta(hours=1)))
     assert got is not None and got.seq == 5
+
+
+def test_operator_commands(kafka_bootstrap: str, redis_url: str, topic_factory, monkeypatch,
+                           capsys: pytest.CaptureFixture) -> None:
+    """`evostream store status`, `store accept-loss` and `rebuild`, as an operator runs them."""
+    from stream.cli import main
+
+    topic = topic_factory(1)
+    produced = produce(kafka_bootstrap, topic, [_turn("op", i, f"turn {i}") for i in range(3)])
+    ns, into, group = f"op{uuid.uuid4().hex[:8]}", f"opr{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    for k, v in dict(EVOSTREAM_KAFKA_BOOTSTRAP=kafka_bootstrap, EVOSTREAM_REDIS_URL=redis_url,
+                     EVOSTREAM_TURNS_TOPIC=topic, EVOSTREAM_GROUP_ID=group, EVOSTREAM_REDIS_NAMESPACE=ns).items():
+        monkeypatch.setenv(k, v)
+
+    def cli(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        rc = main(list(args))
+        return rc, capsys.readouterr().out
+
+    rc, out = cli("store", "status")
+    assert rc == 0 and json.loads(out)["verdict"] == "new", out
+
+    async def acknowledge(offset: int) -> None:  # the group acknowledged; the store has no identity
+        from aiokafka.structs import OffsetAndMetadata
+
+        c = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
+        await c.start()
+        try:
+            c.assign([TopicPartition(topic, 0)])
+            await c.commit({TopicPartition(topic, 0): OffsetAndMetadata(offset, "")})
+        finally:
+            await c.stop()
+
+    asyncio.run(acknowledge(produced[2].offset))
+    rc, out = cli("store", "status")
+    assert rc == 1 and json.loads(out)["verdict"] == "lost" and "emptied" in json.loads(out)["problem"], out
+    assert cli("store", "accept-loss")[0] == 2  # not without --yes
+    assert cli("store", "accept-loss", "--yes")[0] == 0
+    rc, out = cli("store", "status")
+    got = json.loads(out)
+    assert rc == 0 and got["verdict"] == "ok" and got["identity"]["decision"] == "accept_loss", out
+
+    rc, out = cli("rebuild", "--into", into)  # through what the group acknowledged: turns 0 and 1
+    rep = json.loads(out)
+    assert rc == 0 and rep["turns_applied"] == 2 and rep["complete"], out
+    rc, out = cli("rebuild", "--into", into, "--through", "end")  # resumes: only the rest
+    rep = json.loads(out)
+    assert rc == 0 and rep["turns_applied"] == 1 and rep["resumed_from"] == {"0": produced[2].offset}, out
+    assert cli("rebuild", "--into", "bad{ns}")[0] == 2

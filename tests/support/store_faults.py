@@ -101,3 +101,57 @@ def own_redis(run_dir: Path, **kw: object) -> Iterator[OwnRedis]:
         yield r
     finally:
         r.stop()
+
+
+# --------------------------------------------------------------------------- chaos helpers
+
+
+def run_rebuild_cli(env: dict[str, str], into: str, *extra: str, timeout: float = 600) -> dict:
+    """`evostream rebuild --into NS` as an operator runs it; its JSON report (stdout)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.support.workers import REPO
+
+    out = subprocess.run([sys.executable, "-m", "stream.cli", "rebuild", "--into", into, *extra], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    if out.returncode:
+        raise AssertionError(f"evostream rebuild exited {out.returncode}:\n{out.stderr[-4000:]}")
+    rep = json.loads(out.stdout)
+    rep["stderr_lines"] = out.stderr.count("\n")
+    rep["progress_lines"] = sum(1 for line in out.stderr.splitlines() if "ETA" in line)
+    return rep
+
+
+def retained_turns(bootstrap: str, topic: str, through: dict[str, int]) -> dict[str, list]:
+    """Per conversation, in record order, the turns the topic holds through `through`
+    (partition -> last offset, a rebuild report's): what an offline replay reads."""
+    from collections import defaultdict
+
+    from schemas.events import TurnEvent
+    from tests.support.workers import read_topic_sync
+
+    out: dict[str, list] = defaultdict(list)
+    for m in sorted(read_topic_sync(bootstrap, topic), key=lambda m: (m.partition, m.offset)):
+        if m.offset <= through.get(str(m.partition), -1):
+            ev = TurnEvent.model_validate_json(m.value)
+            out[ev.conversation_id].append(ev.to_turn_input())
+    return dict(out)
+
+
+def bit_for_bit(got: dict, want: dict) -> dict[str, str]:
+    """Conversations whose stored state is not exactly the offline replay's (latents compared
+    with torch.equal: no tolerance), with what differs."""
+    import torch
+
+    bad = {}
+    for cid, w in want.items():
+        g = got.get(cid)
+        if g is None:
+            bad[cid] = "no state"
+        elif (g.seq, g.snapshot_len, g.segment_token_ids) != (w.seq, w.snapshot_len, w.segment_token_ids):
+            bad[cid] = f"bookkeeping: seq {g.seq} vs {w.seq}"
+        elif g.latents.shape != w.latents.shape or not torch.equal(g.latents, w.latents):
+            bad[cid] = f"latents differ (max {float((g.latents - w.latents).abs().max()) if g.latents.shape == w.latents.shape else 'shape'})"
+    return bad
