@@ -1160,7 +1160,7 @@ def test_production_faults_eviction_deletes_zombie_tenants(local_stack: LocalSta
 # --------------------------------------------------------------------------- 8. the store itself is wrong
 
 
-@pytest.mark.parametrize("fault", ["flushall", "old_snapshot"])
+@pytest.mark.parametrize("fault", ["flushall", pytest.param("old_snapshot", marks=pytest.mark.slow)])
 def test_store_lost_mid_stream_is_held_then_rebuilt(kafka_bootstrap, topic_factory, tmp_path: Path, fault: str) -> None:
     """Issue #17. A Redis of the scenario's own (FLUSHALL and restarts hit every key) is, while
     traffic flows, emptied (`flushall`) or restarted from a snapshot taken earlier

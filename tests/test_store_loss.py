@@ -21,7 +21,9 @@ from tests.support.store_faults import own_redis
 from tests.support.traffic import Workers, pipeline_env, produce, turn_record
 from tests.support.workers import WorkerProc, wait_for
 
-pytestmark = pytest.mark.timeout(300)
+# A worker process each (about 40 s on 2 shared cores): behind `slow` (`make test-all`); the
+# same rules run in seconds in-process (tests/test_store_identity.py, tests/test_store_full.py).
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 def _turns(cids: list[str], seqs: range) -> list[tuple[bytes, bytes]]:
