@@ -388,7 +388,7 @@ class DeadLetterReason(StrEnum):
     LATE_TURN = "late_turn"
     """Set by the pipeline: a seq the conversation had skipped (applied over a gap) arrived
     after later turns were applied; memory is never rewound to insert it (README "Late and
-    corrected turns": `evostream rebuild --conversation` re-derives it in seq order)."""
+    corrected turns")."""
     CONFLICTING_DUPLICATE = "conflicting_duplicate"
     """Set by the pipeline: an applied seq was sent again with other messages (an edit, a
     producer bug); the applied version stays in memory, this one is kept here."""

@@ -8,8 +8,7 @@ The policy (README "Late and corrected turns"): a turn of a seq that was skipped
 dead-lettered `late_turn`; a re-sent seq whose messages differ from the applied one is
 dead-lettered `conflicting_duplicate`; a re-sent seq with the same messages is a plain
 duplicate (its event re-emitted from the outbox while it is there). Each has its metric and
-a log line. The dead letters carry the original bytes: `evostream rebuild --conversation`
-re-derives the memory in seq order with them (see tests/test_rebuild.py).
+a log line. The dead letters carry the original bytes; memory is never rewound.
 """
 
 from __future__ import annotations

@@ -113,3 +113,36 @@ def test_full_store_backs_off_and_health_says_so(kafka_bootstrap: str, topic_fac
             assert w.get("/health")[0] == 200
         finally:
             procs.stop_all()
+
+
+def test_a_worker_of_another_precision_refuses_to_join(kafka_bootstrap: str, redis_url: str, topic_factory,
+                                                       tmp_path: Path) -> None:
+    """Issue #17 item 4 at the process level: a bfloat16 worker started on a namespace a
+    float32 fleet created exits 78 with one line naming the setting; with
+    EVOSTREAM_STORE_DTYPE_JOIN=adopt it joins and stores float32."""
+    import redis
+
+    from stream.state.epoch import new_identity
+    from tests.support.oracle import offline_engine
+
+    penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=1)
+    ident = new_identity(fingerprint=offline_engine().fingerprint, dtype="float32", created_by="a float32 fleet")
+    r = redis.Redis.from_url(redis_url)
+    try:
+        r.hset(f"{penv.namespace}:epoch", mapping=ident.to_hash())
+    finally:
+        r.close()
+    procs = Workers()
+    try:
+        penv.extra["EVOSTREAM_DTYPE"] = "bfloat16"
+        w = procs.add(WorkerProc(penv, tmp_path, "bf16").start())
+        assert w.proc.wait(120) == 78, w.tail()
+        assert "EVOSTREAM_STORE_DTYPE_JOIN=adopt" in w.tail(), w.tail()
+        penv.extra["EVOSTREAM_STORE_DTYPE_JOIN"] = "adopt"
+        w2 = procs.add(WorkerProc(penv, tmp_path, "bf16-adopt").start())
+        w2.wait_ready()
+        produce(kafka_bootstrap, penv.turns_topic, _turns(["mix"], range(2)))
+        wait_for_embeddings(penv, {("mix", 0), ("mix", 1)}, timeout=120, workers=[w2])
+        assert "joining namespace" in w2.log_path.read_text(errors="replace")
+    finally:
+        procs.stop_all()

@@ -16,7 +16,7 @@ Rules, per conversation, in record order (README "Wire format" documents them fo
   re-emitted from the outbox if it is still there, byte-identical, otherwise dropped and
   counted); other messages under an applied seq are dead-lettered `conflicting_duplicate`; a
   seq that was skipped (applied over a gap) is dead-lettered `late_turn`. Memory is never
-  rewound to insert a turn: the dead letters keep them for `evostream rebuild`. A generation
+  rewound to insert a turn: the dead letters keep their bytes. A generation
   without a ledger (written before ledgers existed) counts them as duplicates, as before;
 * a turn over `max_turn_tokens` is dead-lettered `turn_too_long`;
 * a seq gap is applied with a warning (`GAP_POLICY=apply`) or dead-lettered `seq_gap`, at most
@@ -105,8 +105,7 @@ class Admission:
                     batch.send(self.dead_letter(d.record, Rejection(
                         reason_code=DeadLetterReason.LATE_TURN if late else DeadLetterReason.CONFLICTING_DUPLICATE,
                         reason=(f"conversation {ref}: seq {ev.seq} was skipped (applied over a gap) and arrives after "
-                                f"seq {last_seq[ref]}; memory is not rewound (`evostream rebuild --conversation` "
-                                f"re-derives it in seq order)" if late else
+                                f"seq {last_seq[ref]}; memory is not rewound to insert it" if late else
                                 f"conversation {ref}: seq {ev.seq} was applied with other messages; the applied "
                                 f"version stays in memory")), rep))
                     continue

@@ -305,6 +305,9 @@ class Rebuild:
         next_note = time.monotonic() + self.progress_every_s
         self.progress(f"rebuilding {total} record(s) of {topic} into {self.s.redis_namespace!r} "
                       f"({self.scope.name}, {self.mode})")
+        if self.through == "committed" and not any(last >= 0 for last in plan.last.values()):
+            self.progress(f"group {self.s.group_id!r} has acknowledged nothing on {topic}: nothing to rebuild through "
+                          f"its offsets (--through end rebuilds the whole topic)")
         while todo:
             got = await c.getmany(*[TopicPartition(topic, p) for p in sorted(todo)], timeout_ms=1000,
                                   max_records=self.batch_records)

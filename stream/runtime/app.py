@@ -157,7 +157,13 @@ def build_app(worker: "Worker") -> faust.App:
             # issue #17: the store's identity against what the group acknowledged; another
             # model's or precision's store refuses the worker (stream/state/epoch.py)
             committed = await group_committed(worker)
-            await worker.store.open_identity(committed, adopt_dtype=s.store_dtype_join == "adopt")
+            while True:
+                try:
+                    await worker.store.open_identity(committed, adopt_dtype=s.store_dtype_join == "adopt")
+                    break
+                except StoreUnavailable as exc:  # gone again since the checks: wait, then retry
+                    log.warning("store identity not read (%s); waiting for Redis", exc)
+                    await worker.store.server.wait_until_available()
         except UnsafeRedisConfig as exc:
             refuse(exc)
         worker.store_ready = True

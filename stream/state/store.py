@@ -370,6 +370,9 @@ class MemoryStore:
     async def prepare(self) -> None:
         """Load the scripts into the server's cache up front (no NOSCRIPT round trip later)."""
         await self.scripts.load_all()
+        with unavailable_as(f"SCRIPT LOAD on {self.where}"):
+            for sc in (self.epoch.epoch.advance_script, self.epoch.epoch.create_script):
+                sc.sha = await self.redis.script_load(sc.script)
 
     async def close(self) -> None:
         await self.redis.aclose()
