@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-all bench bench-engine bench-e2e bench-e2e-load bench-codecs bench-query bench-plots capacity capacity-scale chaos-long stack-start stack-stop clean
+.PHONY: setup demo test test-all bench bench-engine bench-e2e bench-e2e-load bench-codecs bench-query bench-sink bench-plots capacity capacity-scale chaos-long stack-start stack-stop clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -14,11 +14,14 @@ demo: setup
 
 # Default test run: unit, engine parity, real-broker/real-Redis end-to-end and the short
 # fault-injection suite. Long soak/chaos runs are behind markers (see README).
+# In parallel (pytest-xdist): the suite mostly waits on processes and sockets, and every xdist
+# worker starts its own broker and Redis (tests/conftest.py), so tests never share a stack.
+TEST_WORKERS ?= 4
 test: setup
-	$(PY) -m pytest -m "not slow and not chaos_long" -q
+	$(PY) -m pytest -m "not slow and not chaos_long" -q -n $(TEST_WORKERS)
 
 test-all: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # issue 11: the plots (PNG in benchmarks/plots/, linked from BENCHMARKS.md) are drawn last,
 # from the series the benchmarks above saved in benchmarks/results/
@@ -42,6 +45,10 @@ bench-codecs: setup
 
 bench-query: setup  # issue 9: query latency, ingestion under a query flood
 	$(PY) -m benchmarks.bench_query
+
+bench-sink: setup  # issue 19: sink rows/s vs produce rate, search p50/p99 at 100k rows, recall@10 (~15 min)
+	$(PY) -m benchmarks.bench_sink --dim 1024 --rows 100000 --rates 50,100,200 --phase-records 1000 --queries 200 --ef 40,100,200
+	$(PY) -m benchmarks.figures render
 
 capacity: setup  # issue 14: per-conversation figures -> docs/CAPACITY.md (model time: add --model-time-only, slow)
 	$(PY) -m benchmarks.capacity_measure --drift-convs 2 --drift-turns 40 --lever-convs 20

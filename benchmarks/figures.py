@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 DOCS = ("README.md", "BENCHMARKS.md", "RELIABILITY.md", "docs/CAPACITY.md", "docs/CONTRACTS.md")
 
-FIGURE = re.compile(r"<!--fig (?P<file>[\w.\-/]+?):(?P<path>(?:\"[^\"]*\"|[^\s:\"])+)(?::(?P<fmt>[^|>\s]*)(?:\|(?P<suffix>[^>\s]*))?)?-->"
+FIGURE = re.compile(r"<!--fig (?P<file>[\w.\-/]+?):(?P<path>(?:\"[^\"]*\"|[^\s:\"<>])+)(?::(?P<fmt>[^|>\s]*)(?:\|(?P<suffix>[^>\s]*))?)?-->"
                     r"(?P<text>.*?)<!--/fig-->", re.S)
 
 

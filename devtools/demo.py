@@ -1,14 +1,15 @@
 """`evostream demo` / `make demo`: the whole pipeline on this machine, in one command.
 
-1. a local broker + Redis in `.run/demo` (reused if one is already running there),
-2. topics for this run, 3. the tiny seeded checkpoint (generated once into the cache),
-4. an `evostream worker` subprocess, 5. the sample conversations produced into the turns
-topic, 6. every embedding read back from the embeddings topic, 7. a search per sample
-question (`evostream search`: index the topic + `POST /v1/embeddings` + cosine ranking),
-then the worker and the stack are stopped again (unless --keep-running).
+1. a local broker + Redis + the bundled PostgreSQL/pgvector in `.run/demo` (reused if one is
+already running there), 2. topics for this run, 3. the tiny seeded checkpoint (generated once
+into the cache), 4. an `evostream worker` and an `evostream sink` subprocess, 5. the sample
+conversations produced into the turns topic, 6. every embedding read back from PostgreSQL,
+where the sink put it (issue #19), 7. a search per sample question through the worker's
+`POST /v1/search` (the question embedded against the conversation's live memory, ranked by
+pgvector), then the worker, the sink and the stack are stopped again (unless --keep-running).
 
-Each run uses its own topics, consumer group and Redis namespace (`demo.<run id>.*`), so a
-reused stack or a stack restarted with old Redis data never mixes runs. The settings of
+Each run uses its own topics, consumer group, Redis namespace and PostgreSQL schema
+(`demo.<run id>.*`, `demo_<run id>`), so a reused stack never mixes runs. The settings of
 the run are written to `<run dir>/demo.env`, for the commands printed at the end.
 
 Results go to stdout, progress to stderr; any failure stops what the demo started and
@@ -36,7 +37,7 @@ from typing import TextIO
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data" / "sample_conversations.jsonl"
 PARTITIONS = 4
 WORKER_READY_TIMEOUT_S = 120.0
@@ -128,6 +129,8 @@ class _Run:
     started_stack: bool = False
     worker: subprocess.Popen | None = None
     worker_log: Path | None = None
+    sink: subprocess.Popen | None = None
+    sink_log: Path | None = None
     web_port: int = 0
     env: dict[str, str] = field(default_factory=dict)
     tiny: bool = True
@@ -159,9 +162,9 @@ class _Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._stop_stale_worker()
         # Servers we start die with us unless they are meant to outlive the demo.
-        stack = LocalStack(self.run_dir, die_with_parent=not self.keep_running)
+        stack = LocalStack(self.run_dir, die_with_parent=not self.keep_running, with_postgres=True)
         status = stack.status()
-        if status.running:
+        if status.running and stack.postgres is not None:
             try:
                 wait_for_broker_sync(stack.kafka_bootstrap, timeout=10.0)
             except TimeoutError as exc:
@@ -170,19 +173,21 @@ class _Run:
                                 f"{_show(self.run_dir)}") from None
             self.stack = stack
             self.step(f"reusing the local stack already running in {_show(self.run_dir)}: broker "
-                      f"{stack.kafka_bootstrap}, Redis {stack.redis_url}")
+                      f"{stack.kafka_bootstrap}, Redis {stack.redis_url}, PostgreSQL in {_show(stack.postgres.data_dir)}")
             return
-        if status.any_running:  # half a stack (one server died): start over
+        if status.any_running:  # half a stack (one server died), or one without PostgreSQL: start over
             self.step(f"stopping the partly running stack in {_show(self.run_dir)}")
             stack.stop(grace=3.0)
-            stack = LocalStack(self.run_dir, die_with_parent=not self.keep_running)
+        if stack.postgres is None:  # recorded by a stack of before issue #19
+            stack.state_file.unlink(missing_ok=True)
+        stack = LocalStack(self.run_dir, die_with_parent=not self.keep_running, with_postgres=True)
         try:
             stack.start()
         except LocalStackError as exc:
-            raise DemoError(f"could not start the local broker + Redis: {exc}") from None
+            raise DemoError(f"could not start the local broker + Redis + PostgreSQL: {exc}") from None
         self.stack, self.started_stack = stack, True
-        self.step(f"started a local broker ({stack.kafka_bootstrap}) and Redis ({stack.redis_url}) "
-                  f"in {_show(self.run_dir)}")
+        self.step(f"started a local broker ({stack.kafka_bootstrap}), Redis ({stack.redis_url}) and PostgreSQL 18 + "
+                  f"pgvector (socket in {_show(stack.postgres.data_dir)}) in {_show(self.run_dir)}")
 
     def _stop_stale_worker(self) -> None:
         """A demo worker left running by an earlier `--keep-running` run in this run dir."""
@@ -228,6 +233,9 @@ class _Run:
             "EVOSTREAM_REDIS_NAMESPACE": f"demo-{self.run_id}",
             # a local demo on loopback: the query API without keys, explicitly (issue #9)
             "EVOSTREAM_API_AUTH": "off",
+            # issue #19: the sink's index (and the worker's /v1/search) in the stack's PostgreSQL
+            "EVOSTREAM_SINK_DSN": self.stack.env()["EVOSTREAM_SINK_DSN"],
+            "EVOSTREAM_SINK_SCHEMA": f"demo_{self.run_id}".lower(),
         }
         try:
             ensure_topics_sync(self.stack.kafka_bootstrap, {self.env["EVOSTREAM_TURNS_TOPIC"]: PARTITIONS,
@@ -308,6 +316,42 @@ class _Run:
             time.sleep(0.3)
         self.step("worker ready (partitions assigned)")
 
+    def start_sink(self) -> None:
+        """`evostream sink`: the embeddings topic (and the turns topic's texts) into PostgreSQL."""
+        from devtools.localstack import _set_pdeathsig
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EVOSTREAM_") or k in PASSED_ON}
+        env.update(self.env, PYTHONUNBUFFERED="1", EVOSTREAM_SINK_NAME=f"demo-{self.run_id}")
+        self.sink_log = self.run_dir / "sink.log"
+        pdeathsig = (not self.keep_running and sys.platform == "linux"
+                     and threading.current_thread() is threading.main_thread())
+        with open(self.sink_log, "wb") as log:
+            self.sink = subprocess.Popen(
+                [sys.executable, "-m", "stream.cli", "sink"], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_set_pdeathsig if pdeathsig else None)
+        self.step(f"started `evostream sink` (pid {self.sink.pid}): {self.env['EVOSTREAM_EMBEDDINGS_TOPIC']} -> "
+                  f"PostgreSQL table {self.env['EVOSTREAM_SINK_SCHEMA']}.evostream_turns")
+
+    def _check_sink(self) -> None:
+        if self.sink is not None and self.sink.poll() is not None:
+            raise DemoError(f"the sink exited with code {self.sink.returncode}; last lines of "
+                            f"{_show(self.sink_log)}:\n{_tail(self.sink_log)}")
+
+    def stop_sink(self) -> None:
+        p, self.sink = self.sink, None
+        if p is None:
+            return
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+
     def _check_worker(self) -> None:
         if self.worker is not None and self.worker.poll() is not None:
             raise DemoError(f"the worker exited with code {self.worker.returncode}; last lines of "
@@ -329,34 +373,32 @@ class _Run:
         self.worker_pid_file.unlink(missing_ok=True)
 
     # -- 5./6. produce, wait ---------------------------------------------------------------------
-    async def produce_and_collect(self, convs: list[dict]) -> dict:
-        from stream.index.indexer import IndexerConsumer
+    def produce_and_collect(self, convs: list[dict]) -> dict:
         from stream.clients.producer import produce_records, turn_events
+        from stream.index.pgvector import PgVectorIndex
 
         events = list(turn_events(convs))
         records = [(e.conversation_id.encode(), e.model_dump_json().encode()) for e in events]
-        topic, emb_topic = self.env["EVOSTREAM_TURNS_TOPIC"], self.env["EVOSTREAM_EMBEDDINGS_TOPIC"]
+        topic = self.env["EVOSTREAM_TURNS_TOPIC"]
         try:
-            await produce_records(records, bootstrap=self.stack.kafka_bootstrap, topic=topic, progress=False)
+            asyncio.run(produce_records(records, bootstrap=self.stack.kafka_bootstrap, topic=topic, progress=False))
         except Exception as exc:  # noqa: BLE001
             raise DemoError(f"producing to {topic} failed: {exc!r}") from None
         self.step(f"produced {len(records)} turns of {len(convs)} conversations to {topic}")
 
-        expected = {(e.conversation_id, e.seq) for e in events}
+        expected = {(e.tenant or "", e.conversation_id, e.seq) for e in events}
         got: dict = {}
-        consumer = IndexerConsumer(self.stack.kafka_bootstrap, emb_topic,
-                                   on_event=lambda ev: got.__setitem__((ev.conversation_id, ev.seq), ev)
-                                   if getattr(ev, "type", "") == "embedding" else None)
         tty = getattr(self.err, "isatty", lambda: False)()
         shown, last_print = -1, 0.0
         deadline = time.monotonic() + EMBEDDINGS_TIMEOUT_S
-        async with consumer:
+        table = f"{self.env['EVOSTREAM_SINK_SCHEMA']}.evostream_turns"
+        with PgVectorIndex(self.env["EVOSTREAM_SINK_DSN"], schema=self.env["EVOSTREAM_SINK_SCHEMA"]) as index:
             while True:
-                await consumer.poll(timeout_ms=300)
+                got = {(r.tenant, r.conversation_id, r.seq): r for r in index.rows()}
                 n = len(expected & got.keys())
                 now = time.monotonic()
                 if n != shown and (tty or n == len(expected) or now - last_print >= 2.0):
-                    line = f"embeddings {n}/{len(expected)}"
+                    line = f"embeddings in PostgreSQL {n}/{len(expected)}"
                     print(("\r" + line) if tty else f"        {line}", end="" if tty else "\n", file=self.err,
                           flush=True)
                     shown, last_print = n, now
@@ -365,68 +407,66 @@ class _Run:
                         print(file=self.err)
                     break
                 self._check_worker()
+                self._check_sink()
                 if now >= deadline:
                     if tty:
                         print(file=self.err)
                     missing = sorted(expected - got.keys())[:5]
                     raise DemoError(
-                        f"only {n}/{len(expected)} embeddings arrived on {emb_topic} within "
-                        f"{EMBEDDINGS_TIMEOUT_S:.0f}s (missing e.g. {missing}); dead-lettered turns go to "
-                        f"{self.env['EVOSTREAM_DEAD_LETTER_TOPIC']}. Last lines of {_show(self.worker_log)}:\n"
-                        f"{_tail(self.worker_log)}")
-        if consumer.stats.skipped:
-            self.note(f"warning: {consumer.stats.skipped} records on {emb_topic} could not be parsed")
-        self.step(f"all {len(expected)} embeddings arrived on {emb_topic}")
+                        f"only {n}/{len(expected)} embeddings reached {table} within {EMBEDDINGS_TIMEOUT_S:.0f}s "
+                        f"(missing e.g. {missing}); dead-lettered turns go to {self.env['EVOSTREAM_DEAD_LETTER_TOPIC']}. "
+                        f"Last lines of {_show(self.worker_log)}:\n{_tail(self.worker_log)}\n"
+                        f"and of {_show(self.sink_log)}:\n{_tail(self.sink_log)}")
+                time.sleep(0.3)
+        self.step(f"all {len(expected)} embeddings are in PostgreSQL ({table}), put there by the sink")
         return got
 
     # -- 7. report ---------------------------------------------------------------------------
     def print_table(self, convs: list[dict], got: dict) -> None:
-        from schemas.vectors import decode_vector
-
         order = {c["conversation_id"]: i for i, c in enumerate(convs)}
-        keys = sorted(got, key=lambda k: (order.get(k[0], len(order)), k[1]))
-        dim = got[keys[0]].dim if keys else 0
-        self.say(f"\nEmitted embeddings ({len(keys)}, dim {dim}, topic {self.env['EVOSTREAM_EMBEDDINGS_TOPIC']}):")
+        keys = sorted(got, key=lambda k: (order.get(k[1], len(order)), k[2]))
+        dim = int(got[keys[0]].vector.shape[0]) if keys else 0
+        self.say(f"\nEmbeddings in PostgreSQL ({len(keys)}, dim {dim}, table "
+                 f"{self.env['EVOSTREAM_SINK_SCHEMA']}.evostream_turns, from topic "
+                 f"{self.env['EVOSTREAM_EMBEDDINGS_TOPIC']}):")
         self.say(f"  {'conversation':<24} {'seq':>3} {'memory_len':>10}  {'vector[:4]':<36} {'norm':>5}")
         prev = None
-        for cid, seq in keys:
-            ev = got[(cid, seq)]
-            vec = decode_vector(ev.vector)
-            head = "[" + ", ".join(f"{x:+.4f}" for x in vec[:4]) + "]"
-            name = cid if cid != prev else ""
-            self.say(f"  {name:<24} {seq:>3} {ev.memory_len:>10}  {head:<36} {float(np.linalg.norm(vec)):>5.3f}")
-            prev = cid
+        for key in keys:
+            r = got[key]
+            head = "[" + ", ".join(f"{x:+.4f}" for x in r.vector[:4]) + "]"
+            name = r.conversation_id if r.conversation_id != prev else ""
+            self.say(f"  {name:<24} {r.seq:>3} {r.memory_len:>10}  {head:<36} {float(np.linalg.norm(r.vector)):>5.3f}")
+            prev = r.conversation_id
         self.say("  (memory_len = memory latents the turn's embedding was computed against: the memory before it)")
 
     def searches(self, convs: list[dict]) -> tuple[str, str]:
-        from stream.index.indexer import search_end_to_end, turn_texts
-
-        texts = turn_texts(convs)
         ids = [c["conversation_id"] for c in convs]
         # a conversation's tenant is part of its identity (stream/identity.py): queries name it
         self.tenants = {c["conversation_id"]: c.get("tenant") for c in convs}
         questions = [(cid, q) for cid, q in SAMPLE_QUESTIONS if cid in ids][:2]
         if not questions:
             questions = [(ids[0], "what was the customer's problem?")]
-        self.say("\nSearch, as `evostream search` does it: index the embeddings topic, embed the question against\n"
-                 "the conversation's live memory (POST /v1/embeddings on the worker), rank its turns by cosine:")
-        from stream.clients.query_client import query_worker
-
+        self.say("\nSearch, as `evostream search` does it: the worker embeds the question against the conversation's\n"
+                 "live memory and PostgreSQL (pgvector) ranks the conversation's turns by cosine (POST /v1/search):")
         for cid, q in questions:
+            body = {"query": q, "conversation_id": cid, "k": 3, **({"tenant": self.tenants[cid]} if self.tenants[cid]
+                                                                   else {})}
+            req = urllib.request.Request(self.url + "/v1/search", data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
             try:
-                # the worker must find the conversation's memory (a search alone would fall back
-                # to a memory-less query vector and still rank)
-                query_worker(self.url, cid, q, tenant=self.tenants[cid])
-                hits = asyncio.run(search_end_to_end(self.stack.kafka_bootstrap, self.env["EVOSTREAM_EMBEDDINGS_TOPIC"],
-                                                     self.url, cid, q, k=3, texts=texts, tenant=self.tenants[cid]))
-            except Exception as exc:  # noqa: BLE001
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    answer = json.loads(r.read())
+            except urllib.error.HTTPError as exc:
+                raise DemoError(f"search in {cid} failed: HTTP {exc.code}: {exc.read()[:300]!r}") from None
+            except (OSError, ValueError) as exc:
                 raise DemoError(f"search in {cid} failed: {exc}") from None
+            hits = answer.get("hits") or []
             if not hits:
-                raise DemoError(f"search in {cid} returned no hits although its embeddings were indexed")
-            self.say(f"\n  {cid}: \"{q}\"")
+                raise DemoError(f"search in {cid} returned no hits although its embeddings are in PostgreSQL")
+            self.say(f"\n  {cid}: \"{q}\"  (index: {answer.get('index')})")
             for rank, h in enumerate(hits, 1):
-                lines = (h.text or "(no text)").split("\n")
-                self.say(f"    {rank}. seq {h.seq}  score {h.score:+.4f}  {_short(lines[0], 90)}")
+                lines = (h.get("text") or "(no text)").split("\n")
+                self.say(f"    {rank}. seq {h['seq']}  score {h['score']:+.4f}  {_short(lines[0], 90)}")
                 for extra in lines[1:]:
                     self.say(f"    {'':>23}{_short(extra, 90)}")
         if self.tiny:
@@ -439,6 +479,7 @@ class _Run:
         rd = _show(self.run_dir)
         self.say("\nLogs:")
         self.say(f"  worker  {_show(self.worker_log)}")
+        self.say(f"  sink    {_show(self.sink_log)}")
         for name in ("broker", "redis"):
             self.say(f"  {name:<7} {_show(self.run_dir / f'{name}.log')}")
         self.say(f"  settings of this run (topics, group, Redis namespace): {rd}/demo.env")
@@ -458,18 +499,30 @@ class _Run:
         self.say(f"  set -a; . {rd}/demo.env; set +a    # point the {cli} commands below at this run")
         self.say(f"  {cli} query  --url {self.url} --conversation {cid}{tflag} --text {shlex.quote(question)}")
         self.say(f"  {cli} search --url {self.url} --conversation {cid}{tflag} --text {shlex.quote(question)} -k 3")
+        sbody = json.dumps({"query": question, "conversation_id": cid, "k": 3, **({"tenant": tenant} if tenant else {})})
+        self.say(f"  curl -s -X POST {self.url}/v1/search -H 'Content-Type: application/json' -d {shlex.quote(sbody)}")
+        self.say(f"  psql \"$EVOSTREAM_SINK_DSN\" -c 'select conversation_id, seq, memory_origin from "
+                 f"{self.env['EVOSTREAM_SINK_SCHEMA']}.evostream_turns'   # the table the sink keeps")
         self.say(f"  {cli} inspect {cid}              # its checkpoint in Redis")
         self.say(f"  {cli} produce data/sample_conversations.jsonl   # more turns (already applied seqs are skipped)")
         if self.keep_running:
-            self.say(f"Stop everything: kill {self.worker.pid if self.worker else '<worker pid>'}; "
+            self.say(f"Stop everything: kill {self.worker.pid if self.worker else '<worker pid>'} "
+                     f"{self.sink.pid if self.sink else '<sink pid>'}; "
                      f"{cli} stack stop --run-dir {rd}")
 
     # -- cleanup -----------------------------------------------------------------------------
     def cleanup(self, failed: bool) -> None:
         if self.keep_running and not failed:
             self.worker = None  # left running on purpose; its pid is in worker.pid
+            self.sink = None
             return
         stopped = []
+        try:
+            if self.sink is not None:
+                self.stop_sink()
+                stopped.append("the sink")
+        except Exception as exc:  # noqa: BLE001 - keep going: the rest must still be stopped
+            self.note(f"warning: could not stop the sink: {exc!r}")
         try:
             if self.worker is not None:
                 self.stop_worker()
@@ -484,7 +537,7 @@ class _Run:
                 self.note(f"warning: could not stop the local stack: {exc!r}; stop it with: "
                           f"evostream stack stop --run-dir {_show(self.run_dir)}")
         if stopped:
-            self.step("stopped " + " and ".join(stopped))
+            self.step("stopped " + (", ".join(stopped[:-1]) + " and " + stopped[-1] if len(stopped) > 1 else stopped[0]))
         if self.stack is not None and not self.started_stack:
             self.step(f"left the stack in {_show(self.run_dir)} running (it was running before the demo)")
 
@@ -500,11 +553,13 @@ def run_demo(conversations: int | None = None, keep_running: bool = False, *, ru
         convs = _load_conversations(data, conversations)
         plural = "s" if len(convs) != 1 else ""
         run.note(f"evostream demo: {len(convs)} conversation{plural} from {_show(data)} through a local broker + "
-                 f"Redis, one worker and the search path, end to end (run dir {_show(run.run_dir)})")
+                 f"Redis + PostgreSQL/pgvector, one worker, the sink and a search through it, end to end "
+                 f"(run dir {_show(run.run_dir)})")
         run.start_stack()
         run.prepare()
         run.start_worker()
-        got = asyncio.run(run.produce_and_collect(convs))
+        run.start_sink()
+        got = run.produce_and_collect(convs)
         run.print_table(convs, got)
         cid, question = run.searches(convs)
         run.print_howto(cid, question)

@@ -42,8 +42,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from stream.kafka.topics import wait_for_broker_sync
+
+if TYPE_CHECKING:
+    from devtools.postgres import EmbeddedPostgres
 
 HOST = "127.0.0.1"
 ENV_KAFKA = "EVOSTREAM_KAFKA_BOOTSTRAP"
@@ -52,6 +56,8 @@ ENV_REDIS = "EVOSTREAM_REDIS_URL"
 ENV_TANSU_BIN = "EVOSTREAM_TANSU_BIN"
 ENV_REDIS_BIN = "EVOSTREAM_REDIS_SERVER_BIN"
 ENV_RUN_DIR = "EVOSTREAM_LOCALSTACK_DIR"
+ENV_SINK_DSN = "EVOSTREAM_SINK_DSN"
+POSTGRES_DB = "evostream"
 
 _PR_SET_PDEATHSIG = 1
 
@@ -72,7 +78,7 @@ def default_run_dir() -> Path:
     """
     if os.environ.get(ENV_RUN_DIR):
         return Path(os.environ[ENV_RUN_DIR])
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]
     base = repo if (repo / "pyproject.toml").exists() else Path.cwd()
     return base / ".run" / "localstack"
 
@@ -623,6 +629,7 @@ class LocalStack:
         appendfsync: str = "always",
         die_with_parent: bool = False,
         start_timeout: float = 20.0,
+        with_postgres: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
         self.start_timeout = start_timeout
@@ -630,6 +637,14 @@ class LocalStack:
         if saved:
             with_broker = "broker" in saved
             with_redis = "redis" in saved
+            with_postgres = "postgres" in saved
+        # issue #19: the bundled PostgreSQL + pgvector (devtools/postgres.py) for the sink, on
+        # a Unix socket in the run dir; `env()` names it as EVOSTREAM_SINK_DSN
+        self.postgres: "EmbeddedPostgres | None" = None
+        if with_postgres:
+            from devtools.postgres import EmbeddedPostgres
+
+            self.postgres = EmbeddedPostgres(self.run_dir / "postgres-data")
         self.broker: TansuBroker | None = (
             TansuBroker(self.run_dir, saved.get("broker", {}).get("port"), die_with_parent=die_with_parent)
             if with_broker
@@ -667,6 +682,8 @@ class LocalStack:
             state["broker"] = {"port": self.broker.port}
         if self.redis is not None:
             state["redis"] = {"port": self.redis.port, "appendfsync": self.redis.appendfsync}
+        if self.postgres is not None:
+            state["postgres"] = {"data_dir": str(self.postgres.data_dir), "database": POSTGRES_DB}
         self.state_file.write_text(json.dumps(state, indent=2) + "\n")
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in self.env().items()))
 
@@ -705,6 +722,8 @@ class LocalStack:
             env[ENV_KAFKA] = self.broker.bootstrap
         if self.redis is not None and self.redis.port is not None:
             env[ENV_REDIS] = self.redis.url
+        if self.postgres is not None and self.postgres.running:
+            env[ENV_SINK_DSN] = self.postgres.socket_dsn(POSTGRES_DB)
         return env
 
     def start(self) -> LocalStack:
@@ -735,13 +754,34 @@ class LocalStack:
                 for service in self.services:
                     self._start_service(service)
                     started.append(service)
+                if self.postgres is not None:
+                    self._start_postgres()
                 self._save_state()
             except BaseException:
                 for service in reversed(started):
                     with contextlib.suppress(Exception):
                         service.stop(grace=2.0)
+                if self.postgres is not None:
+                    with contextlib.suppress(Exception):
+                        self.postgres.stop()
                 raise
         return self
+
+    def _start_postgres(self) -> None:
+        """Start the bundled PostgreSQL with an empty `evostream` database: like the broker's
+        topics, the index starts clean with the stack (its offsets would name old topics)."""
+        from devtools.postgres import PostgresError
+
+        assert self.postgres is not None
+        if self.postgres.running:
+            raise StackAlreadyRunning(f"a PostgreSQL server already runs on {self.postgres.data_dir}")
+        try:
+            self.postgres.start()
+            with self.postgres.connect() as c:
+                c.execute(f"DROP DATABASE IF EXISTS {POSTGRES_DB} WITH (FORCE)")
+            self.postgres.create_database(POSTGRES_DB)
+        except PostgresError as exc:
+            raise LocalStackError(str(exc)) from None
 
     def _start_service(self, service: ManagedService, attempts: int = 3) -> None:
         for attempt in range(attempts):
@@ -764,6 +804,11 @@ class LocalStack:
         """
         with self._locked():
             errors: list[str] = []
+            if self.postgres is not None:
+                try:
+                    self.postgres.stop()
+                except Exception as exc:  # noqa: BLE001 - the other services are still stopped
+                    errors.append(f"postgres: {exc}")
             for service in reversed(self.services):
                 try:
                     service.stop(grace)
@@ -774,7 +819,13 @@ class LocalStack:
                 raise LocalStackError("; ".join(errors))
 
     def status(self) -> StackStatus:
-        return StackStatus(str(self.run_dir), tuple(s.status() for s in self.services))
+        services = [s.status() for s in self.services]
+        if self.postgres is not None:
+            pg = self.postgres
+            services.append(ServiceStatus("postgres", pg.running, pg.pid, None,
+                                          pg.socket_dsn(POSTGRES_DB) if pg.running else None,
+                                          str(pg.data_dir / "log")))
+        return StackStatus(str(self.run_dir), tuple(services))
 
     def __enter__(self) -> LocalStack:
         return self.start()
@@ -805,6 +856,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=None, help=f"default: {default_run_dir()}")
     parser.add_argument("--no-broker", action="store_true", help="start: Redis only")
     parser.add_argument("--no-redis", action="store_true", help="start: broker only")
+    parser.add_argument("--postgres", action="store_true",
+                        help="start: also the bundled PostgreSQL + pgvector for `evostream sink` (EVOSTREAM_SINK_DSN)")
     parser.add_argument("--appendfsync", default="always", choices=["always", "everysec", "no"])
     parser.add_argument("--export", action="store_true", help="env: prefix lines with 'export '")
     args = parser.parse_args(argv)
@@ -813,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
         with_broker=not args.no_broker,
         with_redis=not args.no_redis,
         appendfsync=args.appendfsync,
+        with_postgres=args.postgres,
     )
 
     if args.command == "start":

@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import uuid
 from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
+    computed_field,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -255,19 +258,53 @@ class MemoryOrigin(StrEnum):
     """An operator reset the conversation (`evostream reset`), e.g. after quarantine."""
 
 
+DOCUMENT_ID_NAMESPACE = uuid.UUID("5f0c3a52-6c1e-4d7a-9a43-3b8e2f1d9e17")
+"""UUID namespace of per-turn document ids (fixed for ever: ids are stored downstream)."""
+
+
+def document_id(tenant: str | None, conversation_id: str, generation: int, seq: int) -> str:
+    """The per-turn document id (issue #19): UUID v5 in DOCUMENT_ID_NAMESPACE of
+    `tenant + U+001F + conversation_id + U+001F + generation + U+001F + seq` (the default tenant
+    is ""). Why: a Kafka Connect sink that takes the record key (the conversation id) as the
+    document id keeps one document per conversation; this id names one turn's embedding in one
+    generation, is the same for every redelivered copy, fits any store's id column (36
+    characters) and can be recomputed in any language. U+001F cannot occur in tenants or ids."""
+    name = "\x1f".join((tenant or "", conversation_id, str(generation), str(seq)))
+    return str(uuid.uuid5(DOCUMENT_ID_NAMESPACE, name))
+
+
+def _plain_floats(value: object) -> object:
+    """A vector sent as a plain JSON array of numbers (EVOSTREAM_OUTPUT_VECTOR_FORMAT=floats) is
+    read as the float32 vector it prints: our own float32 values round-trip exactly."""
+    if isinstance(value, list):
+        import numpy as np
+
+        if not value or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+            raise PydanticCustomError("vector_floats", "a plain vector must be a non-empty array of numbers")
+        from schemas.vectors import encode_vector
+
+        try:
+            return encode_vector(np.asarray(value, dtype=np.float64).astype(np.float32))
+        except ValueError as exc:
+            raise PydanticCustomError("vector_floats", "invalid plain vector: {error}", {"error": str(exc)}) from None
+    return value
+
+
 class EmbeddingEvent(_Wire):
     """The embedding of one conversation after one turn, keyed by conversation id.
 
     Delivery is at-least-once; consumers deduplicate on `idempotency_key` =
-    (conversation_id, seq). A redelivered event for the same key carries the same vector
-    (the checkpoint store commits the turn before the event is emitted).
+    (conversation_id, seq), or on `document_id` (one turn in one generation). A redelivered
+    event for the same key carries the same vector (the checkpoint store commits the turn
+    before the event is emitted). `vector` is read from the encoded form or from a plain
+    array of numbers (what EVOSTREAM_OUTPUT_VECTOR_FORMAT=floats writes).
     """
 
     type: Literal["embedding"] = "embedding"
     schema_version: Literal[1] = SCHEMA_VERSION
     conversation_id: ConversationId
     seq: Seq
-    vector: EncodedVector
+    vector: Annotated[EncodedVector, BeforeValidator(_plain_floats)]
     dim: int = Field(ge=1)
     model: Name
     checkpoint: Name
@@ -284,11 +321,36 @@ class EmbeddingEvent(_Wire):
     timings: StageTimings
     produced_at: Timestamp
 
+    @model_validator(mode="before")
+    @classmethod
+    def _document_id_is_derived(cls, data: object) -> object:
+        """`document_id` is written by us (a computed field) and read back: it must be the id
+        of the event's own (tenant, conversation, generation, seq), never a second truth."""
+        if isinstance(data, dict) and "document_id" in data:
+            data = dict(data)
+            given = data.pop("document_id")
+            try:
+                want = document_id(data.get("tenant"), data["conversation_id"], int(data.get("generation", 1)),
+                                   int(data["seq"]))
+            except (KeyError, TypeError, ValueError):
+                return data  # the fields themselves are invalid: their own errors say so
+            if given != want:
+                raise PydanticCustomError("document_id_mismatch",
+                                          "document_id {given} is not the id of this turn ({want})",
+                                          {"given": str(given)[:64], "want": want})
+        return data
+
     @model_validator(mode="after")
     def _dim_matches_vector(self) -> "EmbeddingEvent":
         if self.dim != self.vector.dim:
             raise ValueError(f"dim {self.dim} does not match vector.dim {self.vector.dim}")
         return self
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def document_id(self) -> str:
+        """Per-turn document id (see `document_id()`): one turn's embedding in one generation."""
+        return document_id(self.tenant, self.conversation_id, self.generation, self.seq)
 
     @property
     def idempotency_key(self) -> tuple[str, int]:
@@ -468,7 +530,9 @@ __all__ = [
     "DEAD_LETTER_OVERHEAD_BYTES",
     "DeadLetterEvent",
     "DeadLetterReason",
+    "DOCUMENT_ID_NAMESPACE",
     "EmbeddingEvent",
+    "document_id",
     "INBOUND_EVENT_ADAPTER",
     "INBOUND_TYPES",
     "InboundEvent",

@@ -2,10 +2,14 @@
 """Render the fault-injection results (tests/test_chaos.py) into RELIABILITY.md.
 
 Every scenario of the chaos suite appends one JSON line to `EVOSTREAM_CHAOS_REPORT`
-(default `.run/chaos-report.jsonl`). This script picks, per scenario, the newest line of the
-chosen scale (default: `long` if the file has any long run, else `short`) and writes what was
-proved, the per-scenario numbers, the totals, the command, the date and the machine. Every
-number in the output comes from the file; nothing is typed in.
+(default `.run/chaos-report.jsonl`) carrying its *ledger*: what the harness counted on the
+topics and in Redis at the end (turns applied, dead-lettered by reason, expired, lost,
+duplicates byte-identical and byte-different, checkpoints compared) and, kept apart, the
+workers' own Prometheus counters. This script picks, per scenario, the newest line of the
+chosen scale (default: `long` if the file has any long run, else `short`), writes those
+ledgers to `benchmarks/results/chaos_<scale>.json`, and renders RELIABILITY.md with every
+number as a figure marker into that file (benchmarks/figures.py; tests/test_figures.py fails
+on a number that differs from it). Nothing is typed in.
 
     python scripts/chaos_report.py [--input FILE] [--output RELIABILITY.md] [--scale auto|short|long]
 """
@@ -16,169 +20,13 @@ import argparse
 import json
 import os
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ["kill9", "rebalance_zombie", "redis_outage", "hostile_input", "memory_ttl", "broker_pause",
-         "broker_partition", "production_faults"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chaos_report_text import FINDINGS, LIMITS, ORDER, TITLES, WHAT  # noqa: E402
 
-TITLES = {
-    "kill9": "1. Kill -9 at random moments and in every crash window",
-    "rebalance_zombie": "2. Rebalances and zombie workers",
-    "redis_outage": "3. Redis outages",
-    "hostile_input": "4. Hostile input",
-    "memory_ttl": "5. Memory bounds and idle expiry",
-    "broker_pause": "6. Broker frozen past the session timeout",
-    "broker_partition": "7. One worker partitioned from the broker",
-    "production_faults": "8. Evicted keys, deletes racing a zombie, two tenants with one id",
-}
-
-WHAT = {
-    "production_faults": (
-        "Two tenants stream conversations with the SAME ids and different content through two "
-        "workers. Mid-stream one checkpoint key (base, deltas or meta, in turn) of some "
-        "conversations is deleted by hand, as Redis' `volatile-*` eviction policies would. One "
-        "worker freezes itself right after a model step (a zombie); while it is frozen the other "
-        "takes over, finishes the stream, and some conversations of the second tenant are "
-        "deleted; then the zombie resumes and tries its stale commit. Workers commit with "
-        "`EVOSTREAM_REDIS_DURABILITY=aof` (WAITAOF). Every turn of a damaged conversation must be "
-        "either embedded exactly as offline or dead-lettered `checkpoint_corrupt`; every other "
-        "conversation of both tenants must be exact; a deleted conversation must have no state in "
-        "Redis and no embedding after its tombstone."),
-    "kill9": (
-        "Worker processes are SIGKILLed while a producer streams interleaved conversations: from "
-        "outside at random moments, and from inside through the test-only fault hook "
-        "(`devtools/faults.py`, `EVOSTREAM_FAULT_POINT`) right after the model step, between the "
-        "Redis checkpoint and the emit, between the emit and the outbox ack, and between the ack "
-        "and the offset commit. Each killed worker is restarted. Checkpoints compact every 3 turns "
-        "so that replays also cross full-state compactions."),
-    "rebalance_zombie": (
-        "Workers join and leave mid-stream (1 -> 3 -> 2 per round, the oldest member leaving "
-        "gracefully). In every round the newest worker is armed to freeze itself with SIGSTOP "
-        "right after a model step (its batch computed, not yet checkpointed); it stays frozen past "
-        "the session timeout while the others take over its partitions and advance every "
-        "conversation it held, and is then resumed (SIGCONT): its stale checkpoint write must be "
-        "refused by the compare-and-set on seq. The long run also freezes random workers from "
-        "outside, at random moments, past the session timeout. Checkpoints compact every 3 turns."),
-    "redis_outage": (
-        "Redis is taken away mid-stream and brought back on the same port with its data (AOF "
-        "persistence): stopped (SIGTERM), and in the long run also SIGKILLed and frozen "
-        "(SIGSTOP, so in-flight commits time out and are retried). The workers must pause "
-        "(`/readyz` reports `paused`), never exit or restart, and resume by themselves."),
-    "hostile_input": (
-        "Hypothesis-generated malformed and adversarial records (`tests/strategies.py` "
-        "`hostile_records`: invalid UTF-8, oversized values, deep nesting, invalid JSON, wrong "
-        "types, unknown fields and types, empty turns, bad roles, out-of-range seqs, missing keys, "
-        "keys that disagree with the body) are mixed into good traffic. Each bad record must reach "
-        "the dead-letter topic with exactly the expected reason (matched by its original key and "
-        "value bytes); the valid generated events (turns with arbitrary Unicode and seqs, deletes) "
-        "must be processed; the good conversations must be exact; the worker must stay up."),
-    "memory_ttl": (
-        "Many idle conversations, then a few active ones, through one worker with a small state "
-        "cache budget (`EVOSTREAM_CACHE_MAX_BYTES`) and a short state TTL "
-        "(`EVOSTREAM_STATE_TTL_S`). The `evostream_state_cache_bytes` gauge is sampled throughout "
-        "and must never exceed the budget; process RSS (`/proc/PID/status`) must not grow with "
-        "the number of conversations; idle states must vanish from Redis while active ones keep "
-        "going, and every key once the stream stops; every embedding must match the offline "
-        "replay."),
-    "broker_pause": (
-        "A broker of the scenario's own (tansu behind a test-controlled TCP proxy, "
-        "`tests/support/kafka_proxy.py`, so the suite's shared broker is never touched) is frozen "
-        "with SIGSTOP past the group session timeout while a producer streams, then resumed with "
-        "SIGCONT; it keeps its in-memory data. Two workers. Each must report `/readyz` 503 "
-        "(`broker: unreachable`) while the broker is frozen, never exit, become ready again and "
-        "finish the stream: a produce that fails during the pause is retried "
-        "(`evostream_emit_retries_total`), and records are acknowledged only after their embeddings "
-        "are delivered."),
-    "broker_partition": (
-        "One of two workers is cut off from Kafka by the proxy (`blackhole`: connections kept, "
-        "nothing forwarded; `cut`: connections closed and refused) while Redis stays reachable. "
-        "It must report itself not ready; past the session timeout the other worker takes its "
-        "partitions over and checkpoints everything published so far while the victim is still cut "
-        "off (a batch the victim had checkpointed but not emitted is re-emitted from the outbox); "
-        "healed, the victim rejoins. Checkpoints compact every 3 turns."),
-}
-
-FINDINGS = [
-    ("**Zombie taken for a retry (fixed).** The long rebalance run found one (conversation, seq) "
-    "whose two embedding events carried different vectors. A zombie had recomputed a turn the new "
-    "owner had already committed; its state deltas were bit-identical to the owner's (same batch "
-    "shape in the memory pass) but its embedding was not (another batch shape in the retrieval "
-    "pass). The commit script recognises a retry whose first reply was lost by (seq, digest of the "
-    "deltas), so it answered the zombie ALREADY_APPLIED and the zombie emitted its own embedding "
-    "next to the winner's. Fixed in `stream/state/store.py`: the digest is keyed per store "
-    "instance, so only the same writer's retry matches; any other writer gets STALE, re-reads and "
-    "re-emits the winner's event from the outbox. Regression test: "
-    "`test_zombie_with_bit_identical_deltas_is_refused_not_taken_for_a_retry`."),
-    ("`/readyz` stayed 200 while a worker held no partitions (after a revoke, during a rebalance, or "
-    "in a consumer group that never re-synced), so neither an orchestrator nor the harness could see a "
-    "stuck group. Fixed in `stream/runtime/worker.py`: readiness drops on every revoke and comes back with the "
-    "next assignment. Found by the rebalance scenario."),
-    ("tansu 0.6.0 (the local broker) keeps a group leader that leaves (LeaveGroup) in the middle of a "
-    "rebalance as the leader of the next generation: the remaining members re-join that generation as "
-    "followers forever and the group never syncs again. A broker bug, not evostream's; the harness "
-    "only lets a worker leave once the group is stable (every member ready). Real Kafka re-elects."),
-    ("The first RSS check failed a long run and then a short one without any leak: glibc keeps "
-    "freed activation buffers as a high-water mark, so RSS jumped whenever a batch of a new, larger "
-    "shape came by. Probed over thousands of turns, RSS is flat once the worker runs with "
-    "`MALLOC_MMAP_THRESHOLD_=65536` (large blocks mapped on their own and returned when freed); the "
-    "memory scenario now runs its worker that way and takes the baseline after a warm-up third of "
-    "the idle conversations. The cache gauge remains the exact bound."),
-    ("faust's partition assignor may give a third member no partition at all, so a worker armed "
-    "to become a zombie can sit idle; the scenario lets the oldest member leave first, after which "
-    "both remaining members own partitions."),
-    ("A state TTL shorter than the worker's processing lag expires conversations that still have "
-    "turns queued: their next turn starts a new memory (a seq gap, logged and counted in "
-    "`evostream_seq_gaps_total`). The memory scenario publishes each idle conversation's turns back "
-    "to back and keeps the TTL well above the step time; production TTLs are days."),
-]
-
-FINDINGS += [
-    ("The first long run of 2026-11-30 failed the hostile scenario without losing anything: since "
-    "issue #8 a dead letter of a record near the 1,000,000-byte input limit carries only a prefix "
-    "of the original (plus its length and SHA-256) so that it fits the broker's message limit, and "
-    "the harness still matched dead letters by the full original bytes. It now matches by the "
-    "SHA-256 of the originals; the scenario was rerun alone at the long scale."),
-    ("Since issue #7 every conversation keeps a small marker (generation, last seq) that outlives "
-    "its state by `MARKER_TTL_S`, so that expiry is told apart from a gap and deletes stay final. "
-    "The memory scenario's \"every key expires\" check therefore waits for the state keys, and runs "
-    "its workers with `MARKER_TTL_S` equal to the state TTL so that the markers go too."),
-]
-
-LIMITS = [
-    ("Exactly-once through Kafka transactions is not exercised: the tansu broker rejects "
-    "InitProducerId. Effectively-once comes from the seq compare-and-set in Redis plus the outbox."),
-    ("Deletes are tombstones (a marker with the generation and last seq): a replay of a partition "
-    "segment holding turns and then their delete no longer re-applies those turns to an emptied "
-    "memory; they are recognised as deleted and dropped. The tombstone lives `MARKER_TTL_S` "
-    "(30 days by default): a writer frozen for longer than that could still write once."),
-    ("Expiry (`STATE_TTL_S`) is not part of the chaos runs (every conversation of a run would "
-    "expire with it); it is covered by `tests/test_production_faults.py`. A Redis replica "
-    "failover (the `WAIT` durability) is not injected: the local Redis has no replica."),
-    ("Broker faults are injected on one single-node broker (tansu, memory storage): a frozen broker "
-    "and a worker partitioned from it. Leader changes and partial broker failures of a multi-node "
-    "Kafka cluster are not reproduced here."),
-    ("Offline and streamed floats are compared within 1e-4 (batched padded passes vs one turn at a "
-    "time); bookkeeping (seq, segment tokens, number of latents) is compared exactly."),
-]
-
-TOTAL_FIELDS = [
-    ("turns", "turns streamed (each applied exactly once)"),
-    ("records", "records published (turns + hostile)"),
-    ("kills", "worker SIGKILLs"),
-    ("zombies", "zombie workers (frozen past the session timeout, resumed)"),
-    ("pauses", "other worker freezes past the session timeout"),
-    ("rebalances", "group membership changes"),
-    ("outages", "outages (Redis, broker, worker-broker partitions)"),
-    ("hostile", "hostile records"),
-    ("lost", "turns lost (no embedding event)"),
-    ("states_checked", "conversation checkpoints compared with the offline replay"),
-    ("states_differing", "checkpoints differing from the offline replay"),
-    ("duplicates", "duplicate embedding events (at-least-once replays)"),
-    ("non_identical", "(conversation, seq) whose copies differ"),
-    ("conflicts", "stale checkpoint writes refused by the compare-and-set"),
-]
+SLOW_SCENARIOS = ("broker_pause", "broker_partition")  # marked slow in tests/test_chaos.py
 
 
 def load(path: Path) -> list[dict]:
@@ -210,7 +58,9 @@ def pick(rows: list[dict], scale: str) -> tuple[str, dict[str, dict]]:
     if not runs:
         return scale, {}
     order = sorted(runs, key=lambda rid: newest[rid], reverse=True)
-    complete = [rid for rid in order if all(n in runs[rid] for n in ORDER)]
+    # the short run (`make test`) leaves out the scenarios marked slow
+    expected = ORDER if scale == "long" else [n for n in ORDER if n not in SLOW_SCENARIOS]
+    complete = [rid for rid in order if all(n in runs[rid] for n in expected)]
     base_id = (complete or order)[0]
     picked = dict(runs[base_id])
     # A scenario rerun alone after the complete run (e.g. after a harness fix) replaces that
@@ -225,206 +75,296 @@ def pick(rows: list[dict], scale: str) -> tuple[str, dict[str, dict]]:
     return scale, picked
 
 
-def fmt(v: object) -> str:
-    if isinstance(v, float):
-        if v == int(v) and abs(v) < 1e15:
-            return str(int(v))
-        return f"{v:.3g}"
+# ----------------------------------------------------------------------------- the results file
+
+LEDGER = [  # (field, label) of every scenario's ledger, in table order
+    ("turns", "turns streamed"),
+    ("applied", "turns applied: embedding delivered, equal to the offline replay"),
+    ("turns_in_checked_checkpoints", "... of which in checkpoints compared equal to the replay"),
+    ("dead_lettered_total", "records dead-lettered (with a reason)"),
+    ("expired", "conversations whose state was seen to expire"),
+    ("lost", "turns lost (neither embedded nor dead-lettered)"),
+    ("differing", "turns embedded differently from the replay"),
+    ("checkpoints_compared", "checkpoints compared with the replay"),
+    ("checkpoints_differing", "checkpoints differing from the replay"),
+    ("duplicates_byte_identical", "extra copies of an event, byte-identical (replays)"),
+    ("duplicates_byte_different", "extra copies of an event, differing in any byte"),
+    ("kills", "worker SIGKILLs"),
+    ("zombies", "zombie workers (frozen past the session timeout, resumed)"),
+    ("pauses", "other worker freezes past the session timeout"),
+    ("rebalances", "group membership changes"),
+    ("outages", "outages (Redis, broker, worker-broker partitions)"),
+    ("hostile", "hostile records published"),
+    ("records", "records published (turns + hostile)"),
+]
+
+
+def _num(v: object) -> float | int:
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, (int, float)):
+        return v
+    return 0
+
+
+def _words(v: object) -> str:
+    """A composite value (dict/list) as one string field of the results file."""
     if isinstance(v, dict):
-        return ", ".join(f"{k}: {fmt(x)}" for k, x in v.items()) or "-"
+        return ", ".join(f"{k}: {_words(x)}" for k, x in v.items()) or "none"
     if isinstance(v, list):
-        return ", ".join(fmt(x) for x in v) or "-"
+        return ", ".join(_words(x) for x in v) or "none"
+    if isinstance(v, float) and v == int(v):
+        return str(int(v))
     return str(v)
 
 
-def mib(v: object) -> str:
-    try:
-        return f"{float(v) / 2**20:.1f} MiB"
-    except (TypeError, ValueError):
-        return "-"
-
-
-def scenario_rows(r: dict) -> list[tuple[str, str]]:
+def ledger(r: dict) -> dict:
+    """One scenario's results: its ledger (harness counts), its faults, the system's counters."""
     x = r.get("extra", {})
-    rows = [
-        ("result", "PASS" if r.get("ok") else "FAIL"),
-        ("duration", f"{r.get('seconds', 0):.0f} s"),
-        ("conversations / turns streamed", f"{r.get('conversations', 0)} / {r.get('turns', 0)}"),
-        ("records published", fmt(r.get("records", 0))),
-    ]
-    name = r.get("scenario")
+    dl = dict(r.get("dead_lettered") or {})
+    out = {
+        "ok": bool(r.get("ok")),
+        "result": "PASS" if r.get("ok") else "FAIL",
+        "seconds": _num(r.get("seconds", 0)),
+        "started_at": r.get("started_at", "?"),
+        "command": r.get("command", "?"),
+        "machine": r.get("machine", "?"),
+        "rerun_of": r.get("rerun_of") or "",
+        "conversations": _num(r.get("conversations", 0)),
+        "dead_lettered": dl,
+        "dead_lettered_total": sum(dl.values()),
+        "dead_lettered_by_reason": _words(dl),
+        "checkpoints_compared": _num(r.get("states_checked", 0)),
+        "checkpoints_differing": _num(r.get("states_differing", 0)),
+        "max_abs_diff": float(r.get("max_abs_diff", 0.0)),
+        "system_counters": {k: _num(v) for k, v in (r.get("system_counters") or {}).items()},
+        "problems": list(r.get("problems") or []),
+    }
+    for field, _ in LEDGER:
+        out.setdefault(field, _num(r.get(field, 0)))
+    out["kills_by_point"] = _words(r.get("kills_by_point") or {})
+    out["outage_kinds"] = _words(r.get("outage_kinds") or [])
+    out["details"] = {k: (_num(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else _words(v))
+                      for k, v in x.items() if k != "fleet_events"}
+    out["fleet_events"] = list(x.get("fleet_events") or [])
+    return out
+
+
+def build_results(scale: str, picked: dict[str, dict], source: str) -> dict:
+    names = [n for n in ORDER if n in picked] + sorted(n for n in picked if n not in ORDER)
+    scen = {n: ledger(picked[n]) for n in names}
+    totals = {f: sum(_num(scen[n][f]) for n in names) for f, _ in LEDGER}
+    totals["dead_lettered_total"] = sum(scen[n]["dead_lettered_total"] for n in names)
+    totals["checkpoints_compared"] = sum(scen[n]["checkpoints_compared"] for n in names)
+    totals["checkpoints_differing"] = sum(scen[n]["checkpoints_differing"] for n in names)
+    totals["max_abs_diff"] = max((scen[n]["max_abs_diff"] for n in names), default=0.0)
+    totals["minutes"] = sum(scen[n]["seconds"] for n in names) / 60
+    ok = bool(names) and all(scen[n]["ok"] for n in names)
+    starts = sorted(scen[n]["started_at"] for n in names)
+    return {
+        "run": {"scale": scale, "ok": ok, "result": "all scenarios passed" if ok else "FAILURES (see below)",
+                "scenarios": len(names), "first_start": starts[0] if starts else "?",
+                "last_start": starts[-1] if starts else "?",
+                "machines": "; ".join(sorted({scen[n]["machine"] for n in names})),
+                "commands": "; ".join(sorted({scen[n]["command"] for n in names})),
+                "source": source, "not_run": ", ".join(n for n in ORDER if n not in picked) or ""},
+        "order": names,
+        "totals": totals,
+        "scenarios": scen,
+    }
+
+
+# ----------------------------------------------------------------------------- RELIABILITY.md
+
+
+def _figure_module():
+    sys.path.insert(0, str(REPO))
+    from benchmarks import figures
+
+    return figures
+
+
+class Marks:
+    """Writes a figure marker whose text is rendered from the results file itself."""
+
+    def __init__(self, results: dict, file: str):
+        self.results = results
+        self.file = file
+        self.figures = _figure_module()
+
+    def __call__(self, path: str, fmt: str = "", suffix: str = "") -> str:
+        value = self.figures.lookup(self.results, path)
+        spec = f":{fmt}" + (f"|{suffix}" if suffix else "") if fmt or suffix else ""
+        return f"<!--fig {self.file}:{path}{spec}-->{self.figures.render_value(value, fmt, suffix)}<!--/fig-->"
+
+
+def _q(name: str) -> str:
+    """A key usable in a figure path (quoted when it has dots)."""
+    return f'"{name}"' if "." in name else name
+
+
+def scenario_rows(f: Marks, name: str, r: dict) -> list[tuple[str, str]]:
+    """Scenario-specific rows (on top of the ledger): numbers from the scenario's details."""
+    p = f"scenarios.{name}"
+    d = r["details"]
+
+    def det(key: str, label: str, fmt: str = "", suffix: str = "") -> list[tuple[str, str]]:
+        return [(label, f(f"{p}.details.{_q(key)}", fmt, suffix))] if key in d else []
+
+    rows: list[tuple[str, str]] = []
     if name == "kill9":
-        rows += [("worker SIGKILLs", fmt(r.get("kills", 0))),
-                 ("  by crash window", fmt(r.get("kills_by_point", {}))),
-                 ("restarts", fmt(x.get("restarts", 0))),
-                 ("turns published while the kills went on", fmt(x.get("streamed_during_kills", "-")))]
-        if x.get("kills_not_done"):
-            rows.append(("planned kills not done (stream ended first)", fmt(x["kills_not_done"])))
+        rows += [("  by crash window", f(f"{p}.kills_by_point"))]
+        rows += det("restarts", "restarts") + det("streamed_during_kills", "turns published while the kills went on")
+        rows += det("kills_not_done", "planned kills not done (stream ended first)")
     if name == "rebalance_zombie":
-        rows += [("membership changes", fmt(r.get("rebalances", 0))),
-                 ("zombies resumed after their partitions moved", fmt(r.get("zombies", 0))),
-                 ("stale commits refused per zombie (CAS conflicts)", fmt(x.get("zombie_conflicts", []))),
-                 ("external freezes past the session timeout", fmt(r.get("pauses", 0))),
-                 ("CAS conflicts per worker process", fmt(x.get("conflicts_by_worker", {})))]
-        if x.get("zombie_not_frozen"):
-            rows.append(("armed workers that never froze (stream ended first)", fmt(x["zombie_not_frozen"])))
+        rows += det("zombie_conflicts", "stale commits refused per zombie (system counter)")
+        rows += det("conflicts_by_worker", "compare-and-set conflicts per worker process (system counter)")
+        rows += det("zombie_not_frozen", "armed workers that never froze (stream ended first)")
     if name == "redis_outage":
-        rows += [("outages", f"{r.get('outages', 0)} ({fmt(r.get('outage_kinds', []))})"),
-                 ("`/readyz` answers saying paused, per worker", fmt(x.get("readyz_paused_observations", {}))),
-                 ("`evostream_store_unavailable_total` (sum over workers)", fmt(x.get("store_unavailable_total", "-"))),
-                 ("worker exits / restarts", f"0 / {fmt(x.get('restarts', 0))} (asserted)")]
+        rows += [("outage kinds", f(f"{p}.outage_kinds"))]
+        rows += det("readyz_paused_observations", "`/readyz` answers saying paused, per worker")
+        rows += det("restarts", "worker restarts")
     if name in ("broker_pause", "broker_partition"):
-        rows += [("faults", f"{r.get('outages', 0)} ({fmt(r.get('outage_kinds', []))})"),
-                 ("`evostream_broker_unreachable_total` (sum over workers alive at the end)",
-                  fmt(x.get("broker_unreachable_total", "-"))),
-                 ("`evostream_emit_retries_total` (sum over workers alive at the end)",
-                  fmt(x.get("emit_retries_total", "-")))]
-        if name == "broker_pause":
-            rows.append(("`/readyz` answers saying not ready during the pause, per worker",
-                         fmt(x.get("readyz_unready_observations", {}))))
-        else:
-            rows += [("cut-off worker reported itself not ready, per round", fmt(x.get("cut_off_worker_reported_unready", []))),
-                     ("the other worker took over while the victim was cut off, per round",
-                      fmt(x.get("others_took_over", [])))]
-        rows.append(("worker exits", "0 (asserted)"))
+        rows += [("fault kinds", f(f"{p}.outage_kinds"))]
+        rows += det("readyz_unready_observations", "`/readyz` answers saying not ready during the pause, per worker")
+        rows += det("cut_off_worker_reported_unready", "cut-off worker reported itself not ready, per round")
+        rows += det("others_took_over", "the other worker took over while the victim was cut off, per round")
     if name == "production_faults":
-        rows += [("tenants (same conversation ids, different content)", fmt(x.get("tenants", "-"))),
-                 ("checkpoint keys evicted by hand", fmt(x.get("evicted_keys", {}))),
-                 ("turns quarantined (dead-lettered `checkpoint_corrupt`)", fmt(x.get("quarantined_turns", "-"))),
-                 ("partitions stalled by one bad conversation", fmt(x.get("partitions_stalled_by_one_conversation", "-"))),
-                 ("zombies resumed after the deletes", fmt(r.get("zombies", 0))),
-                 ("conversations deleted / resurrected", f"{fmt(x.get('deletes', '-'))} / {fmt(x.get('resurrected', '-'))}"),
-                 ("cross-tenant leaks (embedding equal to the other tenant's)", fmt(x.get("cross_tenant_leaks", "-"))),
-                 ("stale commits refused (CAS conflicts, all workers)", fmt(r.get("conflicts", 0)))]
+        rows += det("tenants", "tenants (same conversation ids, different content)")
+        rows += det("evicted_keys", "checkpoint keys evicted by hand")
+        rows += det("quarantined_turns", "turns quarantined (dead-lettered `checkpoint_corrupt`)")
+        rows += det("partitions_stalled_by_one_conversation", "partitions stalled by one bad conversation")
+        rows += det("deletes", "conversations deleted") + det("resurrected", "deleted conversations resurrected")
+        rows += det("cross_tenant_leaks", "cross-tenant leaks (embedding equal to the other tenant's)")
     if name == "hostile_input":
-        rows += [("hostile records", fmt(r.get("hostile", 0))),
-                 ("dead letters, by reason", fmt(x.get("dead_letters_by_reason", {}))),
-                 ("valid generated turns / deletes processed",
-                  f"{fmt(x.get('valid_generated_turns', '-'))} / {fmt(x.get('valid_generated_deletes', '-'))}")]
+        rows += det("valid_generated_turns", "valid generated turns processed")
+        rows += det("valid_generated_deletes", "valid generated deletes processed")
     if name == "memory_ttl":
-        rows += [("state cache budget", f"{fmt(x.get('cache_budget_bytes', '-'))} bytes"),
-                 ("peak `evostream_state_cache_bytes`", f"{fmt(x.get('peak_cache_bytes', '-'))} bytes"),
-                 ("peak cached states / conversations", f"{fmt(x.get('peak_cache_entries', '-'))} / {r.get('conversations', 0)}"),
-                 ("all final states together", mib(x.get("all_states_bytes"))),
-                 ("RSS after warm-up", mib(x.get("rss_warm_bytes"))),
-                 ("RSS growth while the idle conversations streamed", mib(x.get("rss_idle_growth_bytes"))),
-                 ("RSS growth over the whole run (peak)", mib(x.get("rss_growth_bytes"))),
-                 ("state TTL", f"{fmt(x.get('state_ttl_s', '-'))} s"),
-                 ("idle states gone from Redis after", f"{fmt(x.get('idle_expired_after_s', '-'))} s"),
-                 ("... while the active conversations were still streaming",
-                  fmt(x.get("idle_expired_while_active_streamed", "-")))]
-    rows += [("lost turns", fmt(r.get("lost", 0))),
-             ("checkpoints compared / differing",
-              f"{r.get('states_checked', 0)} / {r.get('states_differing', 0)}"
-              + (" (states expire in this scenario; embeddings compared)" if name == "memory_ttl" else "")),
-             ("duplicate embedding events (keys)", f"{r.get('duplicates', 0)} ({r.get('duplicated_keys', 0)})"),
-             ("keys whose copies differ", fmt(r.get("non_identical", 0))),
-             ("max abs difference vs offline replay", f"{float(r.get('max_abs_diff', 0.0)):.3g}")]
-    if name in ("kill9", "redis_outage"):
-        rows.append(("CAS conflicts (workers alive at the end)", fmt(r.get("conflicts", 0))))
+        rows += det("cache_budget_bytes", "state cache budget (bytes)")
+        rows += det("peak_cache_bytes", "peak `evostream_state_cache_bytes` (system gauge, bytes)", ".0f")
+        rows += det("peak_cache_entries", "peak cached states (system gauge)", ".0f")
+        rows += det("all_states_bytes", "all final states together (bytes)")
+        rows += det("rss_warm_bytes", "RSS after warm-up (bytes)")
+        rows += det("rss_idle_growth_bytes", "RSS growth while the idle conversations streamed (bytes)")
+        rows += det("rss_growth_bytes", "RSS growth over the whole run, peak (bytes)")
+        rows += det("state_ttl_s", "state TTL (s)")
+        rows += det("idle_expired_after_s", "idle states gone from Redis after (s)")
+        rows += det("idle_expired_while_active_streamed", "... while the active conversations were still streaming")
     return rows
 
 
-def render(scale: str, picked: dict[str, dict], source: Path) -> str:
-    names = [n for n in ORDER if n in picked] + sorted(n for n in picked if n not in ORDER)
-    runs = [picked[n] for n in names]
-    ok = all(r.get("ok") for r in runs) and len(runs) > 0
-    started = sorted(r.get("started_at", "") for r in runs)
-    machines = sorted({r.get("machine", "?") for r in runs})
-    commands = sorted({r.get("command", "?") for r in runs})
-    total_s = sum(float(r.get("seconds", 0)) for r in runs)
+def render(results: dict, file: str) -> str:
+    f = Marks(results, file)
+    run, names = results["run"], results["order"]
     out: list[str] = []
     w = out.append
     w("# RELIABILITY")
     w("")
-    w("<!-- generated by scripts/chaos_report.py from the chaos suite's results; do not edit by hand -->")
+    w("<!-- generated by scripts/chaos_report.py from the chaos suite's ledgers; do not edit by hand. "
+      f"Every figure below is a marker into benchmarks/results/{file} (tests/test_figures.py checks them). -->")
     w("")
     w("**The promise:** whatever happens to a worker, each conversation's memory equals applying each of "
       "its turns exactly once, in order, and every turn's embedding reaches the embeddings topic at least "
-      "once, identical each time.")
+      "once, byte-identical each time. A record that cannot be processed is dead-lettered with a reason.")
     w("")
-    w(f"**Result: {'all scenarios passed' if ok else 'FAILURES (see below)'}** -- scale `{scale}`, "
-      f"{len(runs)} scenario(s), {total_s / 60:.1f} min of scenarios.")
-    if scale != "long":
+    w(f"**Result: {f('run.result')}** -- scale `{f('run.scale')}`, {f('run.scenarios')} scenario(s), "
+      f"{f('totals.minutes', '.1f')} min of scenarios.")
+    if run["scale"] != "long":
         w("")
         w("> Generated from the **short** run (the CI default); the long run "
-          "(`make chaos-long`) has not produced results in this file yet.")
+          "(`make chaos-long`) has not produced ledgers in this file yet.")
     w("")
-    w(f"- run: {started[0] if started else '?'} .. {started[-1] if started else '?'} (UTC, scenario starts)")
-    w(f"- machine: {'; '.join(machines)}")
-    w(f"- command: {'; '.join(f'`{c}`' for c in commands)}")
-    w(f"- results file: `{source}`; rendered {datetime.now(UTC).isoformat(timespec='seconds')} by "
-      "`python scripts/chaos_report.py`")
+    w(f"- run: {f('run.first_start')} .. {f('run.last_start')} (UTC, scenario starts)")
+    w(f"- machine: {f('run.machines')}")
+    w(f"- command: {f('run.commands')}")
+    w(f"- ledgers: `benchmarks/results/{file}`, picked from `{f('run.source')}` by `python scripts/chaos_report.py`")
     w("")
     w("## How it is checked")
     w("")
     w("Everything runs against the real tansu Kafka-protocol broker, a real Redis (Valkey) with AOF "
       "persistence and real `evostream worker` processes (faust + aiokafka + the seeded tiny "
-      "EvoEmbedding checkpoint); nothing is mocked. After each scenario:")
+      "EvoEmbedding checkpoint); nothing is mocked. After each scenario the harness reads the "
+      "embeddings topic, the dead-letter topic and Redis, and counts (the *ledger*):")
     w("")
-    w("- every (conversation, seq) has at least one event on the embeddings topic, and all copies of one "
-      "key carry byte-identical vectors;")
-    w("- every embedding equals an **offline replay** (`tests/support/oracle.py`: the engine steps each "
-      "conversation alone, one turn per call, no Kafka, no Redis, no restarts) within 1e-4 (the worker "
-      "batches many conversations into padded passes, so the last float bits differ);")
-    w("- every conversation's checkpoint in Redis equals the offline state: same seq, same segment "
-      "bookkeeping, same number of latents (a turn applied twice or skipped changes these exactly), "
-      "latents within 1e-4;")
-    w("- duplicates are counted, not forbidden: delivery is at-least-once and consumers deduplicate on "
-      "(conversation_id, seq).")
+    w("- **applied**: turns whose embedding was delivered and equals an **offline replay** "
+      "(`tests/support/oracle.py`: the engine steps each conversation alone, one turn per call, no Kafka, "
+      "no Redis, no restarts) within 1e-4 (the worker batches conversations into padded passes, so the last "
+      "float bits differ); a turn embedded with a different vector counts as *differing*, a turn with no "
+      "embedding and no dead letter as *lost*;")
+    w("- **checkpoints compared**: each conversation's checkpoint in Redis against the offline state (same "
+      "seq, segment bookkeeping and number of latents, exactly; latents within 1e-4): a turn applied twice "
+      "or skipped changes these. Only where it says so is \"applied exactly once\" proved by the checkpoint "
+      "as well as by the embedding;")
+    w("- **dead-lettered**, by reason code, from the dead-letter topic; **expired**: conversations whose "
+      "state the harness saw disappear from Redis;")
+    w("- **duplicates**, compared as bytes: an extra copy equal to the first byte for byte (an outbox "
+      "replay; delivery is at-least-once, consumers deduplicate on (conversation_id, seq)) or differing in "
+      "any byte (a recomputation, e.g. a zombie's write). A byte-different copy fails the scenario.")
+    w("")
+    w("Counts labelled *system counter* are the workers' own metrics, not the harness' observations.")
     w("")
     w("## Totals")
     w("")
-    w("| | " + " | ".join(f"`{r['scenario']}`" for r in runs) + " | total |")
-    w("|---|" + "---|" * (len(runs) + 1))
-    for key, label in TOTAL_FIELDS:
-        vals = [r.get(key, 0) or 0 for r in runs]
-        w(f"| {label} | " + " | ".join(fmt(v) for v in vals) + f" | **{fmt(sum(vals))}** |")
-    diffs = [float(r.get("max_abs_diff", 0.0)) for r in runs]
-    w("| max abs difference vs offline | " + " | ".join(f"{d:.3g}" for d in diffs)
-      + f" | **{max(diffs) if diffs else 0:.3g}** |")
-    w("| result | " + " | ".join("PASS" if r.get("ok") else "**FAIL**" for r in runs)
-      + f" | **{'PASS' if ok else 'FAIL'}** |")
+    w("| | " + " | ".join(f"`{n}`" for n in names) + " | total |")
+    w("|---|" + "---|" * (len(names) + 1))
+    for field, label in LEDGER:
+        w(f"| {label} | " + " | ".join(f(f"scenarios.{n}.{field}") for n in names)
+          + f" | **{f(f'totals.{field}')}** |")
+    w("| checkpoints compared / differing | " + " | ".join(
+        f"{f(f'scenarios.{n}.checkpoints_compared')} / {f(f'scenarios.{n}.checkpoints_differing')}" for n in names)
+        + f" | **{f('totals.checkpoints_compared')} / {f('totals.checkpoints_differing')}** |")
+    w("| max abs difference vs offline | " + " | ".join(f(f"scenarios.{n}.max_abs_diff", ".3g") for n in names)
+      + f" | **{f('totals.max_abs_diff', '.3g')}** |")
+    w("| result | " + " | ".join(f(f"scenarios.{n}.result") for n in names) + f" | **{f('run.result')}** |")
     w("")
     w("## Scenarios")
-    for r in runs:
-        name = r["scenario"]
+    for n in names:
+        r = results["scenarios"][n]
+        p = f"scenarios.{n}"
         w("")
-        w(f"### {TITLES.get(name, name)} (`{name}`)")
-        if picked[name].get("rerun_of"):
+        w(f"### {TITLES.get(n, n)} (`{n}`)")
+        if r["rerun_of"]:
             w("")
-            w(f"*Rerun alone at {picked[name].get('started_at', '?')} (`{picked[name].get('command', '?')}`) after "
-              f"the complete run {picked[name]['rerun_of']}; see \"Found on the way\".*")
+            w(f"*Rerun alone at {f(p + '.started_at')} after the complete run {f(p + '.rerun_of')}.*")
         w("")
-        if name in WHAT:
-            w(WHAT[name])
+        if n in WHAT:
+            w(WHAT[n])
             w("")
         w("| | |")
         w("|---|---|")
-        for k, v in scenario_rows(r):
+        w(f"| result | {f(p + '.result')} |")
+        w(f"| duration (s) | {f(p + '.seconds', '.0f')} |")
+        w(f"| conversations | {f(p + '.conversations')} |")
+        for field, label in LEDGER:
+            w(f"| {label} | {f(f'{p}.{field}')} |")
+        w(f"| dead letters by reason | {f(p + '.dead_lettered_by_reason')} |")
+        w(f"| checkpoints compared / differing | {f(p + '.checkpoints_compared')} / {f(p + '.checkpoints_differing')} |")
+        w(f"| max abs difference vs offline replay | {f(p + '.max_abs_diff', '.3g')} |")
+        for k, v in scenario_rows(f, n, r):
             w(f"| {k} | {v} |")
-        if r.get("problems"):
+        for metric in r["system_counters"]:
+            w(f"| `{metric}` (system counter, sum over workers read) | {f(f'{p}.system_counters.{_q(metric)}')} |")
+        if r["problems"]:
             w("")
             w("Problems reported:")
             w("")
-            for p in r["problems"]:
-                w(f"- {p}")
-        events = r.get("extra", {}).get("fleet_events")
-        if events:
+            for i in range(len(r["problems"])):
+                w(f"- {f(f'{p}.problems.{i}')}")
+        if r["fleet_events"]:
             w("")
             w("<details><summary>worker timeline</summary>")
             w("")
-            w("```")
-            for e in events:
-                w(e)
-            w("```")
+            for i in range(len(r["fleet_events"])):
+                w(f"- {f(f'{p}.fleet_events.{i}')}")
+            w("")
             w("</details>")
-    missing = [n for n in ORDER if n not in picked]
-    if missing:
+    if run["not_run"]:
         w("")
-        w(f"**Not run at this scale:** {', '.join(missing)}.")
+        w(f"**Not run at this scale:** {f('run.not_run')}.")
     w("")
     w("## Found on the way")
+    w("")
+    w("History of earlier runs (what they found and what was fixed); not figures of this run.")
     w("")
     for line in FINDINGS:
         w(f"- {line}")
@@ -443,7 +383,8 @@ def render(scale: str, picked: dict[str, dict], source: Path) -> str:
     w("```")
     w("")
     w("Results accumulate in `EVOSTREAM_CHAOS_REPORT` (default `.run/chaos-report.jsonl`); "
-      "`python scripts/chaos_report.py --scale short|long` renders the newest line per scenario.")
+      "`python scripts/chaos_report.py --scale short|long` picks the newest line per scenario, writes "
+      "`benchmarks/results/chaos_<scale>.json` and renders this file from it.")
     w("")
     return "\n".join(out)
 
@@ -453,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input", type=Path,
                     default=Path(os.environ.get("EVOSTREAM_CHAOS_REPORT") or REPO / ".run" / "chaos-report.jsonl"))
     ap.add_argument("--output", type=Path, default=REPO / "RELIABILITY.md")
+    ap.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--scale", choices=["auto", "short", "long"], default="auto")
     args = ap.parse_args(argv)
     if not args.input.exists():
@@ -463,11 +405,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no {scale} results in {args.input}", file=sys.stderr)
         return 1
     try:
-        shown = args.input.resolve().relative_to(REPO)
+        shown = str(args.input.resolve().relative_to(REPO))
     except ValueError:
-        shown = args.input
-    args.output.write_text(render(scale, picked, shown))
-    print(f"wrote {args.output} ({scale} run, {len(picked)} scenarios)")
+        shown = str(args.input)
+    results = build_results(scale, picked, shown)
+    file = f"chaos_{scale}.json"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / file).write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+    args.output.write_text(render(results, file))
+    print(f"wrote {args.results_dir / file} and {args.output} ({scale} run, {len(picked)} scenarios)")
     return 0
 
 

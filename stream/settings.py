@@ -190,10 +190,41 @@ class Settings(BaseSettings):
     # --- model source (issue #11) ---
     checkpoint_revision: str | None = Field(
         None, description="hub revision (branch, tag or commit) when the checkpoint is a hub id; default: main")
-    # --- reference index (issue #11) ---
+    # --- the vector sink and its index (issue #19) ---
     index_path: str | None = Field(
-        None, description="`evostream search`/`indexer`: SQLite file of the persistent reference index; "
+        None, description="`evostream sink`/`search` without a sink_dsn: SQLite file of the index; "
                           "default: one per broker and topic under the cache dir")
+    sink_dsn: SecretStr | None = Field(
+        None, description="PostgreSQL (with pgvector) the sink writes and searches read: a libpq URI or "
+                          "key=value string, TLS through its own parameters (sslmode=verify-full, sslrootcert=...); "
+                          "unset: the SQLite index at index_path")
+    sink_search_dsn: SecretStr | None = Field(
+        None, description="searches connect with this instead of sink_dsn (a read-only role; with sink_rls, "
+                          "one that row-level security applies to)")
+    sink_schema: str = Field("public", pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+                             description="PostgreSQL schema of the sink's tables")
+    sink_table_prefix: str = Field("evostream", pattern=r"^[a-z_][a-z0-9_]{0,40}$",
+                                   description="tables <prefix>_turns, _texts, _offsets, _rejects")
+    sink_name: str = Field("evostream-sink", min_length=1, max_length=200,
+                           description="the sink's identity: its stored offsets and its writer lock (one active sink per name)")
+    sink_batch_max: int = Field(500, ge=1, le=100_000, description="records per database transaction")
+    sink_texts: bool = Field(True, description="also read the turns topic: each turn's text is stored beside its vector")
+    sink_rls: bool = Field(False, description="enable PostgreSQL row-level security on the sink's tables: a search "
+                                              "role sees only the tenant its transaction names")
+    sink_hnsw_ef_search: int = Field(100, ge=1, le=1000, description="hnsw.ef_search of tenant-wide searches "
+                                                                     "(recall vs latency, BENCHMARKS.md)")
+    sink_metrics_port: int | None = Field(None, ge=0, le=65535,
+                                          description="`evostream sink` serves Prometheus /metrics here (lag, rows/s); unset: off")
+    # --- Kafka Connect conventions of the embeddings topic (issue #19) ---
+    output_document_id_header: bool = Field(
+        True, description="each embedding record carries its per-turn document id as header evostream.document_id "
+                          "(it is always a field of the event)")
+    output_vector_format: Literal["encoded", "floats"] = Field(
+        "encoded", description="vector field of embedding events: encoded (base64 float32) or floats (a plain JSON "
+                               "array, for sinks that map it to an array column)")
+    output_tombstones: Literal["event", "null", "both"] = Field(
+        "event", description="a deleted conversation as a conversation_deleted event, a null-value record "
+                             "(Kafka tombstone, key = conversation id), or the event followed by the null record")
     device: str = "cpu"
     dtype: str = "float32"
     memory_rendering: str = "chatml"

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import sys
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,9 +26,19 @@ import redis
 
 from devtools.localstack import ENV_KAFKA, ENV_REDIS, LocalStack
 from stream.kafka.topics import delete_topics_sync, ensure_topics_sync
+from tests.support.peers import SKIP_PREFIX, require_peer
+from tests.support.pg import pg_dsn, pg_target  # noqa: F401 - the bundled PostgreSQL (issue #19)
 
 EXTERNAL_KAFKA = "EVOSTREAM_TEST_KAFKA_BOOTSTRAP"
 EXTERNAL_REDIS = "EVOSTREAM_TEST_REDIS_URL"
+
+# One chaos run id per pytest session (tests/support/chaos.py), set before any pytest-xdist
+# worker starts: workers inherit it, so the report sees their scenarios as one run.
+os.environ.setdefault("EVOSTREAM_CHAOS_RUN_ID", f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}")
+if "EVOSTREAM_CHAOS_COMMAND" not in os.environ:  # the command as typed (xdist workers see other argv)
+    _scale = os.environ.get("EVOSTREAM_CHAOS_SCALE")
+    os.environ["EVOSTREAM_CHAOS_COMMAND"] = ((f"EVOSTREAM_CHAOS_SCALE={_scale} " if _scale else "")
+                                             + "python -m pytest " + shlex.join(sys.argv[1:])).strip()
 
 # No model hub is ever contacted by the suite (issue #11): a checkpoint or backbone named by
 # hub id resolves from the hub cache only; inherited by every worker subprocess.
@@ -141,3 +154,27 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- system peers (issue #20)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`@pytest.mark.peer(package, *commands)`: skip (developer without root) or fail (CI, root)
+    when the Debian peer is not installed (tests/support/peers.py)."""
+    for mark in item.iter_markers("peer"):
+        require_peer(*mark.args)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Name the peers whose absence skipped tests, on one line at the end of the summary."""
+    counts: dict[str, int] = {}
+    for rep in terminalreporter.stats.get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr or "")
+        if SKIP_PREFIX in reason:
+            name = reason.split(SKIP_PREFIX, 1)[1].split()[0]
+            counts[name] = counts.get(name, 0) + 1
+    if counts:
+        listed = ", ".join(f"{n} ({c} test{'s' if c > 1 else ''})" for n, c in sorted(counts.items()))
+        terminalreporter.write_line(f"SKIPPED FOR MISSING SYSTEM PEERS: {listed}; run scripts/system-deps.sh as root",
+                                    yellow=True, bold=True)

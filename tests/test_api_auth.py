@@ -57,10 +57,15 @@ def test_no_keys_configured_fails_closed_and_off_must_be_explicit(tmp_path) -> N
     assert local.resolve_tenant("x") == "x" and local.resolve_tenant(None) is None
 
 
-@pytest.mark.parametrize("bad", [{"short": ["a"]}, {"k-acme-000000000000": []}, {"k-acme-000000000000": [""]},
-                                 {"k-acme-000000000000": "acme"}, ["k"]])
-def test_malformed_key_tables_are_refused(tmp_path, bad) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [
+    ({"short": ["a"]}, "API keys must be at least 16 characters"),
+    ({"k-acme-000000000000": []}, "each key needs a non-empty list of tenant names"),
+    ({"k-acme-000000000000": [""]}, "each key needs a non-empty list of tenant names"),
+    ({"k-acme-000000000000": "acme"}, "each key needs a non-empty list of tenant names"),
+    (["k"], "expected a JSON object"),
+])
+def test_malformed_key_tables_are_refused(tmp_path, bad, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         KeyTable.from_settings(_settings(tmp_path, file_keys=bad))
 
 
@@ -78,6 +83,6 @@ def test_keys_setting_is_a_secret_json_string(monkeypatch) -> None:
     assert "k-env" not in repr(s) and "k-env" not in s.model_dump_json()
     assert KeyTable.from_settings(s).authenticate("Bearer k-env-0000000000000").resolve_tenant(None) == "acme"
     monkeypatch.setenv("EVOSTREAM_API_KEYS", "{not json k-secret-0000000")
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ValueError, match="EVOSTREAM_API_KEYS: not valid JSON") as e:
         KeyTable.from_settings(Settings())
     assert "k-secret" not in str(e.value)

@@ -24,7 +24,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "stream.state": {"stream.root", "schemas", "workers"},
     "stream.processing": {"stream.root", "schemas", "workers", "stream.kafka", "stream.state",
                           "stream.runtime.logs", "stream.runtime.metrics"},
-    "stream.api": {"stream.root", "schemas", "workers", "stream.state", "stream.runtime.model_thread"},
+    "stream.api": {"stream.root", "schemas", "workers", "stream.state", "stream.runtime.model_thread",
+                   "stream.index"},  # issue #19: POST /v1/search ranks through the sink's index
     "stream.runtime": {"stream.root", "schemas", "workers", "stream.kafka", "stream.state", "stream.processing",
                        "stream.api"},
     "stream.clients": {"stream.root", "schemas", "stream.kafka", "stream.api.models"},

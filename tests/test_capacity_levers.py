@@ -158,7 +158,7 @@ async def test_ttl_by_tenant_reaches_every_key_of_the_tenants_conversations(redi
                 assert mark == -1
             else:
                 assert (ttl + 100) * 1000 - 5000 < mark <= (ttl + 100) * 1000, (ref, mark)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"ttl_by_tenant\['bad'\] must be positive or None"):
             store_for(redis_url, ns, ttl_by_tenant={"bad": 0})
     finally:
         r.close()
@@ -262,10 +262,18 @@ async def test_cold_tier_purge_drops_only_rows_past_retention(redis_url: str, tm
         for ref in refs:
             await drive(store, ref, 2)
         await cold.freeze(store, refs[:1])
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.05)  # distinct freeze times (ms resolution)
         await cold.freeze(store, refs[1:])
         assert cold.purge() == 0 and cold.count() == 2  # both younger than the retention
-        assert cold.purge(older_than_s=0.15) == 1 and cold.count() == 1
+        # A cutoff between the two freezes, by their recorded times; the purge's clock is pinned
+        # so that a slow machine between here and the purge cannot move the cutoff.
+        t0, t1 = (row[0] for row in cold._db.execute("SELECT frozen_at_ms FROM cold ORDER BY frozen_at_ms"))
+        assert t0 < t1
+        now = t1 / 1000 + 5.0
+        from unittest import mock
+
+        with mock.patch("stream.state.cold_tier.time.time", return_value=now):
+            assert cold.purge(older_than_s=now - (t0 + t1) / 2000) == 1 and cold.count() == 1
         assert cold.get(refs[1]) is not None and cold.get(refs[0]) is None
     finally:
         await store.close()

@@ -345,7 +345,7 @@ async def test_load_many_mixed(redis_url: str) -> None:
 @async_test
 async def test_noscript_recovery_after_script_flush(redis_url: str, r: redis.Redis,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="stream.state.store")
+    caplog.set_level(logging.WARNING, logger="stream.state.scripts")
     convs = [Conv(8, 8, torch.float32, seed=20 + i) for i in range(3)]
     async with make_store(redis_url, convs[0]) as store:
         await store.commit([c.commit(1) for c in convs])
@@ -394,11 +394,11 @@ async def test_delta_bytes_far_smaller_than_full_state(redis_url: str) -> None:
 def test_turn_commit_validation() -> None:
     conv = Conv(8, 8, torch.float32, seed=50)
     deltas = conv.turns(2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a commit needs at least one delta"):
         TurnCommit(conv.cid, NO_SEQ, conv.state.copy(), [])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"delta seqs not increasing: \[1, 0\]"):
         TurnCommit(conv.cid, NO_SEQ, conv.state.copy(), deltas[::-1])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="deltas start at 0 but expected_seq is 0"):
         TurnCommit(conv.cid, 0, conv.state.copy(), deltas)  # deltas start at 0 <= expected
     TurnCommit(conv.cid, NO_SEQ, conv.state.copy(), deltas)
 
@@ -407,13 +407,13 @@ def test_turn_commit_validation() -> None:
 async def test_commit_rejects_duplicates_and_foreign_shapes(redis_url: str) -> None:
     conv = Conv(8, 8, torch.float32, seed=51)
     async with make_store(redis_url, (16, 8, torch.float32)) as store:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"state \(hidden=8, capacity=8, torch.float32\) does not match this store"):
             await store.commit([conv.commit(1)])  # hidden 8 state into a hidden-16 store
     conv2 = Conv(8, 8, torch.float32, seed=52)
     async with make_store(redis_url, conv2) as store:
         c1 = conv2.commit(1)
         c2 = conv2.commit(1)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="one commit per conversation per batch"):
             await store.commit([c1, c2])
 
 

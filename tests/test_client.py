@@ -106,7 +106,7 @@ def test_encode_messages_single_message_and_objects(client):
     want = reference.embed_against(client.model, [r.text_ids("just a query")], [None])
     assert got.shape == (1, client.embedding_dim)
     assert np.abs(got - want).max() <= ATOL
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"encode_messages needs at least one message \(the last one is the query\)"):
         client.encode_messages([])
 
 

@@ -209,8 +209,10 @@ def test_hostile_depth_is_cheap() -> None:
 
 
 def test_invalid_settings_fail_fast() -> None:
-    for limits in ({"max_bytes": 0}, {"max_depth": 0}, {"max_depth": MAX_DEPTH_LIMIT + 1}):
-        with pytest.raises(ValueError):
+    for limits, message in (({"max_bytes": 0}, "max_bytes must be a positive int, got 0"),
+                            ({"max_depth": 0}, r"max_depth must be an int in 1\.\.128, got 0"),
+                            ({"max_depth": MAX_DEPTH_LIMIT + 1}, rf"max_depth must be an int in 1\.\.128, got {MAX_DEPTH_LIMIT + 1}")):
+        with pytest.raises(ValueError, match=message):
             decode(b"k", b"{}", **limits)
 
 
@@ -380,7 +382,7 @@ def test_epoch_milliseconds_are_utc_and_exact() -> None:
 def test_turn_with_only_unread_roles_is_valid_without_text() -> None:
     result = decode(b"conv-1", raw(turn(messages=msgs(("system", "You are a helpful assistant.")))))
     assert isinstance(result, TurnEvent) and not result.has_text and result.unread_roles == ("system",)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="List should have at least 1 item"):
         result.to_turn_input()
     # Nothing at all in any message is still an empty turn, whatever the roles.
     assert decode(b"conv-1", raw(turn(messages=msgs(("system", " "), ("user", ""))))).reason_code is R.EMPTY_TURN

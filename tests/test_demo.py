@@ -1,6 +1,6 @@
-"""`evostream demo` end to end in a private run dir: its own broker + Redis, a worker
-subprocess, the sample conversations, the search; and that it cleans up after itself,
-also when a step fails."""
+"""`evostream demo` end to end in a private run dir: its own broker + Redis + bundled PostgreSQL,
+a worker and a sink subprocess, the sample conversations, the search through PostgreSQL
+(issue #19); and that it cleans up after itself, also when a step fails."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from devtools.localstack import LocalStack
 
 
 def _nothing_left_running(run_dir: Path) -> None:
-    assert not LocalStack(run_dir).status().any_running
+    status = LocalStack(run_dir).status()
+    assert not status.any_running and not any(s.running for s in status.services), status
     assert not (run_dir / "worker.pid").exists()
 
 
@@ -28,17 +29,20 @@ def test_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     stdout, stderr = out.getvalue(), err.getvalue()
     assert rc == 0, f"demo failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
 
-    # 11 turns in the first two sample conversations, all embedded and listed
-    assert "embeddings 11/11" in stderr and "Emitted embeddings (11," in stdout
+    # 11 turns in the first two sample conversations, all embedded, put into PostgreSQL by the
+    # sink and listed from there
+    assert "embeddings in PostgreSQL 11/11" in stderr and "Embeddings in PostgreSQL (11," in stdout
+    assert "started `evostream sink`" in stderr and "PostgreSQL 18 + pgvector" in stderr
     rows = re.findall(r"^\s+(?:support-\S+\s+)?(\d+)\s+(\d+)\s+\[([^\]]+)\]\s+([\d.]+)$", stdout, re.M)
     assert len(rows) == 11
     assert all(abs(float(norm) - 1.0) < 1e-3 for *_, norm in rows)
     # a search with ranked hits that carry the turn text
-    assert 'support-refund-0001: "how long does the refund take?"' in stdout
+    assert 'support-refund-0001: "how long does the refund take?"  (index: postgres)' in stdout
     hits = re.findall(r"^\s+(\d)\. seq (\d+)\s+score ([+-][\d.]+)\s+user: (.+)$", stdout, re.M)
     assert len(hits) >= 3 and [h[0] for h in hits[:3]] == ["1", "2", "3"]
     assert "curl -s -X POST http://127.0.0.1:" in stdout and "evostream inspect support-refund-0001" in stdout
-    assert "stopped the worker and the local stack" in stderr
+    assert "/v1/search" in stdout and "evostream search" in stdout
+    assert "stopped the sink, the worker and the local stack" in stderr
     _nothing_left_running(run_dir)
     assert not list(Path.cwd().glob("demo-*-data")), "faust data dir leaked into the cwd"
 

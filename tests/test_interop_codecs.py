@@ -27,7 +27,6 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from schemas.events import TurnEvent
-from stream.index.indexer import build_index
 from stream.kafka.topics import run_sync
 
 from support.oracle import TOL, Expected, check_outputs, compute_expected, metrics, read_dead_letters, wait_for_embeddings
@@ -172,12 +171,19 @@ def test_every_conversation_equal_to_offline_after_takeover(run: Run) -> None:
         keys(run.convs, "zstd-p0", "after-p0")), "worker B re-applied or missed turns"
 
 
-def test_indexer_reads_compressed_embeddings(run: Run) -> None:
-    index, stats = run_sync(lambda: build_index(run.penv.kafka_bootstrap, run.penv.embeddings_topic))
-    assert not stats.skipped, stats
-    assert len(index) == len(run.expected.keys())
-    for (cid, seq), ref in run.expected.embeddings.items():
-        entry = index.get(cid, seq)
-        assert entry is not None, (cid, seq)
-        want = ref / max(float(np.linalg.norm(ref)), 1e-12)
-        assert float(np.abs(entry.vector - want).max()) <= 1e-4
+def test_sink_reads_compressed_embeddings(run: Run, tmp_path) -> None:
+    """The sink (issue #19; into an SQLite index here) reads the partly zstd-compressed topic."""
+    from stream.index.sink import Sink
+    from stream.index.sqlite import SqliteIndex
+
+    with SqliteIndex(tmp_path / "index.sqlite") as index:
+        async def go():
+            async with Sink(index, run.penv.kafka_bootstrap, run.penv.embeddings_topic) as sink:
+                return await sink.catch_up()
+
+        totals = run_sync(go)
+        assert not totals.stats.rejected, index.rejects("evostream-sink")
+        rows = {(r.conversation_id, r.seq): r.vector for r in index.rows()}
+    assert rows.keys() == run.expected.keys()
+    for key, ref in run.expected.embeddings.items():
+        assert float(np.abs(rows[key] - ref).max()) <= 1e-4, key

@@ -32,7 +32,7 @@ from datetime import timedelta
 
 KCAT = shutil.which("kcat") or shutil.which("kafkacat")
 TIMEOUT = 300.0
-pytestmark = pytest.mark.skipif(KCAT is None, reason="kcat not installed (Debian package kcat, `make setup`)")
+pytestmark = pytest.mark.peer("kcat", "kcat", "kafkacat")
 
 
 class _AdvertisedBroker(TansuBroker):

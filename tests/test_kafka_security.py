@@ -20,6 +20,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -28,7 +29,8 @@ from stream.kafka.security import FileTokenProvider, KafkaSecurity, KafkaSecurit
 from stream.settings import Settings
 from stream.kafka.topics import ensure_topics_sync, run_sync
 
-from support.oracle import Outputs, compare, expected_for
+from support.oracle import expected_for
+from support.peers import require_peer
 from support.tls import Pki, TlsKafka, make_pki
 from support.traffic import Workers, generate_traffic
 from support.workers import REPO, PipelineEnv, WorkerProc
@@ -54,6 +56,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def tls_kafka(pki: Pki, tmp_path_factory: pytest.TempPathFactory):
+    require_peer("stunnel4")  # the TLS terminator in front of tansu (tests/support/tls.py)
     with TlsKafka(tmp_path_factory.mktemp("tls-kafka"), pki) as k:
         yield k
 
@@ -247,7 +250,8 @@ def test_worker_and_indexer_over_tls_match_offline(tls_kafka: TlsKafka, redis_ur
     """A worker whose only way to Kafka is TLS (faust consumer, faust producer, the emitter)
     processes 4 conversations x 4 turns; the indexer reads the embeddings over TLS; every
     vector equals the offline replay."""
-    from stream.index.indexer import IndexerConsumer
+    from stream.index.sink import Sink
+    from stream.index.sqlite import SqliteIndex
 
     sec = tls_kafka.security()
     base = f"tlsw-{uuid.uuid4().hex[:6]}"
@@ -272,27 +276,23 @@ def test_worker_and_indexer_over_tls_match_offline(tls_kafka: TlsKafka, redis_ur
                 await prod.stop()
 
         run_sync(produce_tls)
-        outputs = Outputs()
-
-        def collect(ev) -> None:
-            from schemas.events import EmbeddingEvent
-
-            if isinstance(ev, EmbeddingEvent):
-                outputs.embeddings[(ev.conversation_id, ev.seq)].append(ev)
-
-        async def index_until_complete() -> None:
-            idx = IndexerConsumer(tls_kafka.bootstrap, penv.embeddings_topic, on_event=collect, security=sec)
-            async with idx:
+        exp = expected_for(traffic)
+        # issue #19: the sink (into an SQLite index here) reads the embeddings over TLS
+        with SqliteIndex(tmp_path / "index.sqlite") as index:
+            async def index_until_complete() -> None:
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + 300
-                while set(outputs.embeddings) < traffic.keys() and loop.time() < deadline:
+                while len(index.rows()) < len(traffic.keys()) and loop.time() < deadline:
                     if not w.alive():
                         raise AssertionError(f"worker exited:\n{w.tail()}")
-                    await idx.poll(500)
+                    async with Sink(index, tls_kafka.bootstrap, penv.embeddings_topic, security=sec) as sink:
+                        await sink.catch_up(idle_ms=500)
 
-        run_sync(index_until_complete)
-        report = compare(outputs, expected_for(traffic))
-        assert not report.problems(), report.summary() + "\n" + w.tail()
+            run_sync(index_until_complete)
+            rows = {(r.conversation_id, r.seq): r.vector for r in index.rows()}
+        assert rows.keys() == traffic.keys()
+        worst = max(float(np.abs(rows[k] - exp.embeddings[k]).max()) for k in rows)
+        assert worst <= 1e-4, (worst, w.tail())
     finally:
         for p in procs.procs:
             p.stop()

@@ -231,7 +231,7 @@ def test_ensure_topics_idempotent(kafka_bootstrap: str) -> None:
         assert results == [{name: 3}] * 3
         # A mismatched count is reported, never "fixed".
         assert await ensure_topics(kafka_bootstrap, {name: 5}) == {name: 3}
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="invalid topic spec 'bad': 0 partitions"):
             await ensure_topics(kafka_bootstrap, {"bad": 0})
         await delete_topics(kafka_bootstrap, [name])
         await delete_topics(kafka_bootstrap, [name])  # already gone: fine

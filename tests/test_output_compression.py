@@ -10,7 +10,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from stream import unreadable
+from stream.kafka import unreadable
 from stream.kafka.emitter import KafkaEmitter, OutMessage, require_codec
 from stream.settings import Settings
 from stream.kafka.topics import run_sync
@@ -80,5 +80,5 @@ def test_unusable_codec_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_setting_default_and_values() -> None:
     assert Settings().output_compression == "zstd"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="output_compression\n  Input should be 'none', 'gzip', 'snappy', 'lz4' or 'zstd'"):
         Settings(output_compression="brotli")

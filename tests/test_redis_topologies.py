@@ -24,7 +24,7 @@ from stream.state.redis_client import RedisOptions, RedisUrlError, ScriptingRedi
 from stream.kafka.topics import run_sync
 
 from support.oracle import compare, expected_for, offline_engine, read_outputs, wait_for_embeddings
-from support.redis_servers import RedisCluster3, TlsRedis, debian_redis_server
+from support.redis_servers import RedisCluster3, TlsRedis
 from support.tls import Pki, make_pki
 from support.traffic import TopicMaker, Workers, generate_traffic, pipeline_env, produce
 from support.workers import PipelineEnv, WorkerProc
@@ -234,7 +234,7 @@ def test_e2e_on_redis_cluster_with_slot_migration_mid_stream(cluster: RedisClust
 # ----------------------------------------------------------------------------- TLS
 
 
-@pytest.mark.skipif(debian_redis_server() is None, reason="Debian's redis-server (TLS build) is not installed")
+@pytest.mark.peer("redis-server")  # Debian's build: TLS
 def test_e2e_on_tls_redis_with_an_acl_user(pki: Pki, kafka_bootstrap: str, topics,
                                            tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     with TlsRedis(tmp_path_factory.mktemp("tls-redis"), pki) as tls:

@@ -392,37 +392,39 @@ def test_corrupt_length_is_rejected(payload_bytes: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "fields",
+    "fields, message",
     [
-        {"dtype": "f32", "dim": 1, "b64": base64.b64encode(np.float32("nan").tobytes()).decode()},
-        {"dtype": "f16", "dim": 1, "b64": base64.b64encode(np.float16("inf").tobytes()).decode()},
-        {"dtype": "f32", "dim": 1, "b64": "AAAA AA=="},
-        {"dtype": "f32", "dim": 1, "b64": "AAAAAA="},
-        {"dtype": "f64", "dim": 1, "b64": "AAAAAAAAAAA="},
-        {"dtype": "f32", "dim": 0, "b64": ""},
-        {"dtype": "f32", "dim": MAX_DIM + 1, "b64": ""},
-        {"dtype": "f32", "dim": 1, "b64": "AAAAAA==", "extra": 1},
+        ({"dtype": "f32", "dim": 1, "b64": base64.b64encode(np.float32("nan").tobytes()).decode()},
+         "vector contains NaN or infinite values"),
+        ({"dtype": "f16", "dim": 1, "b64": base64.b64encode(np.float16("inf").tobytes()).decode()},
+         "vector contains NaN or infinite values"),
+        ({"dtype": "f32", "dim": 1, "b64": "AAAA AA=="}, "vector b64 is not valid base64"),
+        ({"dtype": "f32", "dim": 1, "b64": "AAAAAA="}, "vector b64 is not valid base64"),
+        ({"dtype": "f64", "dim": 1, "b64": "AAAAAAAAAAA="}, "unknown vector dtype 'f64'"),
+        ({"dtype": "f32", "dim": 0, "b64": ""}, r"vector dim must be an int in 1\.\.65536, got 0"),
+        ({"dtype": "f32", "dim": MAX_DIM + 1, "b64": ""}, rf"vector dim must be an int in 1\.\.65536, got {MAX_DIM + 1}"),
+        ({"dtype": "f32", "dim": 1, "b64": "AAAAAA==", "extra": 1}, None),
     ],
 )
-def test_corrupt_vectors_are_rejected(fields: dict) -> None:
+def test_corrupt_vectors_are_rejected(fields: dict, message: str | None) -> None:
     with pytest.raises(ValidationError):
         EncodedVector.model_validate(fields)
     if "extra" not in fields:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=message):
             decode_vector(EncodedVector.model_construct(**fields))
 
 
 @pytest.mark.parametrize(
-    "vector, dtype",
+    "vector, dtype, message",
     [
-        (np.array([1.0, np.nan], dtype=np.float32), "f32"),
-        (np.array([np.inf], dtype=np.float32), "f32"),
-        (np.array([1e5], dtype=np.float32), "f16"),  # overflows binary16
-        (np.zeros((2, 2), dtype=np.float32), "f32"),
-        (np.array([1, 2, 3]), "f32"),
-        (np.array([1.0], dtype=np.float32), "f64"),
+        (np.array([1.0, np.nan], dtype=np.float32), "f32", "cannot encode a vector containing NaN or infinite values"),
+        (np.array([np.inf], dtype=np.float32), "f32", "cannot encode a vector containing NaN or infinite values"),
+        (np.array([1e5], dtype=np.float32), "f16", "vector values overflow f16"),  # overflows binary16
+        (np.zeros((2, 2), dtype=np.float32), "f32", r"expected a 1-D vector, got shape \(2, 2\)"),
+        (np.array([1, 2, 3]), "f32", "expected a floating-point vector, got dtype int"),
+        (np.array([1.0], dtype=np.float32), "f64", "unknown vector dtype 'f64'"),
     ],
 )
-def test_encode_refuses_what_cannot_be_encoded_faithfully(vector: np.ndarray, dtype: str) -> None:
-    with pytest.raises(ValueError):
+def test_encode_refuses_what_cannot_be_encoded_faithfully(vector: np.ndarray, dtype: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         encode_vector(vector, dtype=dtype)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import UnsupportedCodecError
 from prometheus_client import CollectorRegistry
 
-from stream import unreadable
+from stream.kafka import unreadable
 from stream.kafka.topics import run_sync
 from devtools.faults import disable_codecs_for_tests
 from stream.kafka.unreadable import UnreadableBatches
@@ -127,6 +127,6 @@ def test_reports_are_deduplicated_and_forgotten_on_revoke() -> None:
 
 
 def test_fault_hook_rejects_unknown_codecs() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"EVOSTREAM_FAULT_DISABLE_CODECS: unknown codec\(s\) \['brotli'\]"):
         disable_codecs_for_tests({"EVOSTREAM_FAULT_DISABLE_CODECS": "brotli"})
     assert disable_codecs_for_tests({}) == frozenset()

@@ -84,6 +84,9 @@ class QueryApi:
                   ("GET", "/openapi.json", self.openapi_doc)]
         for method, path, handler in routes:
             web_app.router.add_route(method, path, self._timed(path, handler))
+        from stream.api.search import SearchRoute  # issue #19: POST /v1/search through the index
+
+        SearchRoute(self).install(web_app)
         web_app.on_shutdown.append(lambda _app: self.batcher.stop())
 
     def _timed(self, name: str, handler: Handler) -> Handler:

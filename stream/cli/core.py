@@ -1,5 +1,5 @@
-"""The stream commands: worker, demo, produce, query, search, inspect, topics, stack,
-settings, make-tiny-checkpoint.
+"""The stream commands: worker, demo, produce, query, inspect, topics, stack, settings,
+make-tiny-checkpoint (`sink` and `search` are in stream/cli/sink.py).
 
 Each command loads its settings through `load_settings` (flags > EVOSTREAM_* > settings file)
 and lets expected failures propagate as exceptions; `main()` turns them into one line and an
@@ -229,65 +229,6 @@ def query(conversation: str = typer.Option(..., "--conversation", "-c", help="co
     print(json.dumps(out, indent=2))
 
 
-@app.command()
-def search(conversation: str = typer.Option(..., "--conversation", "-c", help="conversation id"),
-           text: str = typer.Option(..., "--text", "-t", help="the query text"),
-           url: str = typer.Option("http://127.0.0.1:6066", "--url", help=URL_HELP),
-           k: int = typer.Option(5, "-k", min=1, help="number of hits"),
-           tenant: Optional[str] = typer.Option(None, "--tenant", help=TENANT_HELP),
-           api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EVOSTREAM_API_KEY", help=KEY_HELP)
-           ) -> None:
-    """Search one conversation's turns, with their text: the query is embedded by the worker
-    against the conversation's live memory; the turns come from the persistent reference
-    index (EVOSTREAM_INDEX_PATH), brought up to date from the embeddings and turns topics
-    first (only what is new since the last search is read)."""
-    from stream.kafka.security import KafkaSecurity
-    from stream.index.reference_index import ReferenceIndex, search_indexed
-
-    s = settings()
-    with ReferenceIndex(index_path(s)) as index:
-        hits, caught = _kafka_call(s, lambda: asyncio.run(search_indexed(
-            index, s.kafka_bootstrap, s.embeddings_topic, s.turns_topic, url, conversation, text, k,
-            security=KafkaSecurity.from_settings(s), api_key=api_key, tenant=tenant)))
-        note(f"index {index.path}: {index.count()} turns ({caught.embeddings.embeddings} new embeddings, "
-             f"{caught.texts.texts} new texts read in {caught.seconds:.1f}s)")
-    print(json.dumps([h.model_dump(mode="json") for h in hits], indent=2, ensure_ascii=False))
-
-
-def index_path(s: Any) -> Path:
-    from stream.index.reference_index import default_index_path
-    from workers.tokenizer import cache_dir
-
-    return Path(s.index_path) if s.index_path else default_index_path(cache_dir(), s.kafka_bootstrap,
-                                                                       s.embeddings_topic)
-
-
-@app.command()
-def indexer(interval: float = typer.Option(2.0, "--interval", min=0.1, help="seconds between catch-ups"),
-            once: bool = typer.Option(False, "--once", help="catch up once and exit")) -> None:
-    """Keep the persistent reference index (EVOSTREAM_INDEX_PATH) up to date from the
-    embeddings and turns topics until Ctrl-C. Resumes from the offsets stored in the index."""
-    import time as _time
-
-    from stream.kafka.security import KafkaSecurity
-    from stream.index.reference_index import ReferenceIndex, catch_up
-
-    s = settings()
-    with ReferenceIndex(index_path(s)) as index:
-        note(f"indexing {s.embeddings_topic} + {s.turns_topic} on {s.kafka_bootstrap} into {index.path} "
-             f"({index.count()} turns so far)")
-        while True:
-            c = _kafka_call(s, lambda: asyncio.run(catch_up(index, s.kafka_bootstrap, s.embeddings_topic,
-                                                            s.turns_topic, security=KafkaSecurity.from_settings(s))))
-            if c.embeddings.embeddings or c.embeddings.deletes or c.texts.texts or once:
-                note(f"{index.count()} turns indexed (+{c.embeddings.embeddings} embeddings, "
-                     f"{c.embeddings.deletes} deletes, +{c.texts.texts} texts, "
-                     f"{c.embeddings.skipped + c.texts.skipped} skipped) in {c.seconds:.1f}s")
-            if once:
-                return
-            _time.sleep(interval)
-
-
 def _store(s: Any):  # -> MemoryStore
     """A checkpoint store for operator commands: the configured model's identity (it keys the
     checkpoints), short socket timeouts (a person is waiting)."""
@@ -389,14 +330,16 @@ class StackAction(str, Enum):
 def stack(action: StackAction = typer.Argument(..., help="start, stop, status, or env (print the variables)"),
           run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="default: .run/localstack in the repo"),
           export: bool = typer.Option(False, "--export",
-                                      help="env: print `export` lines, for eval \"$(evostream stack env --export)\"")
+                                      help="env: print `export` lines, for eval \"$(evostream stack env --export)\""),
+          postgres: bool = typer.Option(False, "--postgres",
+                                        help="start: also the bundled PostgreSQL + pgvector for `evostream sink`")
           ) -> None:
     """Start/stop the local broker + Redis (the ones the demo and the tests use). A stack start
     is a clean slate: the broker keeps nothing across a stop, and neither does Redis."""
     from devtools.localstack import main as stack_main
 
     rc = stack_main([action.value] + (["--run-dir", str(run_dir)] if run_dir else [])
-                    + (["--export"] if export else []))
+                    + (["--export"] if export else []) + (["--postgres"] if postgres else []))
     if rc:
         raise typer.Exit(rc)
 

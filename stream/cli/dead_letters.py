@@ -40,7 +40,7 @@ async def read_dead_letters(s: Any, *, only: tuple[int, int] | None = None) -> l
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from schemas.events import DeadLetterEvent
-    from stream.index.indexer import TopicNotFound
+    from stream.index.sink import TopicNotFound
     from stream.kafka.security import KafkaSecurity
 
     c = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",

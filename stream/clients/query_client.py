@@ -27,7 +27,10 @@ import os
 import socket
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from pydantic import ValidationError
 
@@ -63,7 +66,7 @@ def query_url(url: str) -> str:
     return u + QUERY_PATH
 
 
-def _request_body(conversation_id: str, text: str, tenant: str | None, unknown_conversation: str) -> bytes:
+def _request_body(conversation_id: str | None, text: str, tenant: str | None, unknown_conversation: str) -> bytes:
     # Validate here so that a bad argument fails with pydantic's message, before any I/O.
     from stream.api.models import EmbeddingsRequest
 
@@ -195,7 +198,52 @@ async def query_worker_async(url: str, conversation_id: str, text: str, k: int =
     return _parse_response(endpoint, status, raw, conversation_id)
 
 
-__all__ = ["QueryError", "query_url", "query_worker", "query_worker_async"]
+@dataclass(frozen=True)
+class QueryVector:
+    """A query embedded by a worker: the vector, the checkpoint that made it (only vectors of
+    the same checkpoint are comparable) and the memory it was embedded against (None: none)."""
+
+    vector: np.ndarray
+    checkpoint: str
+    memory: Any = None  # stream.api.models.MemoryInfo
+
+
+def query_vector(url: str, text: str, conversation_id: str | None = None, *, tenant: str | None = None,
+                 api_key: str | None = None, timeout: float = 30) -> QueryVector:
+    """Embed `text` as a query on the worker at `url`: against the live memory of
+    `conversation_id` (an empty memory when it has none), or memory-less without a
+    conversation. What `evostream search` ranks the index with (issue #19)."""
+    from stream.api.models import EmbeddingsResponse
+
+    endpoint = query_url(url)
+    body = _request_body(conversation_id, text, tenant, "memoryless")
+    req = urllib.request.Request(endpoint, data=body, method="POST", headers=_headers(api_key))
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            raw = exc.read()
+        except OSError:
+            raw = b""
+        raise _http_error(endpoint, exc.code, raw) from None
+    except urllib.error.URLError as exc:
+        raise _unreachable(endpoint, exc.reason) from None
+    except (OSError, TimeoutError) as exc:
+        raise _unreachable(endpoint, exc) from None
+    try:
+        r = EmbeddingsResponse.model_validate_json(raw)
+        if len(r.data) != 1 or not isinstance(r.data[0].embedding, str):
+            raise ValueError("expected one base64 embedding")
+        vec = np.frombuffer(base64.b64decode(r.data[0].embedding), dtype="<f4").astype(np.float32)
+    except (ValidationError, ValueError) as exc:
+        raise QueryError(f"worker at {endpoint} answered HTTP {status} with a body that is not an embeddings "
+                         f"response: {str(exc)[:_MAX_BODY_CHARS]}", url=endpoint, status=status,
+                         body=raw.decode("utf-8", errors="replace")) from None
+    return QueryVector(vec, r.checkpoint, r.memory)
+
+
+__all__ = ["QueryError", "QueryVector", "query_url", "query_vector", "query_worker", "query_worker_async"]
 
 
 async def together(*aws: Any) -> list[Any]:

@@ -13,12 +13,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, codec
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from stream.kafka.security import KafkaSecurity
 from stream.backoff import Backoff
+
+if TYPE_CHECKING:
+    from stream.kafka.connect import ConnectConventions
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +31,8 @@ log = logging.getLogger(__name__)
 class OutMessage:
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a Kafka tombstone (stream/kafka/connect.py)
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def require_codec(compression: str | None) -> None:
@@ -37,8 +42,6 @@ def require_codec(compression: str | None) -> None:
     batch, inside its sender task -- the worker would look healthy and emit nothing."""
     if compression in (None, "none"):
         return
-    from aiokafka import codec
-
     check = getattr(codec, f"has_{compression}", None)
     if check is None:
         raise ValueError(f"unknown compression codec {compression!r}; use none, gzip, snappy, lz4 or zstd")
@@ -52,7 +55,8 @@ class KafkaEmitter:
                  max_request_size: int = 4 * 1024 * 1024, backoff: Backoff = Backoff(),
                  security: KafkaSecurity | None = None, compression: str | None = None,
                  on_retry: Callable[[], None] | None = None,
-                 on_too_large: Callable[[OutMessage, BaseException], OutMessage | None] | None = None):
+                 on_too_large: Callable[[OutMessage, BaseException], OutMessage | None] | None = None,
+                 connect: "ConnectConventions | None" = None):
         require_codec(compression)  # fail at start-up, not in the producer's sender (issue #13)
         self._producer_kwargs: dict = dict(
             bootstrap_servers=bootstrap,
@@ -72,6 +76,9 @@ class KafkaEmitter:
         # for ever): the hook returns what to send instead (a smaller dead letter), or None to
         # drop it (issue #8, stream/processing/dead_letters.py). Without a hook it is dropped, logged.
         self._on_too_large = on_too_large
+        # issue #19: document-id header, plain float vectors, null-value tombstones (a pure
+        # function of each record, so re-emitted copies stay identical)
+        self._connect = connect
         self.retries = 0
         self.sent = 0
 
@@ -103,7 +110,7 @@ class KafkaEmitter:
         even those the broker already has: each key's *last* copies are then in call order,
         and the extra copies are identical duplicates that consumers drop by
         (conversation_id, seq). Messages without a key have no order to keep."""
-        pending = list(messages)
+        pending = self._connect.apply(list(messages)) if self._connect is not None else list(messages)
         attempt = 0
         t0 = time.monotonic()
         while pending:
@@ -118,7 +125,8 @@ class KafkaEmitter:
                 futures: list[object] = []
                 for m in pending:
                     try:
-                        futures.append(await self._producer.send(m.topic, m.value, key=m.key))
+                        futures.append(await self._producer.send(
+                            m.topic, m.value, key=m.key, **({"headers": list(m.headers)} if m.headers else {})))
                     except KafkaError as exc:
                         futures.append(exc)
                 for i, fut in enumerate(futures):

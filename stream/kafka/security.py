@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka.abc import AbstractTokenProvider
+from aiokafka.errors import KafkaError
 
 __all__ = ["FileTokenProvider", "KafkaSecurity", "KafkaSecurityError", "describe_connect_error"]
 
@@ -174,6 +175,7 @@ class KafkaSecurity:
 
         faust derives its aiokafka arguments from these (credentials_to_aiokafka_auth), so the
         worker's consumer and producer get exactly what `client_kwargs` gives other clients."""
+        # lazily: faust costs about a second to import, and only the worker needs it
         from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
 
         ctx = self.ssl_context()
@@ -195,8 +197,6 @@ async def describe_connect_error(bootstrap: str, security: KafkaSecurity, exc: B
     aiokafka reports every failure as "Unable to bootstrap from [...]" and logs the cause
     elsewhere; we repeat the first step ourselves (TCP, then the TLS handshake with the same
     context) to name it. Authentication errors already carry their reason."""
-    from aiokafka.errors import KafkaError
-
     host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     where = f"Kafka at {bootstrap} ({security.describe()})"

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from aiokafka.consumer import fetcher
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,6 @@ def install(sink: Sink) -> None:
             _sinks.append(sink)
         if _installed:
             return
-        from aiokafka.consumer import fetcher
 
         class GuardedPartitionRecords(fetcher.PartitionRecords):  # type: ignore[misc, valid-type]
             """aiokafka's iterator, but a batch that cannot be read ends the iteration there
@@ -132,8 +132,6 @@ def uninstall() -> None:
     global _installed, _originals
     with _install_lock:
         if _originals is not None:
-            from aiokafka.consumer import fetcher
-
             fetcher.PartitionRecords, fetcher.FetchResult = _originals
         _originals, _installed = None, False
         _sinks.clear()

@@ -16,6 +16,7 @@ from faust.web import Request, Response, View
 from faust.worker import Worker as FaustWorker
 
 from stream.kafka.broker_health import BrokerMonitor, BrokerState, apply_consumer_backoff, throttle_reconnects
+from stream.kafka.connect import ConnectConventions
 from stream.kafka.emitter import KafkaEmitter
 from stream.kafka.lag import LagGauge
 from stream.kafka.security import KafkaSecurity
@@ -71,6 +72,7 @@ class Worker:
                                     on_retry=self.metrics.emit_retries.inc,  # issue #12
                                     linger_ms=settings.producer_linger_ms,
                                     max_request_size=settings.kafka_max_message_bytes,
+                                    connect=ConnectConventions.from_settings(settings),  # issue #19
                                     on_too_large=self.oversize)
         self.pipeline = TurnPipeline(engine, self.store, self.emitter, settings, self.executor, self.metrics)
         # issue #17: nothing is processed before the store's identity is checked (app.py start-up)

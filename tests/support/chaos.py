@@ -47,9 +47,11 @@ from .workers import REPO, PipelineEnv, WorkerProc
 SCALE_ENV = "EVOSTREAM_CHAOS_SCALE"
 REPORT_ENV = "EVOSTREAM_CHAOS_REPORT"
 DEFAULT_REPORT = REPO / ".run" / "chaos-report.jsonl"
-RUN_ID = os.environ.get("EVOSTREAM_CHAOS_RUN_ID") or (
-    f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{os.getpid()}")
-"""Groups the summary lines of one pytest session (the report renders one run)."""
+RUN_ID_ENV = "EVOSTREAM_CHAOS_RUN_ID"
+COMMAND_ENV = "EVOSTREAM_CHAOS_COMMAND"
+RUN_ID = os.environ.get(RUN_ID_ENV) or (f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{os.getpid()}")
+"""Groups the summary lines of one pytest session (the report renders one run). tests/conftest.py
+sets it once per session, so that pytest-xdist workers (other processes) share it."""
 
 Record = tuple[bytes | None, bytes | None]
 
@@ -594,9 +596,20 @@ class Summary:
     states_differing: int = 0
     duplicates: int = 0            # extra copies of embedding events
     duplicated_keys: int = 0
-    non_identical: int = 0         # (cid, seq) whose copies differ
+    non_identical: int = 0         # (cid, seq) whose copies differ in any byte
     max_abs_diff: float = 0.0      # vs the offline replay
     conflicts: float = 0.0         # commits refused by the CAS (zombie writes fenced off)
+    # --- the ledger (issue #20): what the report prints, counted by the harness from the
+    # topics and Redis at the end of the scenario, never typed in or taken from the system --
+    applied: int = 0               # turns whose embedding was delivered and equals the offline replay
+    differing: int = 0             # turns delivered with an embedding that differs from the replay
+    dead_lettered: dict[str, int] = field(default_factory=dict)  # dead letters on the topic, by reason
+    expired: int = 0               # conversations whose state was seen to expire from Redis
+    duplicates_byte_identical: int = 0   # extra copies equal to the first, byte for byte
+    duplicates_byte_different: int = 0  # extra copies differing in any byte (must be 0)
+    turns_in_checked_checkpoints: int = 0  # turns covered by the checkpoints compared equal
+    # the system's own counters (Prometheus metrics of the workers), reported as such
+    system_counters: dict[str, float] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     seconds: float = 0.0
     started_at: str = ""
@@ -614,6 +627,8 @@ def report_path() -> Path:
 
 
 def command_line() -> str:
+    if os.environ.get(COMMAND_ENV):  # set by tests/conftest.py in the pytest process that xdist workers inherit
+        return os.environ[COMMAND_ENV]
     scale = os.environ.get(SCALE_ENV)
     argv = " ".join(sys.argv[1:]) if sys.argv else ""
     prefix = f"{SCALE_ENV}={scale} " if scale else ""

@@ -128,6 +128,7 @@ class Outputs:
     """Everything on the embeddings topic, parsed."""
 
     embeddings: dict[Key, list[EmbeddingEvent]] = field(default_factory=lambda: defaultdict(list))
+    raw: dict[Key, list[bytes]] = field(default_factory=lambda: defaultdict(list))  # record values, as delivered
     deleted: list[ConversationDeleted] = field(default_factory=list)
     unparseable: list[bytes] = field(default_factory=list)
     keys_of_records: list[tuple[bytes | None, str]] = field(default_factory=list)  # (record key, event cid)
@@ -148,6 +149,7 @@ def read_outputs(bootstrap: str, topic: str, *, idle_ms: int = 1500) -> Outputs:
         out.keys_of_records.append((msg.key, ev.conversation_id))
         if isinstance(ev, EmbeddingEvent):
             out.embeddings[(ev.conversation_id, ev.seq)].append(ev)
+            out.raw[(ev.conversation_id, ev.seq)].append(bytes(msg.value))
         else:
             out.deleted.append(ev)
     return out
@@ -212,7 +214,12 @@ class OutputReport:
     unexpected: list[Key] = field(default_factory=list)  # embeddings for keys not expected
     duplicates: int = 0                  # extra copies beyond the first
     duplicated_keys: int = 0
-    non_identical: list[Key] = field(default_factory=list)  # copies whose vectors differ in bytes
+    # Of those extra copies: equal to the first copy byte for byte (a replay re-emitting the
+    # outbox), or differing in any byte of the record (a recomputation: a zombie's write, a
+    # turn applied twice). Compared as bytes, not within a float tolerance (issue #20).
+    duplicates_byte_identical: int = 0
+    duplicates_byte_different: int = 0
+    non_identical: list[Key] = field(default_factory=list)  # keys whose copies differ in any byte
     max_abs_diff: float = 0.0
     worst: Key | None = None
     vector_mismatches: list[tuple[Key, float]] = field(default_factory=list)
@@ -244,7 +251,7 @@ class OutputReport:
     def summary(self) -> str:
         return (f"expected {self.expected} embeddings; got {self.events} events, {len(self.missing)} missing, "
                 f"{len(self.unexpected)} unexpected, {self.duplicates} duplicates over {self.duplicated_keys} keys "
-                f"({len(self.non_identical)} not byte-identical), max |diff| vs offline {self.max_abs_diff:.3g} at "
+                f"({self.duplicates_byte_identical} byte-identical, {self.duplicates_byte_different} byte-different), max |diff| vs offline {self.max_abs_diff:.3g} at "
                 f"{self.worst}; {self.states_checked} checkpoints checked, {len(self.state_mismatches)} differ"
                 + "".join(f"\n  - {p}" for p in self.problems()))
 
@@ -274,7 +281,11 @@ def compare(outputs: Outputs, expected: Expected, *, tol: float = TOL, keys: set
         if len(evs) > 1:
             rep.duplicates += len(evs) - 1
             rep.duplicated_keys += 1
-            if len({(e.vector.b64, e.vector.dtype, e.dim) for e in evs}) > 1:
+            copies = outputs.raw.get(key) or [e.model_dump_json().encode() for e in evs]
+            different = sum(1 for b in copies[1:] if b != copies[0])
+            rep.duplicates_byte_different += different
+            rep.duplicates_byte_identical += len(copies) - 1 - different
+            if different:
                 rep.non_identical.append(key)
         ref = expected.embeddings[key]
         for ev in evs:
