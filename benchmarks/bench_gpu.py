@@ -3,8 +3,11 @@
 The same random-weight model shape as benchmarks/bench_realistic.py (Qwen3.5-0.8B-shaped,
 `qwen35_08b`), on the GPU in bfloat16. `--convs` conversations, each with a full queue (512
 latents), stream one whole 16-turn segment together: every step call carries one turn of each
-conversation (so each pass batches rows with different cached prefix lengths). Run once without
-and once with the segment-prefix cache. Reported per path: turns/s, positions (tokens) computed
+conversation (so each pass batches rows with different cached prefix lengths). Run without any
+cache, with the segment-prefix cache, and with both caches (prefix + the query-ready memory, issue
+#22: the default configuration); then `--query-reps` passes of one query per conversation against
+the queues the last run left, with and without the query-ready memory: queries/s and positions
+per query / the query's own tokens. Reported per path: turns/s, positions (tokens) computed
 per second, and the fraction of the device's dense bf16 peak, counting 2 x (parameters a position
 is multiplied through: backbone without the embedding table, one LoRA adapter, the heads) FLOPs per
 computed position; attention over the prefixes is not counted, so this is a lower bound.
@@ -36,13 +39,15 @@ REPO = Path(__file__).resolve().parents[1]
 SECTION = "GPU at realistic size: Qwen3.5-0.8B-shaped, bfloat16 (issue 10)"
 
 
-def run_path(engine: EvoEngine, n_conv: int, turns: int, sync, label: str) -> dict[str, float]:
+def run_path(engine: EvoEngine, n_conv: int, turns: int, sync, label: str,
+             keep: dict | None = None) -> dict[str, float]:
     base = full_queue_state(engine)
     states = {f"g{c:03d}": base.copy() for c in range(n_conv)}
+    if keep is not None:
+        keep["states"] = states
     rng = random.Random(4)
     plan = [[make_turn(rng, f"g{c:03d}", 100 + k, (10, 20), (15, 25)) for c in range(n_conv)] for k in range(turns)]
-    if engine.prefix_cache is not None:
-        engine.prefix_cache.clear()
+    engine.drop_conversation_caches()
     positions = 0
     per_step: list[float] = []
     sync()
@@ -69,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--cache-gib", type=float, default=16.0, help="prefix cache budget (GiB)")
     ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--query-reps", type=int, default=3, help="query passes per path (median)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     args = ap.parse_args(argv)
@@ -85,15 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_qwen_tokenizer("qwen3_5")
     plain = EvoEngine(model, tok)
     cached = EvoEngine(model, tok, config=EngineConfig(prefix_cache_max_bytes=int(args.cache_gib * 2**30)))
+    both = EvoEngine(model, tok, config=EngineConfig(prefix_cache_max_bytes=int(args.cache_gib * 2**30),
+                                                     query_cache_max_bytes=int(args.cache_gib * 2**30)))
     log("warm-up ...")
     run_path(cached, min(4, args.convs), 2, sync, "warm-up")
     rep = Report()
     n_params = flop_params(plain)
     peak = peak_tflops(name, args.peak_tflops) if dev.type == "cuda" else None
     res = {}
-    for label, eng in (("uncached", plain), ("prefix cache", cached)):
+    kept: dict = {}
+    for label, eng in (("uncached", plain), ("prefix cache", cached), ("both caches", both)):
         log(f"{label}: {args.convs} conversations x {args.turns} turns ...")
-        r = run_path(eng, args.convs, args.turns, sync, label)
+        r = run_path(eng, args.convs, args.turns, sync, label, keep=kept if eng is both else None)
         res[label] = r
         tflops = 2.0 * n_params * r["positions"] / r["wall"] / 1e12
         rep.add(f"[{label}] turns/s ({args.convs} conversations, one segment)", f"{r['turns'] / r['wall']:,.1f}")
@@ -106,6 +115,25 @@ def main(argv: list[str] | None = None) -> int:
     if cached.prefix_cache is not None:
         rep.add("prefix cache bytes per conversation at the segment's end",
                 f"{cached.prefix_cache.bytes / max(1, len(cached.prefix_cache)) / 2**20:,.1f} MiB")
+    items = [(st, "which order was charged twice last month") for st in kept["states"].values()]
+    q_ms: dict[str, list[float]] = {"uncached": [], "query-ready memory": []}
+    log(f"queries: {args.query_reps} passes of {len(items)} (one per conversation), alternating ...")
+    for _ in range(args.query_reps):
+        for label, eng in (("uncached", plain), ("query-ready memory", both)):
+            sync()
+            t0 = time.perf_counter()
+            eng.embed_queries(items)
+            sync()
+            q_ms[label].append(1000 * (time.perf_counter() - t0))
+    for label, eng in (("uncached", plain), ("query-ready memory", both)):
+        qs = eng.last_query_stats
+        ms = sorted(q_ms[label])[len(q_ms[label]) // 2]
+        rep.add(f"[queries, {label}] queries/s ({len(items)} per pass, median of {args.query_reps})",
+                f"{1000 * len(items) / ms:,.1f}")
+        rep.add(f"[queries, {label}] positions per query / the query's own tokens",
+                f"{qs.positions / max(1, qs.own_tokens):.2f}x")
+    rep.add("queries/s, query-ready memory / uncached",
+            f"{sorted(q_ms['uncached'])[args.query_reps // 2] / sorted(q_ms['query-ready memory'])[args.query_reps // 2]:.1f}x")
     rep.add("turns/s, prefix cache / uncached",
             f"{(res['prefix cache']['turns'] / res['prefix cache']['wall']) / (res['uncached']['turns'] / res['uncached']['wall']):.2f}x")
     if dev.type == "cuda" and not peak:

@@ -1,5 +1,6 @@
 """Query API benchmark: query latency at a stated rate, and ingestion with and without a
-bounded query flood, on the local stack (one worker, CPU, tiny checkpoint).
+bounded query flood, on the local stack (one worker, CPU, tiny checkpoint); run once per
+`--query-cache` configuration (issue #22: the query-ready memory off, then on), one worker each.
 
 Phases, all against ONE worker (so every phase sees the same warm process):
 1. memory: a few conversations are ingested so that queries read real memories;
@@ -13,16 +14,15 @@ Phases, all against ONE worker (so every phase sees the same warm process):
 5. baseline again (the mean of 3 and 5 is the baseline, which evens out drift on a shared
    machine).
 
-Run:  .venv/bin/python -m benchmarks.bench_query  [--qps 20 --seconds 15 --flood 8]
-Writes the "Query API (issue 9)" section of BENCHMARKS.md.
+Run:  .venv/bin/python -m benchmarks.bench_query  [--qps 20 --seconds 15 --flood 8 --query-cache off,auto]
+Writes benchmarks/results/query_api.json and the "Query API (issue 9)" section of BENCHMARKS.md
+(figures as markers rendered from that file).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -38,7 +38,10 @@ sys.path.insert(0, str(REPO / "tests"))
 from support.workers import PipelineEnv, WorkerProc  # noqa: E402
 
 from benchmarks.bench_e2e import conversations  # noqa: E402
+from benchmarks.figures import marker  # noqa: E402
 from benchmarks.report import update_section  # noqa: E402
+from benchmarks.results_schema import (QUERY_API_FILE, RESULTS_DIR, QueryApiResults, QueryApiRun, RunInfo,  # noqa: E402
+                                       write_json)
 from devtools.localstack import LocalStack  # noqa: E402
 from stream.clients.producer import produce_records, turn_events  # noqa: E402
 from stream.kafka.topics import ensure_topics_sync  # noqa: E402
@@ -124,13 +127,14 @@ async def flood_phase(session: aiohttp.ClientSession, url: str, bootstrap: str, 
                 p50=float(np.percentile(arr, 50)), p99=float(np.percentile(arr, 99)))
 
 
-async def run(a: argparse.Namespace, stack: LocalStack, ckpt: str, log_dir: Path) -> dict:
-    tag = f"q{int(time.time())}"
+async def run(a: argparse.Namespace, stack: LocalStack, ckpt: str, log_dir: Path, query_cache: str) -> dict:
+    tag = f"q{int(time.time())}{query_cache}"
     topics = {f"bench.{tag}.turns": a.partitions, f"bench.{tag}.emb": a.partitions, f"bench.{tag}.dlq": 1}
     ensure_topics_sync(stack.kafka_bootstrap, topics)
     t_turns, t_emb, t_dlq = list(topics)
-    penv = PipelineEnv(stack.kafka_bootstrap, stack.redis_url, t_turns, t_emb, t_dlq, a.partitions, checkpoint=ckpt)
-    w = WorkerProc(penv, log_dir, name="query-bench").start()
+    penv = PipelineEnv(stack.kafka_bootstrap, stack.redis_url, t_turns, t_emb, t_dlq, a.partitions, checkpoint=ckpt,
+                       extra={"EVOSTREAM_QUERY_CACHE_MAX_BYTES": query_cache})
+    w = WorkerProc(penv, log_dir, name=f"query-bench-{query_cache}").start()
     try:
         w.wait_ready(180)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
@@ -157,6 +161,71 @@ async def run(a: argparse.Namespace, stack: LocalStack, ckpt: str, log_dir: Path
         w.stop()
 
 
+def summarise(r: dict, query_cache_bytes: int) -> QueryApiRun:
+    lat, flood = r["lat"], r["flood"]
+    b1 = r["base1"][0] / r["base1"][1]
+    b2 = r["base2"][0] / r["base2"][1]
+    base = (b1 + b2) / 2
+    fl = flood["turns"] / flood["seconds"]
+    return QueryApiRun(
+        query_cache_bytes=query_cache_bytes, latency_idle_p50_ms=lat["p50"], latency_idle_p99_ms=lat["p99"],
+        latency_idle_ok=lat["ok"], latency_idle_n=lat["n"], baseline_turns_per_s=base,
+        baseline_spread=max(b1, b2) / min(b1, b2), flood_turns_per_s=fl, flood_over_baseline=fl / base,
+        flood_answered=flood["answered"], flood_requests_per_s=flood["qps"], flood_p50_ms=flood["p50"],
+        flood_p99_ms=flood["p99"], flood_codes={str(k): v for k, v in sorted(flood["codes"].items())})
+
+
+def section(data: dict, wall_s: float) -> str:
+    from stream.settings import Settings
+
+    s = Settings()
+    f = lambda path, fmt="", suffix="": marker(QUERY_API_FILE, data, path, fmt, suffix)  # noqa: E731
+    modes = list(data["runs"])
+    lines = [
+        f"Command: `{f('run.command')}` ({f('run.date_utc')}; whole run {wall_s:.0f} s)  ",
+        f"Host: {f('run.cpu')}; {f('run.machine')}, shared by broker, Redis, the benchmark's clients and the "
+        "worker (and other engineers' test runs); worker torch threads: 1  ",
+        "Model: tiny seeded qwen3 checkpoint (hidden 64, 4 layers, real Qwen3 tokenizer), CPU float32; one worker per "
+        f"configuration, {a_partitions(data)} partitions; query settings at their defaults (queue {s.query_queue_max}, pass "
+        f"of up to {s.query_batch_max} texts, share {s.query_share}, idle grace {s.query_idle_grace_ms:g} ms)  ",
+        f"Backlogs: {f('backlog_turns', 'd')} turns each; queries read 8 conversations of 8 turns; requests are "
+        "`POST /v1/embeddings` with `encoding_format: base64`. `EVOSTREAM_QUERY_CACHE_MAX_BYTES` per column "
+        "(the query-ready memory, issue 22; `0` = off).",
+        "",
+        "| measure | " + " | ".join(f"query cache {m}" for m in modes) + " |",
+        "|---|" + "---|" * len(modes),
+    ]
+
+    def row(label: str, path: str, fmt: str, suffix: str = "") -> str:
+        return f"| {label} | " + " | ".join(f(f"runs.{m}.{path}", fmt, suffix) for m in modes) + " |"
+
+    lines += [
+        row(f"query latency at {data['qps']:g} requests/s, ingestion idle: p50, ms", "latency_idle_p50_ms", ".1f"),
+        row("... p99, ms", "latency_idle_p99_ms", ".1f"),
+        row("ingestion baseline (mean of the runs before and after the flood), turns/s", "baseline_turns_per_s", ".1f"),
+        row("... the two baseline runs differ by (the machine's noise)", "baseline_spread", ".2f", "x"),
+        row(f"ingestion under a flood of {data['flood_clients']} closed-loop clients (4 queries each), turns/s",
+            "flood_turns_per_s", ".1f"),
+        row("ingestion under the flood / baseline (target >= 0.8x)", "flood_over_baseline", ".2f", "x"),
+        row("requests answered during the flood (4 queries each)", "flood_answered", "d"),
+        row("... requests/s", "flood_requests_per_s", ".1f"),
+        row("query p50 while the backlog is ingested, ms", "flood_p50_ms", ".0f"),
+        row("query p99 while the backlog is ingested, ms", "flood_p99_ms", ".0f"),
+        "",
+        "- During the flood, queries are held to their share of the model thread (`QUERY_SHARE`) while the backlog "
+        "is busy: a pass of q seconds is followed by a pause of q x (1 - share) / share, so shorter passes (the "
+        "query-ready memory) also mean shorter pauses. With ingestion idle the worker answers at the first rows' "
+        "latency.",
+        "- The tiny checkpoint's queue positions are cheap (hidden 64): the query-ready memory's effect on the "
+        "model is measured at the 0.8B shape in \"Query-ready memory\" below.",
+    ]
+    return "\n".join(lines)
+
+
+def a_partitions(data: dict) -> int:
+    return int(data.get("partitions", 4))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--qps", type=float, default=20.0, help="stated query rate of the latency phase")
@@ -165,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conversations", type=int, default=24)
     ap.add_argument("--turns", type=int, default=16)
     ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--query-cache", default="0,auto", help="EVOSTREAM_QUERY_CACHE_MAX_BYTES per run (one worker each)")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     a = ap.parse_args(argv)
 
@@ -174,57 +244,31 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="evostream-bench-query-"))
     stack = LocalStack(run_dir / "stack", appendfsync="everysec", die_with_parent=True).start()
     t_start = time.time()
+    runs: dict[str, QueryApiRun] = {}
     try:
-        r = asyncio.run(run(a, stack, ckpt, run_dir))
+        for mode in [m.strip() for m in a.query_cache.split(",") if m.strip()]:
+            r = asyncio.run(run(a, stack, ckpt, run_dir, mode))
+            runs["off" if mode == "0" else mode] = summarise(r, 0 if mode == "0" else _resolved(mode))
     finally:
         stack.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
-    lat, flood = r["lat"], r["flood"]
-    b1 = r["base1"][0] / r["base1"][1]
-    b2 = r["base2"][0] / r["base2"][1]
-    base = (b1 + b2) / 2
-    fl = flood["turns"] / flood["seconds"]
-    from stream.settings import Settings
-
-    s = Settings()
     cmd = ".venv/bin/python -m benchmarks.bench_query " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [
-        f"Command: `{cmd.strip()}` (whole run {time.time() - t_start:.0f} s)  ",
-        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {platform.platform()}, "
-        f"{os.cpu_count()} CPUs shared by broker, Redis, the benchmark's clients and the worker (and, today, other "
-        "engineers' test runs); worker torch threads: 1  ",
-        "Model: tiny seeded qwen3 checkpoint (hidden 64, 4 layers, real Qwen3 tokenizer), CPU float32; one worker, "
-        f"{a.partitions} partitions; query settings at their defaults (queue {s.query_queue_max}, pass of up to "
-        f"{s.query_batch_max} texts, share {s.query_share}, idle grace {s.query_idle_grace_ms:g} ms)  ",
-        f"Backlogs: {a.conversations} new conversations x {a.turns} turns = {r['base1'][0]} turns each; queries read "
-        "8 conversations of 8 turns; requests are `POST /v1/embeddings` with `encoding_format: base64`",
-        "",
-        "| measure | value |",
-        "|---|---|",
-        f"| query latency at {a.qps:g} requests/s (1 query each, {lat['n']} requests, ingestion idle) | "
-        f"p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms ({lat['ok']}/{lat['n']} answered 200) |",
-        f"| ingestion, baseline before the flood | {b1:.1f} turns/s ({r['base1'][0]} turns in {r['base1'][1]:.1f} s) |",
-        f"| ingestion, baseline after the flood | {b2:.1f} turns/s ({r['base2'][0]} turns in {r['base2'][1]:.1f} s) |",
-        f"| ingestion under a flood of {a.flood} closed-loop clients (4 queries each) | {fl:.1f} turns/s "
-        f"({flood['turns']} turns in {flood['seconds']:.1f} s) |",
-        f"| queries answered during the flood | {flood['answered']} requests = {4 * flood['answered']} queries "
-        f"({flood['qps']:.1f} requests/s), p50 {flood['p50']:.0f} ms, p99 {flood['p99']:.0f} ms; "
-        f"status codes {dict(sorted(flood['codes'].items()))} |",
-        "",
-        f"ingestion under query flood: {fl / base:.2f}x of baseline (target >= 0.8x; baseline = mean of the two "
-        "baseline runs)",
-        "",
-        f"- The two baseline runs differ by {max(b1, b2) / min(b1, b2):.2f}x from each other: that is the noise of this "
-        "shared machine during the run, and the size of the error bar on the ratio above.",
-        f"- During the flood, queries are held to their share of the model thread (`QUERY_SHARE` {s.query_share}) "
-        "while the backlog is busy: that is what their latency above shows; with ingestion idle the same worker "
-        f"answers at the p50/p99 of the first row.",
-    ]
-    text = "\n".join(lines)
+    res = QueryApiResults(run=RunInfo.now(cmd.strip()), qps=a.qps, seconds=a.seconds, flood_clients=a.flood,
+                          backlog_turns=a.conversations * a.turns, runs=runs)
+    data = res.model_dump(mode="json")
+    data["partitions"] = a.partitions
+    text = section(data, time.time() - t_start)
     print(text)
     if not a.no_write:
+        write_json(res, RESULTS_DIR / QUERY_API_FILE)
         update_section(REPO / "BENCHMARKS.md", "Query API (issue 9)", text)
     return 0
+
+
+def _resolved(mode: str) -> int:
+    from workers.memory_budget import resolve_cache_bytes
+
+    return resolve_cache_bytes("auto" if mode == "auto" else int(mode))
 
 
 if __name__ == "__main__":

@@ -637,7 +637,7 @@ def measure_compact_sweep(args: argparse.Namespace, url: str, r: redis.Redis) ->
 
 
 def measure_redis_all(args: argparse.Namespace, result: dict[str, Any], url: str, r: redis.Redis, tmp: Path) -> None:
-    from workers.evo_model import checkpoint_fingerprint
+    from workers.loading import checkpoint_fingerprint
     from workers.tiny_checkpoint import cached_tiny_checkpoint
 
     info = r.info("server")

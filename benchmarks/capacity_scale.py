@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     cmd = "python -m benchmarks.capacity_scale " + " ".join(argv if argv is not None else sys.argv[1:])
 
-    from workers.evo_model import checkpoint_fingerprint
+    from workers.loading import checkpoint_fingerprint
     from workers.tiny_checkpoint import cached_tiny_checkpoint
 
     ckpt = cached_tiny_checkpoint("qwen3", "tiny")

@@ -83,6 +83,13 @@ def render_value(value: Any, fmt: str, suffix: str) -> str:
         raise FigureError(f"cannot format {value!r} with {fmt!r}: {exc}") from exc
 
 
+def marker(file: str, data: Any, path: str, fmt: str = "", suffix: str = "") -> str:
+    """A marked figure for a document a script writes: the value at `path` of the results `data`
+    (as read from `file`), rendered between the markers that name where it comes from."""
+    spec = (f":{fmt}" + (f"|{suffix}" if suffix else "")) if (fmt or suffix) else ""
+    return f"<!--fig {file}:{path}{spec}-->{render_value(lookup(data, path), fmt, suffix)}<!--/fig-->"
+
+
 def figures(doc: str, text: str) -> list[Figure]:
     out = []
     for m in FIGURE.finditer(text):

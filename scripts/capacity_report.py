@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import capacity_sections as issue22  # noqa: E402 - worker memory, model time by dtype, cold tier (issue #22)
+
 RESULTS = REPO / "benchmarks" / "results" / "capacity.json"
 SCALE = REPO / "benchmarks" / "results" / "capacity_scale.json"
 OUT = REPO / "docs" / "CAPACITY.md"
@@ -106,47 +109,12 @@ def ops_per_turn(data: dict[str, Any]) -> tuple[float, float]:
     return (commit["commands"] + ack["commands"]) / b, commit["script_server_usec_per_conversation"]
 
 
-REALISTIC_SECTION = "## Realistic size on CPU: Qwen3.5-0.8B-shaped"
-
-
-def realistic_cpu() -> dict[str, Any] | None:
-    """Issue #10's measurement of the real Qwen3.5-0.8B shape on this CPU (BENCHMARKS.md,
-    `benchmarks.bench_realistic`), when it is there: turns/s per worker, float32 and bfloat16."""
-    bench = REPO / "BENCHMARKS.md"
-    if not bench.exists():
-        return None
-    # figures in BENCHMARKS.md are markers (benchmarks/report.py): read their text
-    text = re.sub(r"<!--fig [^>]*-->(.*?)<!--/fig-->", r"\1", bench.read_text(), flags=re.S)
-    start = text.find(REALISTIC_SECTION)
-    if start < 0:
-        return None
-    end = text.find("\n## ", start + 5)
-    sec = text[start:end if end > 0 else None]
-    out: dict[str, Any] = {}
-    cmd = re.search(r"Command: `([^`]+)`", sec)
-    date = re.search(r"- date: ([^\n]+)", sec)
-    model = re.search(r"- model: ([^\n]+)", sec)
-    for dt in ("float32", "bfloat16"):
-        tps = re.search(rf"\[{dt}\] one worker, 1 conversation: turns/s\s*\|\s*([0-9.]+)", sec)
-        ms = re.search(rf"\[{dt}\] one worker, 1 conversation: ms per turn over a 16-turn segment\s*\|\s*([0-9,.]+)", sec)
-        if tps and ms:
-            out[dt] = {"turns_per_s": float(tps.group(1)), "ms_per_turn": float(ms.group(1).replace(",", ""))}
-    if not out:
-        return None
-    out["command"] = cmd.group(1) if cmd else "?"
-    out["date"] = date.group(1).strip() if date else "?"
-    out["model"] = model.group(1).strip() if model else "?"
-    return out
-
-
-def worker_rate(data: dict[str, Any]) -> tuple[float | None, str]:
-    """The best measured CPU turns/s per worker for the 0.8B shape (issue #10's bfloat16 run
-    when present: it is the faster, and the realistic shape), else this script's own."""
-    rc = realistic_cpu()
-    if rc:
-        dt = "bfloat16" if "bfloat16" in rc else "float32"
-        ms = rc[dt]["ms_per_turn"]
-        return 1000.0 / ms, f"CPU, {dt}, one conversation per worker, {ms:,.0f} ms per turn (issue 10's `{rc['command']}`)"
+def worker_rate(data: dict[str, Any], extra: dict[str, Any] | None = None) -> tuple[float | None, str]:
+    """Turns/s of one CPU worker at the 0.8B shape: the compute dtype measured faster on this host
+    (issue #22, benchmarks/results/precision.json), else this script's own model-time run."""
+    tps, what = issue22.worker_rate(issue22.load_extra() if extra is None else extra)
+    if tps:
+        return tps, what
     mt = data.get("model_time", {}).get("cpu_0.8B")
     if not mt:
         return None, "not measured"
@@ -178,8 +146,9 @@ def fmt_rate(n: float) -> str:
     return fmt_bytes(n) + "/s"
 
 
-def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
+def render(data: dict[str, Any], scale: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> str:
     meta = data["meta"]
+    extra = issue22.load_extra() if extra is None else extra
     out: list[str] = []
     w = out.append
     w("# Capacity: what live conversations cost")
@@ -195,6 +164,10 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
         w(f"- model time: `{meta['command_model_time']}` ({meta.get('date_model_time', '?')})")
     w(f"- machine: {meta['machine']}; Python {meta['python']}, torch {meta['torch']}; Redis: {meta.get('redis', '?')} "
       f"(allocator {meta.get('allocator', '?')}), started by the script, no persistence")
+    cpus = sorted({x["run"]["cpu"] for x in extra.values() if x.get("run", {}).get("cpu")})
+    if cpus:
+        w(f"- host CPU of the figures from precision.json, query_cache.json and cold_tier.json (section 4 \"By compute "
+          f"dtype\", 4b, 8, and the CPU workers of section 5): {'; '.join(cpus)}")
     w(f"- GPU: {meta['gpu']}. GPU figures are therefore not in this document; "
       "`benchmarks/bench_engine.py --gpu on` measures the batched step where a GPU exists.")
     w(f"- model constants: {meta['num_latents']} latents per turn, queue of {meta['buffer_capacity']} latents, "
@@ -219,7 +192,7 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
             continue
         w(f"- 1M live conversations of the {s_} model: {fmt_bytes(1e6 * f_['steady_mean'])} of Redis in float32, "
           f"{fmt_bytes(1e6 * h_['steady_mean'])} with bfloat16 storage.")
-    wtps, _ = worker_rate(data)
+    wtps, _ = worker_rate(data, extra)
     lo = plan(inputs_for(data, "0.8B", "bfloat16", wtps), 0, RATES[-1])
     hi_cfg = ("4B", "float32") if any(r["size"] == "4B" and r["storage_dtype"] == "float32" for r in data["redis"]) else ("0.8B", "float32")
     hi = plan(inputs_for(data, *hi_cfg, wtps), 0, RATES[-1])
@@ -231,6 +204,8 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
       f"that memory needs anyway; Kafka carries {fmt_rate(lo['kafka_out_bytes_per_s'])} of embeddings (section 5).")
     w("- Idle conversations need not stay in RAM: the cold tier keeps them on disk and restores them exactly "
       "on their next turn (section 6).")
+    for line in issue22.summary(extra):
+        w(line)
     w("")
 
     # 1 -------------------------------------------------------------------------------------
@@ -328,16 +303,20 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
     else:
         w("Not measured in this run (`--model-time`).")
     w("")
-    rc = realistic_cpu()
-    if rc:
-        w(f"Issue 10 measured the released 0.8B shape itself on this CPU ({rc['model']}; `{rc['command']}`, "
-          f"{rc['date']}, BENCHMARKS.md): "
-          + "; ".join(f"{dt}: {v['ms_per_turn']:,.0f} ms per turn over a 16-turn segment, {v['turns_per_s']} turns/s per worker"
-                      for dt, v in rc.items() if isinstance(v, dict))
-          + ". Section 5 uses its bfloat16 figure for CPU workers (the faster of the measured ones).")
-        w("")
+    w("### By compute dtype, on this host (issue #22)")
+    w("")
+    for line in issue22.model_time(extra):
+        w(line)
+    w("")
     w("No GPU was lent to this work, so no GPU row: measure `benchmarks/bench_engine.py --gpu on` on yours "
       "and pass its turns/s as `--worker-turns-per-s` to the planner.")
+    w("")
+
+    # 4b ------------------------------------------------------------------------------------
+    w("## 4b. Worker memory: the model and its caches (measured)")
+    w("")
+    for line in issue22.worker_memory(extra, state_cache_default=256 * MIB):
+        w(line)
     w("")
 
     # 5 -------------------------------------------------------------------------------------
@@ -364,7 +343,7 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
       "(the same again to the AOF on disk); Redis commands/s = R x Q; share of one Redis core = R x U; "
       "Kafka in = R x (Ti + 70), out = R x (Eo + 70), broker disk = F x (in + out); workers = ceil(R / P).")
     w("")
-    worker_tps, worker_what = worker_rate(data)
+    worker_tps, worker_what = worker_rate(data, extra)
     configs = [(s, d) for s in ("0.8B", "2B", "4B") for d in ("float32", "bfloat16")
                if any(r["size"] == s and r["storage_dtype"] == d for r in data["redis"])]
     w("### Redis memory by live conversations")
@@ -448,8 +427,8 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
     ct = st.get("cold_tier")
     ce = lv.get("cold_tier_exactness", {})
     if ct:
-        w(f"| cold tier (SQLite) for idle conversations | `EVOSTREAM_COLD_TIER_PATH=/var/lib/evostream/cold.sqlite` + "
-          f"`python -m stream.state.cold_tier freeze --idle-s 3600` (cron) | Redis: {fmt_bytes(ct['memory_usage_before'] / ct['frozen'])} -> "
+        w(f"| cold tier (SQLite shards) for idle conversations | `EVOSTREAM_COLD_TIER_PATH=/var/lib/evostream/cold` + "
+          f"`evostream cold-tier freeze --idle-s 3600` (cron) | Redis: {fmt_bytes(ct['memory_usage_before'] / ct['frozen'])} -> "
           f"{fmt_bytes(ct['marker_bytes_left_per_conversation'])} per frozen conversation (the marker); disk: "
           f"{fmt_bytes(ct['sqlite_file_bytes'] / ct['frozen'])} each in SQLite. Freeze {ct['freeze_ms_per_conversation']:.0f} ms, "
           f"thaw on the next turn {ct['thaw_ms_per_conversation']:.0f} ms per conversation "
@@ -481,6 +460,14 @@ def render(data: dict[str, Any], scale: dict[str, Any] | None) -> str:
             w(f"| {key} | {val} |")
     else:
         w("Not run yet.")
+    w("")
+
+    # 8 -------------------------------------------------------------------------------------
+    w("## 8. Cold tier at scale: freeze and thaw rates (measured)")
+    w("")
+    per_conv = ct["sqlite_file_bytes"] / ct["frozen"] if ct else None
+    for line in issue22.cold_tier(extra, per_conv):
+        w(line)
     w("")
     return "\n".join(out)
 
@@ -525,7 +512,8 @@ def main(argv: list[str] | None = None) -> None:
     text, values = mark_figures(render(data, scale), "capacity_doc.json")
     (REPO / "benchmarks" / "results" / "capacity_doc.json").write_text(json.dumps({
         "document": "docs/CAPACITY.md", "rendered_by": "scripts/capacity_report.py",
-        "from": "capacity.json, capacity_model_time.json, capacity_scale.json (benchmarks/results)",
+        "from": "capacity.json, capacity_model_time.json, capacity_scale.json, precision.json, query_cache.json, "
+                "cold_tier.json (benchmarks/results)",
         "about": "every number the document printed, in order (benchmarks/report.py)",
         "figures": values}, indent=1) + "\n")
     args.out.write_text(text + "\n")

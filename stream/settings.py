@@ -180,8 +180,11 @@ class Settings(BaseSettings):
         default_factory=dict, description='tenant -> idle TTL in seconds (null = never), JSON; "" = the default tenant; '
                                           "others use state_ttl_s")
     cold_tier_path: str | None = Field(
-        None, description="SQLite file of the cold tier: conversations frozen by `python -m stream.state.cold_tier freeze` "
-                          "are brought back from it on their next turn")
+        None, description="directory of the cold tier's SQLite shards (an existing single file is read as one shard): "
+                          "conversations frozen by `evostream cold-tier freeze` are brought back on their next turn")
+    cold_tier_shards: int = Field(
+        16, ge=1, le=4096, description="SQLite files of a new cold tier (conversations spread by hash); an existing "
+                                       "tier keeps the count its manifest records")
 
     # --- model ---
     checkpoint: str = Field("", description="checkpoint directory or hub id (owner/name); empty = the seeded tiny one")
@@ -226,7 +229,9 @@ class Settings(BaseSettings):
         "event", description="a deleted conversation as a conversation_deleted event, a null-value record "
                              "(Kafka tombstone, key = conversation id), or the event followed by the null record")
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="compute dtype; auto = bfloat16 on CUDA, on CPU what a start-up probe measures faster, "
+                               "with float32 memory (issue #22)")
     memory_rendering: str = "chatml"
 
     # --- batching ---
@@ -241,9 +246,15 @@ class Settings(BaseSettings):
     # --- state cache ---
     cache_max_bytes: int = Field(256 * 1024 * 1024, ge=0)
 
-    # --- segment-prefix cache of the model step (issue #10) ---
-    prefix_cache_max_bytes: int = Field(
-        0, ge=0, description="bytes of open-segment memory prefixes kept for the next turn (LRU); 0 = off")
+    # --- segment-prefix cache of the model step (issue #10), on by default (issue #22) ---
+    prefix_cache_max_bytes: int | Literal["auto"] = Field(
+        "auto", description="bytes of open-segment memory prefixes kept for the next turn (LRU); 0 = off; "
+                            "auto = 1/8 of the worker's memory (cgroup limit, RAM or GPU), 64 MiB to 4 GiB")
+    # --- query-ready memory (issue #22) ---
+    query_cache_max_bytes: int | Literal["auto"] = Field(
+        "auto", description="bytes of query-ready memories (the retriever's work over each conversation's "
+                            "queue, LRU) so queries and the next turn compute only their own tokens; 0 = off; "
+                            "auto as for prefix_cache_max_bytes")
 
     # --- web / ops ---
     web_host: str = "127.0.0.1"
@@ -291,6 +302,13 @@ class Settings(BaseSettings):
     log_repeat_window_s: float = Field(
         60.0, gt=0, description="Kafka client libraries log each kind of line at most log_repeat_burst times per window")
     log_repeat_burst: int = Field(3, ge=1)
+
+    @field_validator("prefix_cache_max_bytes", "query_cache_max_bytes")
+    @classmethod
+    def _cache_budget(cls, v: int | str) -> int | str:
+        if v != "auto" and int(v) < 0:
+            raise ValueError("a cache budget is >= 0 bytes or 'auto'")
+        return v
 
     @field_validator("memory_rendering")
     @classmethod

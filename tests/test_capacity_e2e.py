@@ -1,6 +1,6 @@
 """The capacity levers in a real worker (issue #14): bfloat16 storage and the cold tier wired
 through settings, a conversation frozen to SQLite between its turns by the operator entry
-point (`python -m stream.state.cold_tier freeze`), continued by the worker exactly.
+point (`evostream cold-tier freeze`), continued by the worker exactly.
 
 Why end to end: the worker keeps the conversation in its state cache, so after the freeze its
 next commit must lose the compare-and-set, reload, thaw from SQLite and recompute, and the
@@ -40,7 +40,7 @@ def test_worker_continues_a_frozen_conversation_exactly(kafka_bootstrap: str, re
         wait_for_embeddings(penv, {("frozen", i) for i in range(N_BEFORE)}, timeout=300, workers=[worker])
 
         # the operator's entry point moves it out of Redis while the worker still caches it
-        done = subprocess.run([sys.executable, "-m", "stream.state.cold_tier", "freeze", "--idle-s", "0"],
+        done = subprocess.run([sys.executable, "-m", "stream.cli", "cold-tier", "freeze", "--idle-s", "0"],
                               cwd=REPO, env=penv.env(), capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         report = json.loads(done.stdout.strip().splitlines()[-1])

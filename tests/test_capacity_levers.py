@@ -24,6 +24,7 @@ import torch
 
 from schemas.events import MemoryOrigin
 from schemas.turns import ChatMessage, TurnInput
+from stream.state.cold_store import ColdStore
 from stream.state.errors import MemoryCorrupt
 from stream.state.records import CommitStatus, TurnCommit
 from stream.state.store import MemoryStore
@@ -267,7 +268,8 @@ async def test_cold_tier_purge_drops_only_rows_past_retention(redis_url: str, tm
         assert cold.purge() == 0 and cold.count() == 2  # both younger than the retention
         # A cutoff between the two freezes, by their recorded times; the purge's clock is pinned
         # so that a slow machine between here and the purge cannot move the cutoff.
-        t0, t1 = (row[0] for row in cold._db.execute("SELECT frozen_at_ms FROM cold ORDER BY frozen_at_ms"))
+        t0, t1 = sorted(t for rows in cold.files.each(lambda db: db.execute("SELECT frozen_at_ms FROM cold").fetchall())
+                        for (t,) in rows)
         assert t0 < t1
         now = t1 / 1000 + 5.0
         from unittest import mock
@@ -290,14 +292,17 @@ async def test_cold_tier_leaves_a_conversation_that_moved_on_during_the_freeze(r
     loop = asyncio.get_running_loop()
     try:
         await drive(store, ref, 2)
-        real_put = cold._put
+        real_put = ColdStore.put
 
-        def put_then_commit(recs: Any) -> None:
-            real_put(recs)
+        def put_then_commit(shard: Any, recs: Any) -> None:
+            real_put(shard, recs)
             asyncio.run_coroutine_threadsafe(drive(writer, ref, 1, seed=5), loop).result(timeout=30)
 
-        cold._put = put_then_commit  # type: ignore[method-assign]
-        rep = await cold.freeze(store, [ref])
+        ColdStore.put = staticmethod(put_then_commit)  # type: ignore[method-assign]
+        try:
+            rep = await cold.freeze(store, [ref])
+        finally:
+            ColdStore.put = staticmethod(real_put)  # type: ignore[method-assign]
         assert rep.frozen == 0 and rep.changed == 1 and cold.count() == 0
         got = await store.load(ref)
         assert got is not None and got.seq == 2  # the newer commit is intact, in Redis

@@ -53,3 +53,24 @@ def test_capacity_doc_carries_the_measured_figures_and_is_linked() -> None:
     for n in rep.CONVERSATIONS:
         assert f"| {n:,} |" in doc
     assert "docs/CAPACITY.md" in (REPO / "README.md").read_text()
+
+
+def test_capacity_doc_is_what_the_script_renders_from_the_results_files() -> None:
+    """Issue #22: the document is regenerated, never edited: Redis, the model-side caches, model time
+    by compute dtype on a named host, and the cold tier at scale all come from results files."""
+    from benchmarks.report import mark_figures
+
+    rep = _report()
+    data, scale = rep.load()
+    doc = (REPO / "docs" / "CAPACITY.md").read_text()
+    want = mark_figures(rep.render(data, scale), "capacity_doc.json")[0] + "\n"
+    assert doc == want, "docs/CAPACITY.md differs from `scripts/capacity_report.py`'s output"
+    doc = re.sub(r"<!--fig [^>]*-->(.*?)<!--/fig-->", r"\1", doc, flags=re.S)  # the text a reader sees
+    for heading in ("## 4b. Worker memory: the model and its caches (measured)",
+                    "## 8. Cold tier at scale: freeze and thaw rates (measured)", "### The path to 10M conversations"):
+        assert heading in doc
+    extra = rep.issue22.load_extra()
+    for name in ("precision.json", "query_cache.json", "cold_tier.json"):
+        assert name in extra, f"benchmarks/results/{name} is missing: the document cannot carry its figures"
+        assert extra[name]["run"]["cpu"] in doc  # CPU figures name their host
+    assert "0.47" not in doc

@@ -697,6 +697,9 @@ def test_memory_stays_within_cache_budget_and_idle_states_expire(local_stack: Lo
     RSS does not grow with the number of conversations, idle states expire in Redis while the
     active ones keep going, and every embedding still matches the offline replay."""
     budget, ttl = SCALE.memory_cache_bytes, SCALE.memory_ttl_s
+    # issue #22: the model-side caches are on by default; each gets a budget of the state cache's
+    # size here, and the worker's memory bound below counts all three
+    model_caches = {"prefix": budget, "query": budget}
     with scenario("memory_ttl") as s:
         idle = generate_traffic(SCALE.memory_idle_conversations, SCALE.memory_idle_turns, seed=SCALE.seed,
                                 prefix="idle")
@@ -711,6 +714,8 @@ def test_memory_stays_within_cache_budget_and_idle_states_expire(local_stack: Lo
         act_events = [c.turns[k] for k in range(SCALE.memory_active_turns) for c in active.conversations]
         penv = pipeline_env(topic_factory, kafka_bootstrap, redis_url, partitions=PARTITIONS,
                             extra={"EVOSTREAM_CACHE_MAX_BYTES": str(budget), "EVOSTREAM_STATE_TTL_S": str(ttl),
+                                   "EVOSTREAM_PREFIX_CACHE_MAX_BYTES": str(model_caches["prefix"]),
+                                   "EVOSTREAM_QUERY_CACHE_MAX_BYTES": str(model_caches["query"]),
                                    # the small marker (issue #7) outlives the state by this, then goes too
                                    "EVOSTREAM_MARKER_TTL_S": str(ttl),
                                    # glibc then maps every block >= 64 KiB on its own and returns it
@@ -721,6 +726,7 @@ def test_memory_stays_within_cache_budget_and_idle_states_expire(local_stack: Lo
         probe = RedisProbe(redis_url, penv.namespace)
         fleet = Fleet(penv, tmp_path)
         samples: list[tuple[float, float, float, int]] = []  # (t, cache bytes, entries, rss)
+        model_cache_peaks = {"prefix": 0.0, "query": 0.0}
         producers: list[StreamingProducer] = []
         t0 = time.monotonic()
 
@@ -732,6 +738,8 @@ def test_memory_stays_within_cache_budget_and_idle_states_expire(local_stack: Lo
             except OSError:
                 return
             rss = rss_bytes(w.proc.pid) or 0
+            for name in model_caches:
+                model_cache_peaks[name] = max(model_cache_peaks[name], m.get(f"evostream_{name}_cache_bytes", 0.0))
             samples.append((time.monotonic() - t0, m.get("evostream_state_cache_bytes", 0.0),
                             m.get("evostream_state_cache_entries", 0.0), rss))
 
@@ -802,12 +810,17 @@ def test_memory_stays_within_cache_budget_and_idle_states_expire(local_stack: Lo
                 idle_expired_while_active_streamed=active_alive_then,
                 active_present_when_idle_expired=active_present_then,
                 evictions_implied=SCALE.memory_idle_conversations > peak_entries,
+                model_cache_budgets=model_caches, model_cache_peaks=model_cache_peaks,
             )
             problems = []
             if peak_cache > budget:
                 problems.append(f"state cache gauge peaked at {peak_cache:.0f} bytes > budget {budget}")
             if peak_entries >= len(exp.states):
                 problems.append(f"the cache held {peak_entries:.0f} states: nothing was ever evicted")
+            for name, peak in model_cache_peaks.items():
+                if peak > model_caches[name]:
+                    problems.append(f"{name} cache gauge peaked at {peak:.0f} bytes > budget {model_caches[name]}")
+            bound = RSS_SLACK + budget + sum(model_caches.values())  # issue #22: every cache's budget
             # RSS: while the many idle conversations stream through, the process must not grow
             # with their number (allocator noise allowed). Later, long active conversations need
             # model working memory (attention over ~1000-token rows), unrelated to the cache:
@@ -816,9 +829,9 @@ def test_memory_stays_within_cache_budget_and_idle_states_expire(local_stack: Lo
             # could not tell an unbounded cache from noise.
             all_states = sum(st.nbytes() for st in exp.states.values())
             s.extra["all_states_bytes"] = all_states
-            if rss_after_idle - rss_warm > RSS_SLACK + budget:
+            if rss_after_idle - rss_warm > bound:
                 problems.append(f"RSS grew by {(rss_after_idle - rss_warm) / 2**20:.1f} MiB while the idle "
-                                f"conversations streamed (> {RSS_SLACK / 2**20:.0f} MiB + budget)")
+                                f"conversations streamed (> {RSS_SLACK / 2**20:.0f} MiB + the caches' budgets)")
             if peak_rss - rss_warm > RSS_LEAK_BOUND:
                 problems.append(f"RSS grew by {(peak_rss - rss_warm) / 2**20:.1f} MiB over the run "
                                 f"(> {RSS_LEAK_BOUND / 2**20:.0f} MiB)")

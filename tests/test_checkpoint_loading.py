@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from schemas.turns import ChatMessage, TurnInput
 from workers.engine import load_engine
-from workers.evo_model import CheckpointError, load_checkpoint
+from workers.loading import ModelLoadError, load_checkpoint
 from workers.tiny_checkpoint import cached_tiny_checkpoint
 
 FAMILIES = ["qwen3", "qwen3_5"]
@@ -122,21 +122,21 @@ def test_unknown_dtype_is_refused():
 def test_missing_config(tmp_path):
     ckpt = _copy("qwen3", tmp_path / "ck")
     (ckpt / "config.json").unlink()
-    with pytest.raises(CheckpointError, match=r"no config\.json"):
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
         load_checkpoint(ckpt)
 
 
 def test_wrong_model_type(tmp_path):
     ckpt = _copy("qwen3", tmp_path / "ck")
     _edit_config(ckpt, lambda c: c.update(model_type="bert"))
-    with pytest.raises(CheckpointError, match=r"model_type 'bert', expected 'EvoRAG'"):
+    with pytest.raises(ModelLoadError, match=r"model_type 'bert', expected 'EvoRAG'"):
         load_checkpoint(ckpt)
 
 
 def test_unsupported_backbone(tmp_path):
     ckpt = _copy("qwen3", tmp_path / "ck")
     _edit_config(ckpt, lambda c: c["backbone_config"].update(model_type="llama"))
-    with pytest.raises(CheckpointError, match=r"backbone model_type 'llama' is not supported"):
+    with pytest.raises(ModelLoadError, match=r"backbone model_type 'llama' is not supported"):
         load_checkpoint(ckpt)
 
 
@@ -144,14 +144,14 @@ def test_unsupported_backbone(tmp_path):
 def test_missing_retriever_adapter(family, tmp_path):
     ckpt = _copy(family, tmp_path / "ck")
     _edit_weights(ckpt, lambda w: {k: v for k, v in w.items() if ".retriever." not in k})
-    with pytest.raises(CheckpointError, match=r"lacks LoRA adapter\(s\) \['retriever'\]"):
+    with pytest.raises(ModelLoadError, match=r"lacks LoRA adapter\(s\) \['retriever'\]"):
         load_checkpoint(ckpt)
 
 
 def test_no_adapters_at_all(tmp_path):
     ckpt = _copy("qwen3", tmp_path / "ck")
     _edit_weights(ckpt, lambda w: {k: v for k, v in w.items() if ".lora_" not in k})
-    with pytest.raises(CheckpointError, match=r"no LoRA adapter weights"):
+    with pytest.raises(ModelLoadError, match=r"no LoRA adapter weights"):
         load_checkpoint(ckpt)
 
 
@@ -163,14 +163,14 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
         return w
 
     _edit_weights(ckpt, other_hidden)
-    with pytest.raises(CheckpointError, match=r"shape mismatch.*memory_queries: checkpoint \(1, 16, 32\) vs model \(1, 16, 64\)"):
+    with pytest.raises(ModelLoadError, match=r"shape mismatch.*memory_queries: checkpoint \(1, 16, 32\) vs model \(1, 16, 64\)"):
         load_checkpoint(ckpt)
 
 
 def test_missing_backbone_weight(tmp_path):
     ckpt = _copy("qwen3", tmp_path / "ck")
     _edit_weights(ckpt, lambda w: {k: v for k, v in w.items() if "layers.3.mlp.down_proj.base_layer" not in k})
-    with pytest.raises(CheckpointError, match=r"missing \['layers\.3\.mlp\.down_proj\.base_layer\.weight'\]"):
+    with pytest.raises(ModelLoadError, match=r"missing \['layers\.3\.mlp\.down_proj\.base_layer\.weight'\]"):
         load_checkpoint(ckpt)
 
 
@@ -184,21 +184,21 @@ def test_unexpected_keys(tmp_path, key):
 
     _edit_weights(ckpt, add)
     short = key.removeprefix("model.base_model.model.model.")
-    with pytest.raises(CheckpointError, match=r"unexpected.*" + short.replace(".", r"\.")):
+    with pytest.raises(ModelLoadError, match=r"unexpected.*" + short.replace(".", r"\.")):
         load_checkpoint(ckpt)
 
 
 def test_lora_rank_disagreeing_with_config(tmp_path):
     ckpt = _copy("qwen3", tmp_path / "ck")
     _edit_config(ckpt, lambda c: c.update(lora_r=64))
-    with pytest.raises(CheckpointError, match=r"LoRA rank in weights is 8 but config\.json says lora_r=64"):
+    with pytest.raises(ModelLoadError, match=r"LoRA rank in weights is 8 but config\.json says lora_r=64"):
         load_checkpoint(ckpt)
 
 
 def test_no_weights(tmp_path):
     ckpt = _copy("qwen3", tmp_path / "ck")
     (ckpt / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
+    with pytest.raises(ModelLoadError, match=r"no \*\.safetensors"):
         load_checkpoint(ckpt)
 
 
@@ -208,11 +208,11 @@ def test_tokenizer_of_the_other_family(family, other, tmp_path):
     special id lies inside the Qwen3.5 table, so only the vocabulary sizes give it away."""
     ckpt = _copy(family, tmp_path / "ck")
     shutil.copy(cached_tiny_checkpoint(other, "tiny") / "tokenizer.json", ckpt / "tokenizer.json")
-    with pytest.raises(CheckpointError, match=r"checkpoint and tokenizer do not belong together"):
+    with pytest.raises(ModelLoadError, match=r"checkpoint and tokenizer do not belong together"):
         load_checkpoint(ckpt)
     # and the same through the explicit override
     ok = _copy(family, tmp_path / "ok")
-    with pytest.raises(CheckpointError, match=r"do not belong together"):
+    with pytest.raises(ModelLoadError, match=r"do not belong together"):
         load_checkpoint(ok, tokenizer_path=str(cached_tiny_checkpoint(other, "tiny") / "tokenizer.json"))
 
 
@@ -233,7 +233,7 @@ def test_released_layout_without_backbone_config(family, tmp_path, reference_emb
     backbone = cfg.pop("backbone_config")
     cfg["base_model_name_or_path"] = "Qwen/Qwen3-4B-Instruct-2507" if family == "qwen3" else "Qwen/Qwen3.5-2B"
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"not available offline.*: set EVOSTREAM_BACKBONE_CONFIG"):
+    with pytest.raises(ModelLoadError, match=r"not available offline.*: set EVOSTREAM_BACKBONE_CONFIG"):
         load_checkpoint(ckpt)
 
     # the fix: point at the base model's config.json ...

@@ -14,7 +14,7 @@ import pytest
 from schemas.turns import ChatMessage, TurnInput
 from workers import reference
 from workers.client import EvoEmbeddingClient, messages_to_turns
-from workers.evo_model import load_checkpoint
+from workers.loading import load_checkpoint
 from workers.rendering import Renderer
 from workers.tiny_checkpoint import cached_tiny_checkpoint
 

@@ -14,7 +14,7 @@ import pytest
 from schemas.turns import ChatMessage, TurnInput
 from tests.support.hubcache import put_checkpoint_dir, put_repo
 from workers.engine import load_engine
-from workers.evo_model import CheckpointError, checkpoint_fingerprint, load_checkpoint
+from workers.loading import ModelLoadError, checkpoint_fingerprint, load_checkpoint
 from workers.model_source import is_hub_id, resolve_checkpoint_dir
 from workers.tiny_checkpoint import cached_tiny_checkpoint
 
@@ -64,12 +64,12 @@ def test_checkpoint_revision_from_offline_cache(hub_cache: Path) -> None:
     other = put_checkpoint_dir(hub_cache, REPO_ID, cached_tiny_checkpoint("qwen3", "tiny", seed=1), revision="v2")
     assert resolve_checkpoint_dir(REPO_ID, "v2") == other
     assert load_checkpoint(REPO_ID, revision="v2").fingerprint != load_checkpoint(REPO_ID).fingerprint
-    with pytest.raises(CheckpointError, match=r"'MiG-NJU/EvoEmbedding-0.8B' at revision 'v9' is not available"):
+    with pytest.raises(ModelLoadError, match=r"'MiG-NJU/EvoEmbedding-0.8B' at revision 'v9' is not available"):
         load_checkpoint(REPO_ID, revision="v9")
 
 
 def test_hub_id_not_cached_is_one_clear_error(hub_cache: Path) -> None:
-    with pytest.raises(CheckpointError) as ei:
+    with pytest.raises(ModelLoadError) as ei:
         load_checkpoint("MiG-NJU/EvoEmbedding-4B")
     msg = str(ei.value)
     assert "checkpoint 'MiG-NJU/EvoEmbedding-4B' is not available" in msg
@@ -87,7 +87,7 @@ def test_backbone_config_by_base_model_hub_id(hub_cache: Path, tmp_path: Path) -
     backbone = cfg.pop("backbone_config")
     cfg["base_model_name_or_path"] = "Qwen/Qwen3-4B-Instruct-2507"
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"'Qwen/Qwen3-4B-Instruct-2507' is not available.*"
+    with pytest.raises(ModelLoadError, match=r"'Qwen/Qwen3-4B-Instruct-2507' is not available.*"
                                               r"set EVOSTREAM_BACKBONE_CONFIG"):
         load_checkpoint(ckpt)
     put_repo(hub_cache, "Qwen/Qwen3-4B-Instruct-2507", {"config.json": json.dumps(backbone).encode()})

@@ -30,7 +30,7 @@ import numpy as np
 
 from schemas.turns import ChatMessage, TurnInput
 from workers.engine import EngineConfig, EvoEngine
-from workers.evo_model import LoadedModel, load_checkpoint
+from workers.loading import LoadedModel, load_checkpoint
 from workers.rendering import MemoryRendering, Renderer
 
 _CID = "client"

@@ -12,22 +12,34 @@ representation generation, incrementally:
 - with `prefix_cache_max_bytes` > 0, what the backbone computed for the segment so far is kept per
   conversation (workers/prefix_pass.py, workers/prefix_cache.py), so the memory step computes only
   the new turn and its query slots; a missing or stale entry means recomputing from the snapshot.
+- with `query_cache_max_bytes` > 0, the retriever's work over each conversation's new queue is
+  computed once after its turn is applied and kept (workers/query_cache.py), so queries until the
+  next turn, and that turn's own embedding, compute only their own tokens; a miss computes the
+  queue too, as without the cache.
+
+Both caches change how much is computed, never the numbers (tests/test_prefix_cache.py,
+tests/test_query_cache.py); both are off unless configured (the worker turns them on from its
+settings, stream/cli/core.py), so an `EvoEngine` built in code is the plain path the parity tests pin.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from schemas.turns import TurnInput
-from workers.evo_model import EvoEmbeddingModel, LoadedModel, load_checkpoint
+from workers.evo_model import EvoEmbeddingModel
+from workers.loading import LoadedModel, load_checkpoint
+from workers.precision import ProbeResult, choose_compute_dtype
 from workers.prefix_cache import CacheEvent, PrefixCache
 from workers.prefix_pass import PrefixPass, PrefixState
+from workers.query_cache import QueryCache
 from workers.rendering import MemoryRendering, Renderer
 from workers.runner import ModelRunner, Row
 from workers.scheduler import Budget, SegmentRule, pack, plan_waves
@@ -59,6 +71,19 @@ class StepStats:
     reused_positions: int = 0     # memory-row positions taken from the prefix cache instead of computed
     prefix_hits: int = 0          # memory rows continued from a cached prefix
     prefix_misses: int = 0        # rows of an open segment that had to recompute it (restart, eviction, stale)
+    ready_positions: int = 0      # retriever positions computed to make new queues query-ready
+    query_reused_positions: int = 0  # retriever positions taken from the query-ready memory
+
+
+@dataclass
+class QueryStats:
+    """What the last `embed_queries` / `embed_texts` call computed (benchmarks: positions per query)."""
+
+    texts: int = 0
+    own_tokens: int = 0           # the texts' own token ids (instruction included for queries)
+    positions: int = 0            # positions the model computed (own tokens + queue positions not cached)
+    reused_positions: int = 0     # queue positions read from the query-ready memory
+    hits: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,6 +95,11 @@ class EngineConfig:
     # bytes of segment prefixes kept for the next turn (prefix_pass.py / prefix_cache.py); 0 = off,
     # every memory step re-reads its open segment (the uncached path the parity tests pin)
     prefix_cache_max_bytes: int = 0
+    # bytes of query-ready memories (query_cache.py); 0 = off: queries re-read the queue
+    query_cache_max_bytes: int = 0
+    # dtype of the conversations' memory when it differs from the compute dtype (workers/precision.py:
+    # EVOSTREAM_DTYPE=auto computes in what the host runs fastest, and keeps float32 memory); None = the model's
+    state_dtype: torch.dtype | None = None
 
 
 class EvoEngine:
@@ -90,15 +120,47 @@ class EvoEngine:
         self.prefix_pass = PrefixPass(model)
         self.prefix_cache: PrefixCache | None = (
             PrefixCache(config.prefix_cache_max_bytes) if config.prefix_cache_max_bytes > 0 else None)
+        self.query_cache: QueryCache | None = (
+            QueryCache(config.query_cache_max_bytes) if config.query_cache_max_bytes > 0 else None)
+        self.last_query_stats = QueryStats()
+        self.precision: ProbeResult | None = None  # set by load_engine(dtype="auto")
 
     def set_prefix_cache_hook(self, hook: CacheEvent | None) -> None:
         """Metric hook of the prefix cache (see prefix_cache.CacheEvent); no-op when it is off."""
         if self.prefix_cache is not None:
             self.prefix_cache.on_event = hook
 
+    def set_query_cache_hook(self, hook: CacheEvent | None) -> None:
+        """Metric hook of the query-ready memory (same events as the prefix cache)."""
+        if self.query_cache is not None:
+            self.query_cache.on_event = hook
+
+    def drop_conversation_caches(self) -> None:
+        """Forget every conversation's cached work (a rebalance took partitions away: their
+        memory is another worker's now). Call on the model thread. Only costs recomputation."""
+        for cache in (self.prefix_cache, self.query_cache):
+            if cache is not None:
+                cache.clear()
+
+    @contextmanager
+    def scratch(self) -> Iterator[None]:
+        """Steps on throw-away memories (a rerank's candidates) without touching the caches or
+        the last step's statistics. Call on the model thread."""
+        caches, stats = (self.prefix_cache, self.query_cache), self.last_stats
+        self.prefix_cache = self.query_cache = None
+        try:
+            yield
+        finally:
+            self.prefix_cache, self.query_cache = caches
+            self.last_stats = stats
+
     # -- state -------------------------------------------------------------------------------
     @property
     def state_dtype(self) -> torch.dtype:
+        return self.config.state_dtype or self.model.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
         return self.model.dtype
 
     def new_state(self) -> ConversationState:
@@ -137,12 +199,16 @@ class EvoEngine:
                 mem_rows.append(Row(prefix, pieces, [True] * len(pieces)))
                 if embed:
                     emb_rows.append(Row(st.queue, [emb_ids[i]], [False]))
+            wave_states = [states[turns[i].conversation_id] for i in wave]
             if self.prefix_cache is not None:
                 cids = [turns[i].conversation_id for i in wave]
                 latents, kept = self._memory_cached(cids, mem_rows, opens, states, stats)
             else:
                 latents, kept = self._run("memory_generator", mem_rows, stats), None
-            vectors = self._run("retriever", emb_rows, stats) if embed else None
+            vectors = None
+            if embed:
+                vectors = (self._run("retriever", emb_rows, stats) if self.query_cache is None
+                           else self._embed_ready(emb_rows, wave_states, stats, QueryStats()))
             for j, i in enumerate(wave):
                 turn = turns[i]
                 st = states[turn.conversation_id]
@@ -159,6 +225,8 @@ class EvoEngine:
                         cache.store(turn.conversation_id, st, kept[j])
                 vec = vectors[j].cpu().numpy() if vectors is not None else None
                 outputs[i] = TurnOutput(turn.conversation_id, turn.seq, vec, delta, mem_len, opens[j])
+            if self.query_cache is not None:
+                self._refresh_ready([turns[i].conversation_id for i in wave], wave_states, stats)
         stats.seconds = time.perf_counter() - t0
         self.last_stats = stats
         return [o for o in outputs if o is not None]
@@ -166,14 +234,94 @@ class EvoEngine:
     def embed_queries(self, items: Sequence[tuple[ConversationState | None, str]], *,
                       instruction: bool = True) -> np.ndarray:
         """Query embeddings against each conversation's *current* queue."""
-        rows = [Row(st.queue if st is not None else None, [self.renderer.query_ids(q, instruction)], [False])
-                for st, q in items]
-        return self._run("retriever", rows, StepStats()).cpu().numpy()
+        return self._embed_items([(st, self.renderer.query_ids(q, instruction)) for st, q in items])
 
     def embed_texts(self, items: Sequence[tuple[ConversationState | None, str]]) -> np.ndarray:
         """Plain texts (tokens + end-of-text) against given queues: the client's encode path."""
-        rows = [Row(st.queue if st is not None else None, [self.renderer.text_ids(t)], [False]) for st, t in items]
-        return self._run("retriever", rows, StepStats()).cpu().numpy()
+        return self._embed_items([(st, self.renderer.text_ids(t)) for st, t in items])
+
+    def _embed_items(self, items: list[tuple[ConversationState | None, list[int]]]) -> np.ndarray:
+        rows = [Row(st.queue if st is not None else None, [ids], [False]) for st, ids in items]
+        qs = QueryStats(texts=len(items), own_tokens=sum(len(ids) for _, ids in items))
+        if self.query_cache is None:
+            stats = StepStats()
+            out = self._run("retriever", rows, stats)
+            qs.positions = stats.real_tokens
+        else:
+            out = self._embed_ready(rows, [st for st, _ in items], StepStats(), qs)
+        self.last_query_stats = qs
+        return out.cpu().numpy()
+
+    # -- the query-ready memory (workers/query_cache.py) --------------------------------------
+    def ready_point(self, state: ConversationState) -> int:
+        """How far into `state`'s queue the query-ready memory reaches (its chunk grid, see
+        prefix_pass.py); the queue positions after it are computed with the query's tokens."""
+        return self.prefix_pass.keep_point(int(state.queue.shape[0]))
+
+    def _embed_ready(self, rows: list[Row], states: Sequence[ConversationState | None], stats: StepStats,
+                     qs: QueryStats) -> torch.Tensor:
+        """(B, E) embeddings of retriever rows `queue, own tokens`, each continued from the
+        query-ready memory of its queue where the cache holds it (else from position 0)."""
+        cache = self.query_cache
+        assert cache is not None
+        prefixes: list[PrefixState | None] = []
+        for st in states:
+            p = cache.find(st, self.ready_point(st)) if st is not None and st.queue.shape[0] else None
+            prefixes.append(p)
+            qs.hits += p is not None
+        totals = [r.length(self.L) for r in rows]
+        starts = [0 if p is None else p.length for p in prefixes]
+        new_lens = [t - s for t, s in zip(totals, starts)]
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        for group in pack(new_lens, self.config.budget):
+            embeds, lens = self.runner.padded_from([rows[i] for i in group], [starts[i] for i in group])
+            hidden, _ = self.prefix_pass.run(embeds, lens, [prefixes[i] for i in group], None, adapter="retriever")
+            last = hidden[torch.arange(len(group), device=hidden.device), torch.tensor(lens, device=hidden.device) - 1]
+            vecs = self.model.pool_embedding(last)
+            stats.passes += 1
+            stats.padded_tokens += max(lens) * len(group)
+            stats.real_tokens += sum(lens)
+            reused = sum(starts[i] for i in group)
+            stats.query_reused_positions += reused
+            stats.per_pass.append(("retriever", len(group), max(lens)))
+            qs.positions += sum(lens)
+            qs.reused_positions += reused
+            for k, i in enumerate(group):
+                out[i] = vecs[k]
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def _refresh_ready(self, cids: list[str], states: list[ConversationState], stats: StepStats) -> None:
+        """Make each conversation's new queue query-ready: run the retriever over it (continuing
+        this conversation's previous entry while the queue only grew) and keep the result."""
+        cache = self.query_cache
+        assert cache is not None
+        todo: list[tuple[str, ConversationState, PrefixState | None, int]] = []
+        for cid, st in zip(cids, states):
+            k = self.ready_point(st)
+            if k == 0:
+                cache.discard(cid)  # a queue shorter than one chunk: queries read it whole
+                continue
+            prev = cache.continuation(cid, st)
+            if prev is not None and prev.length == k:
+                continue  # already ready (the queue did not change)
+            todo.append((cid, st, prev, k))
+        if not todo:
+            return
+        rows = [Row(st.queue[:k], [], []) for _, st, _, k in todo]
+        starts = [0 if p is None else p.length for _, _, p, _ in todo]
+        new_lens = [k - s for (_, _, _, k), s in zip(todo, starts)]
+        for group in pack(new_lens, self.config.budget):
+            embeds, lens = self.runner.padded_from([rows[i] for i in group], [starts[i] for i in group])
+            _, kept = self.prefix_pass.run(embeds, lens, [todo[i][2] for i in group], [todo[i][3] for i in group],
+                                           adapter="retriever")
+            stats.passes += 1
+            stats.padded_tokens += max(lens) * len(group)
+            stats.real_tokens += sum(lens)
+            stats.ready_positions += sum(lens)
+            stats.per_pass.append(("ready", len(group), max(lens)))
+            for n, i in enumerate(group):
+                cid, st, _, _ = todo[i]
+                cache.store(cid, st, kept[n])
 
     # -- passes --------------------------------------------------------------------------------
     def _memory_cached(self, cids: list[str], rows: list[Row], opens: list[bool],
@@ -240,7 +388,18 @@ class EvoEngine:
 
 def load_engine(checkpoint: str | Path | LoadedModel, *, device: str = "cpu", dtype: str = "float32",
                 backbone_config: str | None = None, config: EngineConfig = EngineConfig()) -> EvoEngine:
+    """An engine on `checkpoint`. `dtype="auto"`: the weights load in float32, the compute dtype
+    is chosen for this host (workers/precision.py: bfloat16 on CUDA, a measured probe on CPU),
+    the memory stays float32; `engine.precision` says what was chosen and why."""
+    auto = dtype == "auto"
     lm = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(
-        checkpoint, device=device, dtype=dtype, backbone_config=backbone_config)
-    return EvoEngine(lm.model, lm.tokenizer, fingerprint=lm.fingerprint,
-                     model_name=lm.model.config.base_model_name_or_path, config=config)
+        checkpoint, device=device, dtype="float32" if auto else dtype, backbone_config=backbone_config)
+    precision: ProbeResult | None = None
+    if auto:
+        precision = choose_compute_dtype(lm.model, device)
+        lm.model.to({"bfloat16": torch.bfloat16, "float32": torch.float32}[precision.chosen])
+        config = replace(config, state_dtype=torch.float32)
+    engine = EvoEngine(lm.model, lm.tokenizer, fingerprint=lm.fingerprint,
+                       model_name=lm.model.config.base_model_name_or_path, config=config)
+    engine.precision = precision
+    return engine

@@ -1,4 +1,4 @@
-"""EvoEmbedding: the model, its checkpoint loading, and its two forward passes, in one file.
+"""EvoEmbedding: the model and its two forward passes, in one file (loading: workers/loading.py).
 
 A frozen Qwen backbone carries two LoRA adapters over the same weights: `memory_generator`
 (active while turning a turn into `num_latents` memory latents) and `retriever` (active while
@@ -13,19 +13,13 @@ The backbone is run as the bare transformer (no LM head: only the last hidden st
 and computing 150k-vocabulary logits per position would dominate the cost for nothing).
 LoRA is applied unmerged, exactly as PEFT computes it in eval mode
 (`base(x) + lora_B(lora_A(x)) * alpha / r`), so numbers match a PEFT-wrapped reference.
-
-Checkpoint layout (a transformers save of the reference wrapper): `config.json` with
-model_type "EvoRAG" and safetensors keys `model.base_model.model.<backbone>...` with
-`.base_layer.weight` / `.lora_A.<adapter>.weight` / `.lora_B.<adapter>.weight` on adapted
-projections, plus `memory_queries`, `latent_to_mem.0.*`, `mem_to_latent.0.*`, `mem_to_emb.{0,2}.*`
-and optionally `emb_model.*` (ignored: only the "native" evaluation mode uses it).
+`save_pretrained` writes the released layout (the reference wrapper's key names);
+workers/loading.py reads it back, and any released checkpoint, with every check on the way.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,18 +29,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from workers.tokenizer import MODEL_TYPE_TO_VOCAB, QwenTokenizer, TokenizerError, load_qwen_tokenizer, load_tokenizer_file
+from workers.tokenizer import QwenTokenizer
 
-log = logging.getLogger(__name__)
 
 ADAPTERS = ("memory_generator", "retriever")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "model.base_model.model."
 HEAD_PREFIXES = ("latent_to_mem.", "mem_to_latent.", "mem_to_emb.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded as an EvoEmbedding model; says what is wrong."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,52 +76,6 @@ class EvoConfig:
             backbone_config=self.backbone,
         )
         return out
-
-
-def _backbone_config_from(cfg: dict[str, Any], ckpt_dir: Path, override: str | None) -> dict[str, Any]:
-    """Where the backbone architecture comes from, in order: an explicit override path, the
-    `backbone_config` our own saves embed, a local directory named by base_model_name_or_path.
-    The released checkpoints only name a hub id, and no hub is reachable, so we say so."""
-    from workers.model_source import ModelNotAvailable, backbone_config_from_hub, is_hub_id
-
-    src: dict[str, Any] | None = None
-    if override and is_hub_id(override):  # EVOSTREAM_BACKBONE_CONFIG=Qwen/Qwen3-0.6B
-        try:
-            src = backbone_config_from_hub(override)
-        except ModelNotAvailable as exc:
-            raise CheckpointError(str(exc)) from exc
-    elif override:
-        p = Path(override).expanduser()
-        src = json.loads((p / "config.json" if p.is_dir() else p).read_text())
-    elif "backbone_config" in cfg:
-        src = cfg["backbone_config"]
-    else:
-        base = cfg.get("base_model_name_or_path", "")
-        for cand in (Path(base), ckpt_dir / base, ckpt_dir / "backbone"):
-            if (cand / "config.json").is_file():
-                src = json.loads((cand / "config.json").read_text())
-                break
-        hub_error = ""
-        if src is None and is_hub_id(base):  # the released layout: the backbone named by hub id
-            try:
-                src = backbone_config_from_hub(base)
-            except ModelNotAvailable as exc:
-                hub_error = f" ({exc})"
-        if src is None:
-            raise CheckpointError(
-                f"{ckpt_dir}/config.json names backbone {base!r}, whose config is not available offline{hub_error}: "
-                "set EVOSTREAM_BACKBONE_CONFIG to the base model's config.json (or its hub id), or put "
-                f"that config.json in {ckpt_dir}/backbone/"
-            )
-    if "text_config" in src and "hidden_size" not in src:  # multimodal Qwen3.5 wrapper config
-        text = dict(src["text_config"])
-        text.setdefault("model_type", "qwen3_5_text")
-        src = text
-    if src.get("model_type") not in MODEL_TYPE_TO_VOCAB:
-        raise CheckpointError(
-            f"backbone model_type {src.get('model_type')!r} is not supported; supported: {sorted(MODEL_TYPE_TO_VOCAB)}"
-        )
-    return src
 
 
 def _make_backbone(backbone: dict[str, Any]) -> nn.Module:
@@ -273,54 +216,6 @@ class EvoEmbeddingModel(nn.Module):
             tokenizer.save(d / "tokenizer.json")
 
 
-def _map_key(key: str) -> tuple[str, str] | None:
-    """Checkpoint key -> (part, key inside that part); None for keys we deliberately skip."""
-    if key.startswith("emb_model."):
-        return None
-    if key == "memory_queries" or key.startswith(HEAD_PREFIXES):
-        return ("heads", key)
-    if not key.startswith(PEFT_PREFIX):
-        return ("unknown", key)
-    k = key[len(PEFT_PREFIX):]
-    if k.startswith("lm_head.") or k.startswith("mtp.") or k.startswith("model.visual."):
-        return None
-    for p in ("model.language_model.", "model."):
-        if k.startswith(p):
-            k = k[len(p):]
-            break
-    return ("backbone", k)
-
-
-def _read_safetensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(ckpt.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no *.safetensors in {ckpt}")
-    weights: dict[str, torch.Tensor] = {}
-    for f in files:
-        weights.update(load_file(str(f)))
-    return weights
-
-
-def checkpoint_fingerprint(ckpt: Path) -> str:
-    """Identifies a checkpoint cheaply but robustly: config, every safetensors header (names,
-    shapes, dtypes, offsets) and 16 sampled 64 KiB windows of each weight file. Stored with
-    every conversation state so that memory written by one model is never continued by another."""
-    h = hashlib.sha256()
-    h.update((ckpt / "config.json").read_bytes())
-    for f in sorted(ckpt.glob("*.safetensors")):
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(n, 1 << 26)))
-            for i in range(16):
-                fh.seek(size * i // 16)
-                h.update(fh.read(1 << 16))
-        h.update(str(size).encode())
-    return h.hexdigest()[:16]
-
-
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -332,149 +227,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return _DTYPES[dtype.lower()]
     except KeyError as exc:
         raise ValueError(f"unsupported dtype {dtype!r}; use float32 or bfloat16") from exc
-
-
-@dataclass
-class LoadedModel:
-    model: EvoEmbeddingModel
-    tokenizer: QwenTokenizer
-    fingerprint: str
-    path: Path
-
-
-def load_checkpoint(
-    path: str | Path,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: str | torch.dtype = "float32",
-    backbone_config: str | None = None,
-    tokenizer_path: str | None = None,
-    revision: str | None = None,
-) -> LoadedModel:
-    """Load an EvoEmbedding checkpoint (reference layout) for inference: a directory, or a hub
-    id resolved through the hub cache (workers/model_source.py)."""
-    from workers.model_source import ModelNotAvailable, resolve_checkpoint_dir
-
-    try:
-        ckpt = resolve_checkpoint_dir(str(path), revision) if not isinstance(path, Path) else path
-    except ModelNotAvailable as exc:
-        raise CheckpointError(str(exc)) from exc
-    if not (ckpt / "config.json").is_file():
-        raise CheckpointError(f"{ckpt} is not a checkpoint directory (no config.json)")
-    raw = json.loads((ckpt / "config.json").read_text())
-    if raw.get("model_type") != "EvoRAG":
-        raise CheckpointError(f"{ckpt}/config.json has model_type {raw.get('model_type')!r}, expected 'EvoRAG'")
-    backbone = _backbone_config_from(raw, ckpt, backbone_config)
-    weights = _read_safetensors(ckpt)
-
-    parts: dict[str, dict[str, torch.Tensor]] = {"backbone": {}, "heads": {}, "unknown": {}}
-    for k, v in weights.items():
-        mapped = _map_key(k)
-        if mapped is not None:
-            parts[mapped[0]][mapped[1]] = v
-    if parts["unknown"]:
-        raise CheckpointError(f"unexpected keys in {ckpt}: {sorted(parts['unknown'])[:5]} ...")
-
-    # which projections carry adapters, and with which names / rank, is read off the weights
-    lora_keys = [k for k in parts["backbone"] if ".lora_A." in k or ".lora_B." in k]
-    if not lora_keys:
-        raise CheckpointError(f"{ckpt} has no LoRA adapter weights (expected {ADAPTERS})")
-    found_adapters = {k.split(".lora_")[1].split(".")[1] for k in lora_keys}
-    missing_adapters = set(ADAPTERS) - found_adapters
-    if missing_adapters:
-        raise CheckpointError(f"{ckpt} lacks LoRA adapter(s) {sorted(missing_adapters)}; found {sorted(found_adapters)}")
-    lora_modules = {k.split(".lora_")[0] for k in lora_keys}
-    r = parts["backbone"][next(k for k in lora_keys if ".lora_A." in k)].shape[0]
-    if r != raw.get("lora_r", r):
-        raise CheckpointError(f"LoRA rank in weights is {r} but config.json says lora_r={raw.get('lora_r')}")
-
-    emb_dim = int(raw.get("embedding_dim") or parts["heads"].get("mem_to_emb.2.weight", torch.empty(1024, 0)).shape[0])
-    family = raw.get("tokenizer_family") or MODEL_TYPE_TO_VOCAB[backbone["model_type"]]
-    cfg = EvoConfig(
-        base_model_name_or_path=raw.get("base_model_name_or_path", ""),
-        backbone=backbone,
-        num_latents=int(raw.get("num_latents", 16)),
-        buffer_capacity=int(raw.get("buffer_capacity", 512)),
-        lora_r=int(raw.get("lora_r", r)),
-        lora_alpha=int(raw.get("lora_alpha", 2 * r)),
-        embedding_dim=emb_dim,
-        tokenizer_family=family,
-    )
-    with torch.device("meta"):
-        model = EvoEmbeddingModel(cfg, lora_modules=lora_modules)
-    expected = {("backbone", k): v for k, v in model.backbone.state_dict().items()}
-    expected.update({("heads", "memory_queries"): model.memory_queries})
-    for prefix in HEAD_PREFIXES:
-        for k, v in getattr(model, prefix[:-1]).state_dict().items():
-            expected[("heads", prefix + k)] = v
-    # HF keeps some non-persistent buffers (rotary inv_freq) out of state_dict; ties are absent
-    provided = {("backbone", k): v for k, v in parts["backbone"].items()}
-    provided.update({("heads", k): v for k, v in parts["heads"].items()})
-    missing = sorted(k for _, k in expected.keys() - provided.keys())
-    unexpected = sorted(k for _, k in provided.keys() - expected.keys())
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {ckpt} does not match a {backbone['model_type']} backbone with hidden size "
-            f"{cfg.hidden_size}: missing {missing[:6]}{' ...' if len(missing) > 6 else ''}; "
-            f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}"
-        )
-    bad = [
-        f"{k}: checkpoint {tuple(provided[(p, k)].shape)} vs model {tuple(v.shape)}"
-        for (p, k), v in expected.items()
-        if tuple(provided[(p, k)].shape) != tuple(v.shape)
-    ]
-    if bad:
-        raise CheckpointError(f"shape mismatch in {ckpt}: " + "; ".join(bad[:6]))
-
-    torch_dtype = parse_dtype(dtype)
-    model = model.to_empty(device=device)
-    model.backbone.load_state_dict(parts["backbone"], strict=False, assign=False)
-    model.memory_queries.data.copy_(parts["heads"]["memory_queries"])
-    for prefix in HEAD_PREFIXES:
-        sub = {k[len(prefix):]: v for k, v in parts["heads"].items() if k.startswith(prefix)}
-        getattr(model, prefix[:-1]).load_state_dict(sub, strict=True)
-    _reinit_rotary(model)
-    model = model.to(dtype=torch_dtype)
-    model.eval()
-
-    tokenizer = _load_tokenizer(ckpt, family, tokenizer_path)
-    vocab_rows = model.backbone.embed_tokens.weight.shape[0]
-    # Special ids alone cannot tell the vocabularies apart one way round: every Qwen3 id is
-    # inside a Qwen3.5 table. The sizes can: a checkpoint pads its table only a little past its
-    # tokenizer (released: 151669 -> 151936, 248077 -> 248320), never by a whole vocabulary.
-    slack = max(1024, vocab_rows // 32)
-    if tokenizer.vocab_size > vocab_rows or vocab_rows - tokenizer.vocab_size > slack:
-        raise CheckpointError(
-            f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model's embedding table "
-            f"(backbone vocab_size) has {vocab_rows} rows: checkpoint and tokenizer do not belong together "
-            f"(a {backbone['model_type']} backbone needs the {MODEL_TYPE_TO_VOCAB[backbone['model_type']]} vocabulary)"
-        )
-    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
-        tid = tokenizer.special_id(special)
-        if tid >= vocab_rows:
-            raise CheckpointError(
-                f"tokenizer {tokenizer.source} ({family}) gives {special} id {tid}, outside the model's "
-                f"{vocab_rows}-row embedding table: checkpoint and tokenizer do not belong together"
-            )
-    return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=checkpoint_fingerprint(ckpt), path=ckpt)
-
-
-def _reinit_rotary(model: EvoEmbeddingModel) -> None:
-    """Rotary inverse frequencies are non-persistent buffers (not in the checkpoint): after
-    materialising from the meta device they are garbage, so the module is rebuilt from config."""
-    rot = model.backbone.rotary_emb
-    model.backbone.rotary_emb = type(rot)(rot.config).to(model.memory_queries.device)
-
-
-def _load_tokenizer(ckpt: Path, family: str, override: str | None) -> QwenTokenizer:
-    if override:
-        return load_tokenizer_file(override, family)
-    if (ckpt / "tokenizer.json").is_file():
-        return load_tokenizer_file(ckpt / "tokenizer.json", family)
-    try:
-        return load_qwen_tokenizer(family)
-    except TokenizerError as exc:
-        raise CheckpointError(f"no tokenizer for {ckpt}: {exc}") from exc
 
 
 def env_default_threads() -> None:

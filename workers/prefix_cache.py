@@ -18,17 +18,16 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
+from workers.byte_lru import ByteLRU, CacheEvent
 from workers.prefix_pass import PrefixState
 from workers.state import ConversationState
 
-PrefixKey = tuple[int, int, int, int, str]
+__all__ = ["CacheEvent", "PrefixCache", "PrefixCacheStats", "PrefixKey", "prefix_key"]
 
-CacheEvent = Callable[[str, int], None]
-"""Metric hook: called as hook(event, nbytes) with event in hit | miss | stale | store | evict | reject."""
+PrefixKey = tuple[int, int, int, int, str]
 
 
 def prefix_key(state: ConversationState) -> PrefixKey:
@@ -62,25 +61,10 @@ class PrefixCacheStats:
     rejected: int = 0
 
 
-class PrefixCache:
+class PrefixCache(ByteLRU):
     def __init__(self, max_bytes: int, on_event: CacheEvent | None = None):
-        if max_bytes < 0:
-            raise ValueError("max_bytes must be >= 0")
-        self.max_bytes = max_bytes
-        self.on_event = on_event
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self.bytes = 0
+        super().__init__(max_bytes, on_event)
         self.stats = PrefixCacheStats()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, conv_key: str) -> bool:
-        return conv_key in self._entries
-
-    def _emit(self, event: str, nbytes: int) -> None:
-        if self.on_event is not None:
-            self.on_event(event, nbytes)
 
     def lookup(self, conv_key: str, state: ConversationState) -> PrefixState | None:
         """The prefix that continues `state`, or None (a miss; a stale entry is dropped)."""
@@ -104,19 +88,18 @@ class PrefixCache:
         """Keep `prefix` as the continuation of `state` (the state after the turn that computed it)."""
         self.discard(conv_key)
         n = prefix.nbytes()
-        if n > self.max_bytes:
-            self.stats.rejected += 1
-            self._emit("reject", n)
+        if not self._make_room(n):
             return False
-        while self._entries and self.bytes + n > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.bytes -= old.nbytes
-            self.stats.evictions += 1
-            self._emit("evict", old.nbytes)
         self._entries[conv_key] = _Entry(prefix_key(state), prefix, n)
         self.bytes += n
         self._emit("store", n)
         return True
+
+    def peek(self, conv_key: str) -> PrefixState | None:
+        """The entry held for `conv_key` without validating or touching it (benchmarks measure
+        its size); None when there is none."""
+        e = self._entries.get(conv_key)
+        return e.prefix if e is not None else None
 
     def clone(self) -> "PrefixCache":
         """An independent cache holding the same entries (entries are never mutated in place, so
@@ -125,12 +108,3 @@ class PrefixCache:
         other._entries = OrderedDict(self._entries)
         other.bytes = self.bytes
         return other
-
-    def discard(self, conv_key: str) -> None:
-        e = self._entries.pop(conv_key, None)
-        if e is not None:
-            self.bytes -= e.nbytes
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0

@@ -101,8 +101,9 @@ class PrefixPass:
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, embeds: torch.Tensor, lengths: list[int], prefixes: list[PrefixState | None],
-            keep: list[int], adapter: str = "memory_generator") -> tuple[torch.Tensor, list[PrefixState]]:
-        """See `_run`; runs with the LoRA `adapter` active (the memory generator's by default)."""
+            keep: list[int] | None, adapter: str = "memory_generator") -> tuple[torch.Tensor, list[PrefixState]]:
+        """See `_run`; runs with the LoRA `adapter` active (the memory generator's by default).
+        `keep=None`: nothing is kept (a query or a turn embedding reads a prefix, keeps none)."""
         self.model.switch.active = adapter
         try:
             return self._run(embeds, lengths, prefixes, keep)
@@ -110,7 +111,7 @@ class PrefixPass:
             self.model.switch.active = None
 
     def _run(self, embeds: torch.Tensor, lengths: list[int], prefixes: list[PrefixState | None],
-             keep: list[int]) -> tuple[torch.Tensor, list[PrefixState]]:
+             keep: list[int] | None) -> tuple[torch.Tensor, list[PrefixState]]:
         """Last-layer hidden states (B, n, H) of the new positions of each row, and each row's
         prefix state at absolute position `keep[r]` (prefix length <= keep[r] <= prefix + lengths[r]).
 
@@ -119,7 +120,7 @@ class PrefixPass:
         B, n, _ = embeds.shape
         dev = embeds.device
         starts = [0 if p is None else p.length for p in prefixes]
-        for r in range(B):
+        for r in range(B if keep is not None else 0):
             if not starts[r] <= keep[r] <= starts[r] + lengths[r]:
                 raise ValueError(f"row {r}: keep point {keep[r]} outside [{starts[r]}, {starts[r] + lengths[r]}]")
             if self.align > 1 and (starts[r] % self.align or keep[r] % self.align):
@@ -144,7 +145,7 @@ class PrefixPass:
         else:
             rope_pos = pos
         pos_emb = bb.rotary_emb(x, rope_pos)
-        out_states = [PrefixState(length=k) for k in keep]
+        out_states = [PrefixState(length=k) for k in keep] if keep is not None else []
         for i, layer in enumerate(bb.layers[: bb.config.num_hidden_layers]):
             residual = x
             h = layer.input_layernorm(x)
@@ -158,6 +159,7 @@ class PrefixPass:
                 k_new, v_new = shim.new.pop(i)
                 shim.past.pop(i, None)
                 for r, st in enumerate(out_states):
+                    assert keep is not None
                     take = keep[r] - starts[r]
                     p = prefixes[r]
                     parts_k = ([p.keys[i]] if p is not None and p.length else []) + [k_new[r, :, :take]]
@@ -174,6 +176,8 @@ class PrefixPass:
     def _padded_kv(layer: int, prefixes: list[PrefixState | None], pmax: int, dtype: torch.dtype,
                    dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         ref = next(p for p in prefixes if p is not None and p.length)
+        if len(prefixes) == 1:  # one row (a lone query): its prefix as it is, no padded copy
+            return ref.keys[layer][None], ref.values[layer][None]
         kvh, _, hd = ref.keys[layer].shape
         k = torch.zeros(len(prefixes), kvh, pmax, hd, dtype=dtype, device=dev)
         v = torch.zeros_like(k)
@@ -184,7 +188,7 @@ class PrefixPass:
         return k, v
 
     def _linear_mixer(self, mod, layer: int, h: torch.Tensor, prefixes: list[PrefixState | None],
-                      starts: list[int], keep: list[int], out_states: list[PrefixState]) -> torch.Tensor:
+                      starts: list[int], keep: list[int] | None, out_states: list[PrefixState]) -> torch.Tensor:
         """Qwen3.5's gated-delta-net token mixer, continued from each row's cached state; the same
         projections, convolution and chunk kernel as transformers' forward (no padding mask: rows
         are right-padded, see module docstring)."""
@@ -223,23 +227,29 @@ class PrefixPass:
             q = q.repeat_interleave(rep, dim=2)
             k = k.repeat_interleave(rep, dim=2)
         kernel = _chunk_kernel()
-        # one kernel call per chunk: each is exactly the chunk an uncached pass computes (module doc)
+        # one kernel call per chunk where a state inside the row is kept: each is exactly the chunk an
+        # uncached pass computes (module doc)
         outs = []
         state = init
-        want = {r: keep[r] - starts[r] for r in range(B)}
-        for r in range(B):
+        want = {r: keep[r] - starts[r] for r in range(B)} if keep is not None else {}
+        for r in want:
             if want[r] == 0:
                 out_states[r].recurrent[layer] = (init[r].clone() if init is not None
                                                   else _zero_state(mod, h.device))
-        for c0 in range(0, n, CHUNK):
-            c1 = min(n, c0 + CHUNK)
+        # one call for the whole row when no state is wanted inside it (a query or a turn embedding,
+        # and a ready pass that keeps its end): the kernel runs the same chunks from the same state
+        # either way (measured bit-identical), with less per-call overhead
+        whole = all(w in (0, n) for w in want.values())
+        for c0 in range(0, n, max(1, n) if whole else CHUNK):
+            c1 = n if whole else min(n, c0 + CHUNK)
             o, state = kernel(q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], g=g[:, c0:c1], beta=beta[:, c0:c1],
                               initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
             outs.append(o)
-            for r in range(B):
-                if want[r] == c1 and c1 % CHUNK == 0:
+            for r in want:
+                if want[r] == c1 and want[r] and c1 % CHUNK == 0:
                     out_states[r].recurrent[layer] = state[r].clone()
-        for r in range(B):
+        for r in want:
+            assert keep is not None
             if layer not in out_states[r].recurrent:  # keep points are on the grid, so this cannot happen
                 raise AssertionError(f"row {r}: no recurrent state captured at {keep[r]}")
             at = keep[r] - starts[r]                  # conv inputs before the keep point: full[at : at + width]

@@ -18,6 +18,7 @@ checkpoint store appends instead of rewriting the whole state.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass, field
 
@@ -141,6 +142,10 @@ class ConversationState:
     # memory is exactly what the store keeps, and a reload, a replay or another batching gives
     # the same numbers as an uninterrupted run. None: no rounding.
     storage_dtype: torch.dtype | None = None
+    # queue_digest's memo: (latents tensor, its in-place version counter, {k: digest}); holding the
+    # tensor keeps its identity from being reused, the version catches in-place writes
+    _digests: tuple[torch.Tensor, int, dict[int, str]] | None = field(
+        default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.latents is None:
@@ -160,6 +165,30 @@ class ConversationState:
     @property
     def memory_len(self) -> int:
         return min(self.latents.shape[0], self.capacity)
+
+    def queue_digest(self, k: int) -> str:
+        """Digest of the first `k` latents of the queue: their dtype, shape and bytes.
+
+        What the retriever computes over a queue prefix depends on exactly these bytes (and the
+        model), so the query-ready memory (workers/query_cache.py) is addressed by this digest:
+        a state that moved on, was reset, replayed or reloaded either has the same bytes (and
+        the cached work is valid for it) or does not match. Memoised per latents buffer: every
+        turn replaces the buffer, an in-place write bumps the tensor's version."""
+        lat = self.latents
+        memo = self._digests
+        if memo is None or memo[0] is not lat or memo[1] != lat._version:
+            memo = (lat, lat._version, {})
+            self._digests = memo
+        got = memo[2].get(k)
+        if got is None:
+            q = self.queue[:k].detach().to("cpu").contiguous()
+            h = hashlib.blake2b(digest_size=16, person=b"evostream-queue")
+            h.update(f"{q.dtype}|{tuple(q.shape)}|".encode())
+            raw = q.view(torch.int16) if q.dtype == torch.bfloat16 else q
+            if q.numel():
+                h.update(memoryview(raw.numpy()).cast("B"))
+            got = memo[2][k] = h.hexdigest()
+        return got
 
     @property
     def segment_tokens(self) -> int:

@@ -4,12 +4,11 @@ No model hub is reachable from development or CI machines, so tests, benchmarks 
 embedded demo run on checkpoints we generate: same file layout and key names as the released
 ones (so the real loader is exercised), the real Qwen3 / Qwen3.5 tokenizer and full
 vocabulary, random weights from a fixed seed, and a small hidden size.
+Write one to a directory with `evostream make-tiny-checkpoint DIR` (stream/cli/core.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -129,22 +128,3 @@ def cached_tiny_checkpoint(family: str = "qwen3", size: str = "tiny", seed: int 
     if not (out / "config.json").is_file() or not (out / "model.safetensors").is_file():
         make_tiny_checkpoint(out, family, size, seed=seed, **kwargs)
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Write a seeded tiny EvoEmbedding checkpoint (released layout).")
-    ap.add_argument("out_dir")
-    ap.add_argument("--family", choices=sorted(VOCABS), default="qwen3")
-    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num-latents", type=int, default=16)
-    ap.add_argument("--buffer-capacity", type=int, default=512)
-    a = ap.parse_args(argv)
-    path = make_tiny_checkpoint(a.out_dir, a.family, a.size, seed=a.seed, num_latents=a.num_latents,
-                                buffer_capacity=a.buffer_capacity)
-    cfg = json.loads((path / "config.json").read_text())
-    print(f"wrote {path} ({cfg['backbone_config']['model_type']}, hidden {cfg['backbone_config']['hidden_size']})")
-
-
-if __name__ == "__main__":
-    main()

@@ -81,18 +81,13 @@ def rerank_pass(engine: EvoEngine, state: ConversationState | None, query: str, 
     turns = [TurnInput.model_construct(conversation_id=_RERANK_CID, seq=first + i, messages=[
         ChatMessage(role="user", content=t), ChatMessage(role="assistant", content="")]) for i, t in enumerate(texts)]
     states = {_RERANK_CID: st}
-    # The rerank's throw-away memory must not enter the engine's per-conversation prefix cache
-    # (it would evict the stream's entries) nor replace the stream's step statistics. Safe to
-    # swap: this runs on the model thread, the only thread that steps the engine.
-    cache, stats = getattr(engine, "prefix_cache", None), engine.last_stats
-    engine.prefix_cache = None
-    try:
+    # The rerank's throw-away memory must not enter the engine's per-conversation caches (it
+    # would evict the stream's entries) nor replace the stream's step statistics. Safe: this runs
+    # on the model thread, the only thread that steps the engine.
+    with engine.scratch():
         outs = engine.step(states, turns, embed=True)
-    finally:
-        engine.prefix_cache = cache
-        engine.last_stats = stats
-    keys = np.stack([o.embedding for o in outs]).astype(np.float32)
-    q = engine.embed_queries([(states[_RERANK_CID], query)])[0].astype(np.float32)
+        keys = np.stack([o.embedding for o in outs]).astype(np.float32)
+        q = engine.embed_queries([(states[_RERANK_CID], query)])[0].astype(np.float32)
     return keys @ q
 
 

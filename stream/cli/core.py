@@ -85,7 +85,7 @@ def resolve_checkpoint(spec: str, revision: str | None = None) -> Path:
     """The configured checkpoint (a directory or a hub id), or the seeded tiny one (generated
     once into the cache, with a note: it takes seconds the first time)."""
     if spec:
-        from workers.evo_model import CheckpointError
+        from workers.loading import ModelLoadError
         from workers.model_source import ModelNotAvailable, is_hub_id, resolve_checkpoint_dir
 
         if is_hub_id(spec):
@@ -93,9 +93,9 @@ def resolve_checkpoint(spec: str, revision: str | None = None) -> Path:
         try:
             path = resolve_checkpoint_dir(spec, revision)
         except ModelNotAvailable as exc:
-            raise CheckpointError(str(exc)) from exc
+            raise ModelLoadError(str(exc)) from exc
         if not (path / "config.json").is_file():
-            raise CheckpointError(f"EVOSTREAM_CHECKPOINT={spec}: {path} is not a checkpoint directory (no config.json)")
+            raise ModelLoadError(f"EVOSTREAM_CHECKPOINT={spec}: {path} is not a checkpoint directory (no config.json)")
         return path
     from workers.tiny_checkpoint import cache_dir, cached_tiny_checkpoint
 
@@ -105,22 +105,52 @@ def resolve_checkpoint(spec: str, revision: str | None = None) -> Path:
     return cached_tiny_checkpoint("qwen3", "tiny")
 
 
-def load_engine_with_progress(s: Any):  # -> EvoEngine
-    from workers.engine import EngineConfig, load_engine
+def engine_config(s: Any):  # -> EngineConfig
+    """The engine configuration a worker runs with, from its settings: batching, rendering, and
+    the model-side cache budgets (issue #10/#22: `auto` resolved from the machine, see
+    workers/memory_budget.py)."""
+    from workers.engine import EngineConfig
+    from workers.memory_budget import resolve_cache_bytes
     from workers.rendering import MemoryRendering
     from workers.scheduler import Budget
 
+    return EngineConfig(budget=Budget(s.max_batch_tokens, s.max_batch_rows),
+                        memory_rendering=MemoryRendering(s.memory_rendering),
+                        prefix_cache_max_bytes=resolve_cache_bytes(s.prefix_cache_max_bytes, s.device),
+                        query_cache_max_bytes=resolve_cache_bytes(s.query_cache_max_bytes, s.device))
+
+
+def load_engine_with_progress(s: Any):  # -> EvoEngine
+    from workers.engine import load_engine
+
     revision = getattr(s, "checkpoint_revision", None)
     ckpt = resolve_checkpoint(s.checkpoint, revision)
-    cfg = EngineConfig(budget=Budget(s.max_batch_tokens, s.max_batch_rows),
-                       memory_rendering=MemoryRendering(s.memory_rendering),
-                       prefix_cache_max_bytes=getattr(s, "prefix_cache_max_bytes", 0))  # issue #10
+    cfg = engine_config(s)
     note(f"loading model and tokenizer from {ckpt} ({s.device}, {s.dtype}) ...")
     t0 = time.monotonic()
     engine = load_engine(ckpt, device=s.device, dtype=s.dtype, backbone_config=s.backbone_config, config=cfg)
     note(f"model ready in {time.monotonic() - t0:.1f}s: {engine.model_name or 'evoembedding'}, hidden "
          f"{engine.hidden_size}, checkpoint fingerprint {engine.fingerprint}")
+    note(precision_note(engine))
+    note(f"cache budgets: segment prefixes {_mib(cfg.prefix_cache_max_bytes)}"
+         f"{' (auto)' if s.prefix_cache_max_bytes == 'auto' else ''}, query-ready memory "
+         f"{_mib(cfg.query_cache_max_bytes)}{' (auto)' if s.query_cache_max_bytes == 'auto' else ''}")
     return engine
+
+
+def precision_note(engine: Any) -> str:
+    """What the model computes in and which CPU kernels that means (issue #22: reported, not assumed)."""
+    from workers.precision import cpu_facts
+
+    dt = str(engine.compute_dtype).removeprefix("torch.")
+    memory = str(engine.state_dtype).removeprefix("torch.")
+    probe = engine.precision.describe() if engine.precision is not None else f"compute dtype {dt} (EVOSTREAM_DTYPE)"
+    where = "" if str(engine.model.device).startswith("cuda") else f"; CPU {cpu_facts().describe()}"
+    return f"{probe}; memory kept in {memory}{where}"
+
+
+def _mib(n: int) -> str:
+    return "off" if n == 0 else f"{n / 2**20:,.0f} MiB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,15 +264,16 @@ def _store(s: Any):  # -> MemoryStore
     checkpoints), short socket timeouts (a person is waiting)."""
     from stream.state.store import MemoryStore
     from stream.state.redis_client import RedisOptions
-    from workers.evo_model import checkpoint_fingerprint, parse_dtype
+    from workers.loading import checkpoint_fingerprint
+    from workers.precision import state_dtype_for
 
     ckpt = resolve_checkpoint(s.checkpoint, getattr(s, "checkpoint_revision", None))
     cfg = json.loads((ckpt / "config.json").read_text())
     hidden = int(cfg["backbone_config"]["hidden_size"]) if "backbone_config" in cfg else 0
     return MemoryStore(s.redis_url, fingerprint=checkpoint_fingerprint(ckpt), hidden_size=hidden,
-                           capacity=int(cfg.get("buffer_capacity", 512)), dtype=parse_dtype(s.dtype),
-                           namespace=s.redis_namespace, socket_timeout_s=3.0,
-                           redis_options=RedisOptions.from_settings(s))  # issue #8: TLS / password files
+                       capacity=int(cfg.get("buffer_capacity", 512)), dtype=state_dtype_for(s.dtype),
+                       namespace=s.redis_namespace, socket_timeout_s=3.0,
+                       redis_options=RedisOptions.from_settings(s))  # issue #8: TLS / password files
 
 
 def _with_store(s: Any, fn: Any) -> Any:

@@ -84,7 +84,7 @@ def explain(exc: BaseException, *, kafka: str | None = None, redis_url: str | No
     from stream.clients.produce_stream import InputError
     from stream.clients.query_client import QueryError
     from stream.settings import ConfigFileMissing
-    from workers.evo_model import CheckpointError
+    from workers.loading import ModelLoadError
 
     kafka_where = f"the Kafka broker at {kafka} (EVOSTREAM_KAFKA_BOOTSTRAP)" if kafka else "the Kafka broker"
     redis_where = f"Redis at {redact(redis_url)} (EVOSTREAM_REDIS_URL)" if redis_url else "Redis"
@@ -108,7 +108,7 @@ def explain(exc: BaseException, *, kafka: str | None = None, redis_url: str | No
             return CliError(str(e), ExitCode.USAGE)
         if isinstance(e, InputError):
             return CliError(f"bad input file: {_one_line(e)}", ExitCode.USAGE)
-        if isinstance(e, CheckpointError):
+        if isinstance(e, ModelLoadError):
             return CliError(f"checkpoint: {_one_line(e, 500)}", ExitCode.CHECKPOINT)
         if isinstance(e, QueryError):
             return CliError(_one_line(e, 500), ExitCode.WORKER if e.status is None else ExitCode.FAILED)

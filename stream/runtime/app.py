@@ -112,6 +112,8 @@ def build_app(worker: "Worker") -> faust.App:
         worker.ready = False
         # revoke, not just drop: a batch still in flight must not put them back afterwards
         dropped = worker.pipeline.cache.revoke(mine)
+        # issue #22: the model-side caches too, on the model thread (after any step in flight)
+        worker.executor.submit(worker.drop_model_caches)
         worker.lag.revoke(mine)
         worker.unreadable.forget(s.turns_topic, mine)
         log.info("partitions revoked %s: dropped %d cached conversation states", sorted(mine), dropped)

@@ -52,6 +52,13 @@ class Metrics:
         self.gap_rebased = Counter("evostream_seq_gaps_rebased_total", "conversations re-based on a later turn after GAP_MAX_DEAD_LETTERS gapped turns were dead-lettered", registry=r)
         self.prefix_cache_events = Counter("evostream_prefix_cache_events_total", "segment-prefix cache (EVOSTREAM_PREFIX_CACHE_MAX_BYTES): hit, miss, stale, store, evict, reject", ["event"], registry=r)
         self.prefix_cache_bytes = Gauge("evostream_prefix_cache_bytes", "bytes held by the segment-prefix cache", registry=r)
+        # issue #22: the query-ready memory, and both caches' budgets (part of the worker's memory bound)
+        self.query_cache_events = Counter("evostream_query_cache_events_total", "query-ready memory (EVOSTREAM_QUERY_CACHE_MAX_BYTES): hit, miss, store, evict, reject", ["event"], registry=r)
+        self.query_cache_bytes = Gauge("evostream_query_cache_bytes", "bytes held by the query-ready memory", registry=r)
+        self.compute_info = Gauge("evostream_compute_info", "1, labelled with the compute dtype, the memory dtype and "
+                                  "the oneDNN bf16 matmul kernel the probe saw (EVOSTREAM_DTYPE=auto)",
+                                  ["dtype", "memory_dtype", "bf16_kernel"], registry=r)
+        self.cache_budget_bytes = Gauge("evostream_cache_budget_bytes", "byte budget of each model-side cache (resolved from auto)", ["cache"], registry=r)
         self.queries = Counter("evostream_queries_total", "query embeddings answered", registry=r)
         # broker connectivity (issue #12)
         self.broker_connected = Gauge("evostream_broker_connected", "1 while the broker (metadata + group coordinator) answers this worker's probe, 0 while unreachable", registry=r)

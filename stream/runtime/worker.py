@@ -81,6 +81,12 @@ class Worker:
         self.ready = False
         self.store_ready = False  # Redis checked (reachable, safe config, scripts loaded) at start
         engine.set_prefix_cache_hook(self._on_prefix_cache_event)  # issue #10 cache -> Prometheus
+        engine.set_query_cache_hook(self._on_query_cache_event)    # issue #22
+        self.metrics.compute_info.labels(  # issue #22: which precision (and kernels) this worker runs
+            dtype=str(engine.compute_dtype).removeprefix("torch."), memory_dtype=str(engine.state_dtype).removeprefix("torch."),
+            bf16_kernel=engine.precision.bf16_kernel if engine.precision is not None else "").set(1)
+        for name, n in (("prefix", engine.config.prefix_cache_max_bytes), ("query", engine.config.query_cache_max_bytes)):
+            self.metrics.cache_budget_bytes.labels(cache=name).set(n)
         self.batches = 0
         # Broker connectivity and bounded shutdown (issue #12): readiness needs the broker to
         # answer; SIGTERM stops taking batches (see stream/runtime/shutdown.py, run_worker).
@@ -124,6 +130,20 @@ class Worker:
         return "ok", None
 
     # -- broker connectivity and shutdown (issue #12) --------------------------------------------
+    def drop_model_caches(self) -> None:
+        """On the model thread, after a revoke: the engine's per-conversation caches go (issue #22;
+        the conversations may now be advanced by another worker: entries would only miss)."""
+        self.engine.drop_conversation_caches()
+        self.metrics.prefix_cache_bytes.set(0)
+        self.metrics.query_cache_bytes.set(0)
+
+    def _on_query_cache_event(self, event: str, nbytes: int) -> None:
+        """The same for the query-ready memory (issue #22)."""
+        self.metrics.query_cache_events.labels(event=event).inc()
+        cache = self.engine.query_cache
+        if cache is not None:
+            self.metrics.query_cache_bytes.set(cache.bytes)
+
     def _on_broker_change(self, old: BrokerState, new: BrokerState) -> None:
         self.metrics.broker_connected.set(1 if new is BrokerState.CONNECTED else 0)
         if new is BrokerState.UNREACHABLE:

@@ -1,55 +1,56 @@
-"""Cold tier: idle conversations' checkpoints moved out of Redis to SQLite, brought back exactly.
+"""Cold tier: idle conversations' checkpoints moved out of Redis to sharded SQLite files, brought
+back exactly.
 
 Why: a conversation's memory is up to a few MiB of Redis RAM (docs/CAPACITY.md), but most
 conversations of a large deployment are idle most of the time. RAM is the scarce resource;
 disk is not. Moving an idle conversation's keys to an embedded database (SQLite, in the
-standard library, one file, nothing to run) and restoring them byte for byte on its next turn
-keeps the memory without paying RAM for it.
+standard library, nothing to run) and restoring them byte for byte on its next turn keeps the
+memory without paying RAM for it. The files are shards (stream/state/cold_store.py): written in
+parallel, and one bad file quarantines only the conversations it holds.
 
 How it stays safe next to live writers (the checkpoint store's compare-and-set on (gen, seq)):
 
-* freeze = read the conversation (one consistent script read), write the copy to SQLite and
+* freeze = read the conversation (one consistent script read), write the copy to its shard and
   commit it, THEN a Lua script deletes the Redis keys only if meta still has the same seq,
   generation and commit digest, and sets the marker's status to `cold`. A conversation that
-  moved on in between is left alone (its SQLite copy is dropped). A crash between the two
-  steps leaves the state in Redis and a stale copy on disk: harmless, never a loss.
+  moved on in between is left alone (its copy is dropped). A crash between the two steps leaves
+  the state in Redis and a stale copy on disk: harmless, never a loss. A conversation whose shard
+  is quarantined is not frozen (it stays in Redis; the report counts it as `failed`).
 * while cold, the store's view of the conversation is `cold` (generation + 1), so a worker
   still holding it in its cache loses its compare-and-set (STALE) and reloads; no writer can
   mistake it for a new conversation.
 * thaw (done by `MemoryStore.load_many` when the store has a cold tier) = a Lua script
   restores meta, base, deltas and outbox exactly as they were, only if the marker still says
   `cold` at the same (gen, seq) and no meta exists, refreshes the TTLs like a commit, and sets
-  the marker back to `live`; then the SQLite row is dropped. Delete/reset drop the row too.
+  the marker back to `live`; then the row is dropped. Delete/reset drop the row too. A row that
+  cannot be read (its shard quarantined) is not restored: the store reports the conversation as
+  `checkpoint_corrupt` with `why_missing`'s reason, and its turns are dead-lettered.
 
-Entry point (run it from cron or a timer): `python -m stream.state.cold_tier freeze --idle-s 3600`
-(reads EVOSTREAM_* settings: Redis URL, namespace, EVOSTREAM_COLD_TIER_PATH);
-`python -m stream.state.cold_tier purge` drops rows older than the retention (their markers are gone);
-`python -m stream.state.cold_tier stats` prints rows and file size. Workers thaw on their own: a
-worker whose EVOSTREAM_COLD_TIER_PATH names the same file restores a frozen conversation when
-its next turn arrives (the file must be reachable from every worker: one host, or a shared
-volume; a networked store is the next step for a multi-host deployment).
+Operator commands (`evostream cold-tier freeze|purge|stats`, stream/cli/cold_tier.py): run
+`freeze --idle-s 3600` from cron or a timer; several freezers can split the shards between them
+(`--shards 0-7`, `--shards 8-15`). Workers thaw on their own: a worker whose
+EVOSTREAM_COLD_TIER_PATH names the same directory restores a frozen conversation when its next
+turn arrives (every worker must reach the files: one host, or a shared volume; docs/CAPACITY.md
+describes the path to object storage or a database for a multi-host fleet at 10M conversations).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import sqlite3
-import struct
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stream.identity import ConversationRef, RefLike, as_ref
+from stream.state.keys import ConversationKeys
+from stream.state.cold_store import DEFAULT_SHARDS, ColdRecord, ColdStore, Shard, ShardUnreadable, shard_of
 
 if TYPE_CHECKING:
-    from stream.state.store import MemoryStore, ConversationKeys
+    from stream.state.store import MemoryStore
 
-__all__ = ["ColdRecord", "ColdTier", "FreezeReport"]
+__all__ = ["ColdRecord", "ColdTier", "FreezeReport", "store_levers"]
 
 # KEYS: meta, base, deltas, outbox, mark. ARGV: gen, seq, digest, mark_ttl_ms (0 = persist).
 # Reply: 1 frozen, 0 changed since it was read (left alone).
@@ -94,57 +95,6 @@ if mttl > 0 then redis.call('PEXPIRE', KEYS[5], mttl) else redis.call('PERSIST',
 return 1
 """
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS cold (
-    tag TEXT PRIMARY KEY,        -- ConversationRef.tag (the Redis hash tag)
-    tenant TEXT,                 -- '' = default tenant
-    cid TEXT NOT NULL,
-    gen INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    frozen_at_ms INTEGER NOT NULL,
-    meta BLOB NOT NULL,          -- the meta hash, (field, value) pairs, length-prefixed
-    base BLOB NOT NULL,          -- the base string ('' = none)
-    deltas BLOB NOT NULL,        -- the delta list, length-prefixed
-    outbox BLOB NOT NULL         -- the outbox hash, (field, value) pairs, length-prefixed
-);
-CREATE INDEX IF NOT EXISTS cold_frozen_at ON cold (frozen_at_ms);
-"""
-
-
-def _pack(items: Sequence[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(b)) + bytes(b) for b in items)
-
-
-def _unpack(blob: bytes) -> list[bytes]:
-    out, off = [], 0
-    while off < len(blob):
-        (n,) = struct.unpack_from("<I", blob, off)
-        off += 4
-        out.append(bytes(blob[off : off + n]))
-        off += n
-    if off != len(blob):
-        raise ValueError("cold record truncated")
-    return out
-
-
-@dataclass(frozen=True)
-class ColdRecord:
-    """One conversation's Redis keys, as they were when frozen (raw bytes: restored exactly)."""
-
-    tag: str
-    tenant: str | None
-    conversation_id: str
-    gen: int
-    seq: int
-    meta: list[bytes]  # flat (field, value) pairs
-    base: bytes
-    deltas: list[bytes]
-    outbox: list[bytes]  # flat (field, value) pairs
-
-    @property
-    def nbytes(self) -> int:
-        return sum(map(len, self.meta)) + len(self.base) + sum(map(len, self.deltas)) + sum(map(len, self.outbox))
-
 
 @dataclass
 class FreezeReport:
@@ -152,56 +102,41 @@ class FreezeReport:
     idle: int = 0
     frozen: int = 0
     changed: int = 0  # advanced between read and delete: left in Redis
+    failed: int = 0  # their shard is quarantined: left in Redis
     bytes_moved: int = 0  # payload bytes written to the cold tier
+    quarantined: dict[int, str] = field(default_factory=dict)  # shard -> why
+
+    def add(self, other: "FreezeReport") -> None:
+        for name in ("idle", "frozen", "changed", "failed", "bytes_moved"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.quarantined.update(other.quarantined)
+
+
+def _tag(keys: ConversationKeys) -> str:
+    return keys.meta.split("{", 1)[1].split("}", 1)[0]
 
 
 class ColdTier:
-    """SQLite file holding frozen conversations (one row each). Thread-safe; the async
-    methods run SQLite in a thread so the event loop is not blocked."""
+    """The cold tier of one namespace: shards of SQLite files under `path` (see cold_store.py)
+    and the Redis side of freeze and thaw. SQLite runs in threads, one per shard at a time, so the
+    event loop is not blocked and different shards proceed in parallel."""
 
-    def __init__(self, path: str | Path, *, retention_s: float | None = 90 * 24 * 3600) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: str | Path, *, retention_s: float | None = 90 * 24 * 3600, shards: int = DEFAULT_SHARDS,
+                 retry_s: float = 60.0) -> None:
+        self.files = ColdStore(path, shards=shards, retry_s=retry_s)
+        self.path = self.files.path
         # How long a frozen conversation's marker (and so its claim to the row) lives in Redis.
         self.retention_s = retention_s
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
         self._scripts: dict[int, tuple[Any, Any]] = {}
 
+    @property
+    def shards(self) -> int:
+        return len(self.files.shards)
+
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.files.close()
 
-    # --- SQLite (sync) -------------------------------------------------------------------
-    def _put(self, recs: Sequence[ColdRecord]) -> None:
-        now = int(time.time() * 1000)
-        rows = [(r.tag, r.tenant or "", r.conversation_id, r.gen, r.seq, now, _pack(r.meta), r.base,
-                 _pack(r.deltas), _pack(r.outbox)) for r in recs]
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO cold VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
-            self._db.execute("COMMIT")
-
-    def _get(self, tags: Sequence[str]) -> dict[str, ColdRecord]:
-        out: dict[str, ColdRecord] = {}
-        with self._lock:
-            for tag in tags:
-                row = self._db.execute(
-                    "SELECT tag, tenant, cid, gen, seq, meta, base, deltas, outbox FROM cold WHERE tag = ?",
-                    (tag,)).fetchone()
-                if row:
-                    out[tag] = ColdRecord(row[0], row[1] or None, row[2], row[3], row[4], _unpack(row[5]),
-                                          bytes(row[6]), _unpack(row[7]), _unpack(row[8]))
-        return out
-
-    def _delete(self, tags: Sequence[str]) -> int:
-        with self._lock:
-            cur = self._db.executemany("DELETE FROM cold WHERE tag = ?", [(t,) for t in tags])
-            return cur.rowcount
-
+    # --- the files ------------------------------------------------------------------------
     def purge(self, older_than_s: float | None = None) -> int:
         """Drop rows frozen longer ago than `older_than_s` (default: retention_s). Their Redis
         marker (which lives retention_s) is gone by then, so nothing can thaw them any more:
@@ -209,24 +144,42 @@ class ColdTier:
         age = self.retention_s if older_than_s is None else older_than_s
         if age is None:
             return 0
-        cutoff = int((time.time() - age) * 1000)
-        with self._lock:
-            return self._db.execute("DELETE FROM cold WHERE frozen_at_ms < ?", (cutoff,)).rowcount
+        return self.files.purge(int((time.time() - age) * 1000))
 
     def count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM cold").fetchone()[0])
+        return self.files.count()
 
     def checkpoint_wal(self) -> None:
-        """Fold the write-ahead log into the database file (for size figures and backups)."""
-        with self._lock:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        """Fold the write-ahead logs into the shard files (for size figures and backups)."""
+        self.files.checkpoint_wal()
 
     def file_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*"))
+        return self.files.file_bytes()
+
+    def quarantined(self) -> dict[int, str]:
+        """Shards that cannot be read now, and why."""
+        return self.files.quarantined()
 
     def get(self, ref: RefLike) -> ColdRecord | None:
-        return self._get([as_ref(ref).tag]).get(as_ref(ref).tag)
+        tag = as_ref(ref).tag
+        return ColdStore.get(self.files.shard(tag), [tag]).get(tag)
+
+    def why_missing(self, ref: RefLike) -> str | None:
+        """Why a frozen conversation could not be thawed, when its shard is quarantined."""
+        return self.files.shard(as_ref(ref).tag).broken
+
+    async def _per_shard(self, fn: Any, tags: Sequence[str]) -> dict[int, Any]:
+        """`fn(shard, its tags)` for every shard concerned, in parallel threads; a quarantined
+        shard's entry is its ShardUnreadable."""
+        groups = self.files.by_shard(tags)
+        shards: list[Shard] = [self.files.shards[i] for i in groups]
+        got = await asyncio.gather(*(asyncio.to_thread(fn, s, groups[s.index]) for s in shards), return_exceptions=True)
+        out: dict[int, Any] = {}
+        for s, r in zip(shards, got):
+            if isinstance(r, BaseException) and not isinstance(r, ShardUnreadable):
+                raise r
+            out[s.index] = r
+        return out
 
     # --- Redis side ----------------------------------------------------------------------
     def _script(self, store: "MemoryStore") -> tuple[Any, Any]:
@@ -245,87 +198,113 @@ class ColdTier:
         return await self._freeze_keys(store, [(as_ref(r), store.keys(as_ref(r))) for r in refs])
 
     async def _freeze_keys(self, store: "MemoryStore",
-                           items: Sequence[tuple[ConversationRef | None, "ConversationKeys"]]) -> FreezeReport:
+                           items: Sequence[tuple[ConversationRef | None, ConversationKeys]]) -> FreezeReport:
         rep = FreezeReport(idle=len(items))
         if not items:
             return rep
         replies = await store.scripts.run(store.scripts.load, [(k, ()) for _, k in items], "cold read")
-        recs: list[tuple[ColdRecord, "ConversationKeys", bytes]] = []
+        recs: dict[str, tuple[ColdRecord, ConversationKeys, bytes]] = {}
         for (ref, keys), reply in zip(items, replies):
             kind, gen, seq, meta_flat, base, deltas, outbox_flat, _mark = reply
             if kind not in (b"live", "live"):
                 continue
             meta = {meta_flat[i]: meta_flat[i + 1] for i in range(0, len(meta_flat), 2)}
-            tag = keys.meta.split("{", 1)[1].split("}", 1)[0]
             tenant = meta.get(b"tenant", b"").decode() or None
             cid = meta.get(b"cid", b"").decode() or (ref.conversation_id if ref else "")
-            recs.append((ColdRecord(tag, tenant, cid, int(gen), int(seq), list(meta_flat), bytes(base or b""),
-                                    [bytes(d) for d in deltas], list(outbox_flat)),
-                         keys, meta.get(b"digest", b"")))
+            rec = ColdRecord(_tag(keys), tenant, cid, int(gen), int(seq), list(meta_flat), bytes(base or b""),
+                             [bytes(d) for d in deltas], list(outbox_flat))
+            recs[rec.tag] = (rec, keys, meta.get(b"digest", b""))
         if not recs:
             return rep
-        await asyncio.to_thread(self._put, [r for r, _, _ in recs])  # durable on disk first
+        # durable on disk first, every shard at once
+        written = await self._per_shard(lambda s, tags: ColdStore.put(s, [recs[t][0] for t in tags]), list(recs))
+        for index, res in written.items():
+            if isinstance(res, ShardUnreadable):
+                rep.quarantined[index] = str(res)
+        ok = [t for t in recs if not isinstance(written[shard_of(t, self.shards)], ShardUnreadable)]
+        rep.failed = len(recs) - len(ok)
+        if not ok:
+            return rep
         freeze, _ = self._script(store)
         mttl = str(self._mark_ttl_ms()).encode()
         done = await store.scripts.run(
-            freeze, [(k, [str(r.gen).encode(), str(r.seq).encode(), d, mttl]) for r, k, d in recs],
-            "cold freeze", durable=True)
-        changed = [r.tag for (r, _, _), ok in zip(recs, done) if not int(ok)]
+            freeze, [(recs[t][1], [str(recs[t][0].gen).encode(), str(recs[t][0].seq).encode(), recs[t][2], mttl])
+                     for t in ok], "cold freeze", durable=True)
+        changed = [t for t, d in zip(ok, done) if not int(d)]
         if changed:
-            await asyncio.to_thread(self._delete, changed)
-        rep.frozen = len(recs) - len(changed)
+            await self._per_shard(ColdStore.delete, changed)
+        rep.frozen = len(ok) - len(changed)
         rep.changed = len(changed)
-        rep.bytes_moved = sum(r.nbytes for (r, _, _), ok in zip(recs, done) if int(ok))
+        rep.bytes_moved = sum(recs[t][0].nbytes for t, d in zip(ok, done) if int(d))
         return rep
 
     async def freeze_idle(self, store: "MemoryStore", idle_s: float, *, limit: int | None = None,
-                          scan_count: int = 1000, batch: int = 200) -> FreezeReport:
+                          scan_count: int = 1000, batch: int = 200, concurrency: int = 4,
+                          only_shards: set[int] | None = None) -> FreezeReport:
         """Freeze every conversation whose last commit is older than `idle_s` (SCAN over meta
-        keys; no blocking command). `limit` bounds how many are frozen in this call."""
+        keys; no blocking command). `limit` bounds how many are frozen in this call;
+        `concurrency` batches are in flight at once (Redis round trips of one overlap the SQLite
+        writes of another); `only_shards`: leave the other shards' conversations to other freezers."""
         total = FreezeReport()
         cutoff_ms = int((time.time() - idle_s) * 1000)
         pattern = f"{store.namespace}:{{*}}:meta"
-        from stream.state.store import ConversationKeys  # runtime import: no cycle at import time
-
+        running: set[asyncio.Task] = set()
         pending: list[tuple[ConversationRef | None, ConversationKeys]] = []
+
+        async def drain(until: int) -> None:
+            while len(running) > until:
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    running.discard(task)
+                    total.add(task.result())
+
+        def room() -> int | None:
+            return None if limit is None else max(0, limit - total.frozen - batch * len(running))
+
         async for key in store.redis.scan_iter(match=pattern, count=scan_count):
             k = key.decode() if isinstance(key, bytes) else key
             total.scanned += 1
             prefix = k[: -len("meta")]
-            pending.append((None, ConversationKeys(k, prefix + "base", prefix + "deltas", prefix + "outbox",
-                                                    prefix + "mark")))
+            keys = ConversationKeys(k, prefix + "base", prefix + "deltas", prefix + "outbox", prefix + "mark")
+            if only_shards is not None and shard_of(_tag(keys), self.shards) not in only_shards:
+                continue
+            pending.append((None, keys))
             if len(pending) >= batch:
-                await self._freeze_batch(store, pending, cutoff_ms, total, limit)
+                await drain(concurrency - 1)
+                if limit is not None and total.frozen >= limit:
+                    break
+                running.add(asyncio.create_task(self._freeze_batch(store, pending, cutoff_ms, room())))
                 pending = []
-            if limit is not None and total.frozen >= limit:
-                break
+        await drain(0)
         if pending and (limit is None or total.frozen < limit):
-            await self._freeze_batch(store, pending, cutoff_ms, total, limit)
+            total.add(await self._freeze_batch(store, pending, cutoff_ms, room()))
         return total
 
     async def _freeze_batch(self, store: "MemoryStore", items: list, cutoff_ms: int,
-                            total: FreezeReport, limit: int | None) -> None:
+                            room: int | None) -> FreezeReport:
         pipe = store.redis.pipeline(transaction=False)
         for _, k in items:
             pipe.hget(k.meta, "updated_at_ms")
         stamps = await pipe.execute()
         idle = [it for it, ts in zip(items, stamps) if ts is not None and int(ts) < cutoff_ms]
-        if limit is not None:
-            idle = idle[: max(0, limit - total.frozen)]
-        rep = await self._freeze_keys(store, idle)
-        total.idle += rep.idle
-        total.frozen += rep.frozen
-        total.changed += rep.changed
-        total.bytes_moved += rep.bytes_moved
+        if room is not None:
+            idle = idle[:room]
+        return await self._freeze_keys(store, idle)
 
     async def thaw(self, store: "MemoryStore", refs: Sequence[RefLike]) -> int:
         """Restore these conversations into Redis exactly as frozen (called by the store's
-        load when it sees `cold`). Returns how many were restored."""
+        load when it sees `cold`). Returns how many were restored. A conversation whose shard is
+        quarantined stays cold (`why_missing` says why)."""
         refs = [as_ref(r) for r in refs]
-        recs = await asyncio.to_thread(self._get, [r.tag for r in refs])
+        by_tag = {r.tag: r for r in refs}
+        read = await self._per_shard(ColdStore.get, list(by_tag))
+        recs: dict[str, ColdRecord] = {}
+        for res in read.values():
+            if not isinstance(res, ShardUnreadable):
+                recs.update(res)
         calls, tags = [], []
-        for ref in refs:
-            rec = recs.get(ref.tag)
+        for tag, ref in by_tag.items():
+            rec = recs.get(tag)
             if rec is None:
                 continue  # no copy: the store's load reports the conversation (never a silent reset)
             ttl = store.ttl.state_ms(ref.tenant)
@@ -334,19 +313,22 @@ class ColdTier:
                     str(len(rec.meta) // 2).encode(), str(len(rec.deltas)).encode(),
                     str(len(rec.outbox) // 2).encode(), *rec.meta, *rec.deltas, *rec.outbox]
             calls.append((store.keys(ref), args))
-            tags.append(ref.tag)
+            tags.append(tag)
         if not calls:
             return 0
         _, thaw = self._script(store)
         done = await store.scripts.run(thaw, calls, "cold thaw", durable=True)
         # Restored, or no longer cold at that (gen, seq) (deleted, reset, restored by another
         # worker): either way the row has served its purpose.
-        await asyncio.to_thread(self._delete, tags)
+        await self._per_shard(ColdStore.delete, tags)
         return sum(int(x) for x in done)
 
     async def discard(self, ref: RefLike) -> bool:
-        """Forget a conversation's cold copy (on delete / reset)."""
-        return bool(await asyncio.to_thread(self._delete, [as_ref(ref).tag]))
+        """Forget a conversation's cold copy (on delete / reset). A quarantined shard keeps its
+        row: harmless, a thaw needs the marker to still say `cold` at the row's (gen, seq)."""
+        tag = as_ref(ref).tag
+        res = (await self._per_shard(ColdStore.delete, [tag]))[shard_of(tag, self.shards)]
+        return not isinstance(res, ShardUnreadable) and bool(res)
 
 
 def store_levers(settings: Any) -> dict[str, Any]:
@@ -359,62 +341,5 @@ def store_levers(settings: Any) -> dict[str, Any]:
     return {
         "storage_dtype": torch.bfloat16 if dtype == "bfloat16" else None,
         "ttl_by_tenant": dict(getattr(settings, "state_ttl_by_tenant", None) or {}),
-        "cold": ColdTier(path) if path else None,
+        "cold": ColdTier(path, shards=getattr(settings, "cold_tier_shards", DEFAULT_SHARDS)) if path else None,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Entry point
-
-
-def _store_from_settings(settings: Any, cold: ColdTier) -> "MemoryStore":
-    import torch
-
-    from stream.state.store import MemoryStore
-    from stream.state.redis_client import RedisOptions
-
-    # freeze/thaw move raw bytes: model shape and fingerprint are not needed to move them.
-    return MemoryStore(settings.redis_url, fingerprint="cold-tier", hidden_size=1, capacity=1,
-                           dtype=torch.float32, namespace=settings.redis_namespace,
-                           ttl_s=settings.state_ttl_s, marker_ttl_s=settings.marker_ttl_s,
-                           ttl_by_tenant=getattr(settings, "state_ttl_by_tenant", None), cold=cold,
-                           redis_options=RedisOptions.from_settings(settings))  # issue #8
-
-
-async def _amain(args: argparse.Namespace) -> dict[str, Any]:
-    from stream.settings import Settings
-
-    settings = Settings()
-    path = args.path or getattr(settings, "cold_tier_path", None)
-    if not path:
-        raise SystemExit("no cold tier: pass --path or set EVOSTREAM_COLD_TIER_PATH")
-    cold = ColdTier(path)
-    store = _store_from_settings(settings, cold)
-    try:
-        if args.cmd == "freeze":
-            rep = await cold.freeze_idle(store, args.idle_s, limit=args.limit)
-            return {**rep.__dict__, "cold_rows": cold.count(), "cold_file_bytes": cold.file_bytes()}
-        if args.cmd == "purge":
-            return {"purged": cold.purge(), "cold_rows": cold.count(), "cold_file_bytes": cold.file_bytes()}
-        return {"cold_rows": cold.count(), "cold_file_bytes": cold.file_bytes()}
-    finally:
-        await store.close()
-        cold.close()
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m stream.state.cold_tier", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("freeze", help="move conversations idle for --idle-s out of Redis")
-    f.add_argument("--idle-s", type=float, required=True, help="idle time (seconds since the last commit)")
-    f.add_argument("--limit", type=int, default=None, help="freeze at most this many")
-    f.add_argument("--path", default=None, help="SQLite file (default: EVOSTREAM_COLD_TIER_PATH)")
-    pg = sub.add_parser("purge", help="drop rows older than the retention (their markers are gone)")
-    pg.add_argument("--path", default=None, help="SQLite file (default: EVOSTREAM_COLD_TIER_PATH)")
-    s = sub.add_parser("stats", help="rows and file size of the cold tier")
-    s.add_argument("--path", default=None, help="SQLite file (default: EVOSTREAM_COLD_TIER_PATH)")
-    print(json.dumps(asyncio.run(_amain(p.parse_args(argv)))))
-
-
-if __name__ == "__main__":
-    main()

@@ -196,9 +196,11 @@ class MemoryStore:
                 continue
             except MemoryCorrupt as exc:
                 counts.drop(ref)
-                out[key] = MemoryProblem(
-                    ref, DeadLetterReason.TENANT_MISMATCH if "identity" in str(exc) else DeadLetterReason.CHECKPOINT_CORRUPT,
-                    str(exc))
+                detail = str(exc)
+                why = self.cold.why_missing(ref) if self.cold is not None and reply[0] in (b"cold", "cold") else None
+                out[key] = MemoryProblem(  # issue #17: a quarantined cold-tier shard says which file and why
+                    ref, DeadLetterReason.TENANT_MISMATCH if "identity" in detail else DeadLetterReason.CHECKPOINT_CORRUPT,
+                    detail + (f": {why}" if why else ""))
                 continue
             got = decoded.loaded
             if decoded.chain_reusable:
