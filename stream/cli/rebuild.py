@@ -150,7 +150,7 @@ def accept_loss_cmd(yes: bool = typer.Option(False, "--yes", "-y", help="do it (
         store = _store(s.model_copy(update={"redis_namespace": ns}))
         try:
             cur = await store.epoch.epoch.read()
-            dtype = "bfloat16" if s.state_storage_dtype == "bfloat16" else s.dtype
+            dtype = "bfloat16" if s.state_storage_dtype == "bfloat16" else store.storage_dtype_name()
             info = new_identity(fingerprint=store.fingerprint, dtype=cur.dtype if cur else dtype,
                                 created_by="evostream store accept-loss", decision=Decision.ACCEPT_LOSS,
                                 supersedes=cur.id if cur else "")
