@@ -102,7 +102,8 @@ class TurnEvent(_Inbound):
     content is rejected (`empty_turn`): it would spend a seq on nothing. A turn whose only
     content is in messages the model does not read (e.g. a lone system prompt) is valid but
     has no text (`has_text` False): it is acknowledged and counted, not embedded.
-    `timestamp`: ISO 8601 with an offset, or integer epoch milliseconds (UTC).
+    `timestamp`: ISO 8601 with an offset, or an integer Unix epoch in seconds (below 10**11)
+    or milliseconds (UTC).
     """
 
     type: Literal["turn"] = "turn"
@@ -446,6 +447,13 @@ class DeadLetterReason(StrEnum):
     """The conversation was checkpointed under another model: its memory is never continued."""
     TENANT_MISMATCH = "tenant_mismatch"
     """The stored checkpoint belongs to another (tenant, conversation id)."""
+    LATE_TURN = "late_turn"
+    """Set by the pipeline: a seq the conversation had skipped (applied over a gap) arrived
+    after later turns were applied; memory is never rewound to insert it (README "Late and
+    corrected turns")."""
+    CONFLICTING_DUPLICATE = "conflicting_duplicate"
+    """Set by the pipeline: an applied seq was sent again with other messages (an edit, a
+    producer bug); the applied version stays in memory, this one is kept here."""
 
 
 def _valid_b64(value: str | None) -> str | None:

@@ -90,29 +90,38 @@ MAX_EPOCH_MS = 253_402_300_799_999
 """9999-12-31T23:59:59.999Z, the last instant an ISO 8601 year of four digits can write."""
 
 
-def _iso_or_epoch_ms(value: object) -> object:
-    """Inbound timestamps (issue #13): ISO 8601 strings as before, or integer Unix epoch
-    *milliseconds* (what Java/JavaScript producers and Kafka itself write). Only integers: a
-    float or a numeric string stays an error, and no seconds-vs-milliseconds guess is made
-    from the magnitude -- the unit is part of the contract."""
+EPOCH_SECONDS_BELOW = 10**11
+"""Inbound epoch numbers below this are seconds (up to the year 5138), from it on milliseconds
+(from 1973-03-03): the two ranges cover every instant of this century exactly once."""
+
+
+def _iso_or_epoch(value: object) -> object:
+    """Inbound timestamps (issue #13, #17): ISO 8601 strings as before, or an integer Unix epoch
+    in seconds or milliseconds, told apart by magnitude (EPOCH_SECONDS_BELOW). Why not
+    milliseconds only: producers written in Python and Go often send `time.time()`-style
+    seconds; read as milliseconds they landed in January 1970 without a word. No event of
+    1970-1973 is written in milliseconds, so the rule is never ambiguous in practice. Only
+    integers: a float or a numeric string stays an error."""
     if isinstance(value, int) and not isinstance(value, bool):
         if not 0 <= value <= MAX_EPOCH_MS:
             raise PydanticCustomError(
-                "epoch_ms_range", "epoch-millisecond timestamps must be within 0..{max}", {"max": MAX_EPOCH_MS})
-        return datetime.fromtimestamp(value / 1000, tz=timezone.utc).replace(
-            microsecond=(value % 1000) * 1000)
+                "epoch_range", "epoch timestamps must be within 0..{max}", {"max": MAX_EPOCH_MS})
+        ms = value * 1000 if value < EPOCH_SECONDS_BELOW else value
+        return datetime.fromtimestamp(ms // 1000, tz=timezone.utc).replace(microsecond=(ms % 1000) * 1000)
     return _iso_only(value)
 
 
 InboundTimestamp = Annotated[
     AwareDatetime,
-    BeforeValidator(_iso_or_epoch_ms),
+    BeforeValidator(_iso_or_epoch),
     WithJsonSchema({"anyOf": [
         {"type": "string", "format": "date-time", "description": "ISO 8601 with an offset"},
-        {"type": "integer", "minimum": 0, "maximum": MAX_EPOCH_MS, "description": "Unix epoch milliseconds (UTC)"},
+        {"type": "integer", "minimum": 0, "maximum": MAX_EPOCH_MS,
+         "description": "Unix epoch: seconds below 10**11, milliseconds from 10**11 on (UTC)"},
     ]}, mode="validation"),
 ]
-"""Timezone-aware; ISO 8601 with an offset, or integer epoch milliseconds (UTC)."""
+"""Timezone-aware; ISO 8601 with an offset, or an integer Unix epoch in seconds or milliseconds
+(by magnitude, EPOCH_SECONDS_BELOW)."""
 
 ConversationId = Annotated[
     str,

@@ -304,6 +304,16 @@ class Settings(BaseSettings):
     redis_durability_timeout_ms: int = Field(2000, ge=1, description="longest wait for fsync/replicas; the batch is retried after it")
     redis_allow_eviction: bool = Field(
         False, description="start even if Redis' maxmemory-policy is not noeviction (evicted keys quarantine conversations)")
+    # --- a store that is lost, full or of another precision (issue #17) ---
+    store_check_interval_s: float = Field(
+        1.0, gt=0, description="how often a worker re-reads the store's identity and watermarks (an emptied or "
+                               "rolled-back Redis is noticed within this even when no turn arrives)")
+    store_retry_backoff_max_s: float = Field(
+        5.0, gt=0, description="ceiling of the back-off between retries against a Redis that answers but refuses "
+                               "writes (full at maxmemory): bounds the retry rate")
+    store_dtype_join: Literal["refuse", "adopt"] = Field(
+        "refuse", description="a worker whose state storage dtype differs from the store's: refuse to start (exit "
+                              "78), or adopt the store's dtype for what it reads and writes")
     gap_max_dead_letters: int = Field(
         8, ge=0, description="GAP_POLICY=dead_letter: after this many gapped turns of a conversation, it continues without the missing ones")
 

@@ -45,6 +45,8 @@ DECODER_REASONS: frozenset[DeadLetterReason] = frozenset(R) - {
     R.CHECKPOINT_CORRUPT,
     R.FINGERPRINT_MISMATCH,
     R.TENANT_MISMATCH,
+    R.LATE_TURN,
+    R.CONFLICTING_DUPLICATE,
 }
 """Reasons the decoder gives for bad input (the rest come from the pipeline or from bugs)."""
 

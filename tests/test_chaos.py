@@ -790,8 +790,9 @@ def test_memory_stays_within_cache_budget_and_idle_states_expire(local_stack: Lo
             rep = compare(outs, exp, tol=TOL)
             record(s, rep, exp)
             s.dead_lettered = dead_letter_counts(penv)
-            # every key of the namespace expires once the traffic stops
-            wait_until(lambda: probe.keys() == [], timeout=ttl * 3 + 120, tick=sample,
+            # every conversation key of the namespace expires once the traffic stops (the
+            # store's identity `<ns>:epoch` does not: it outlives every conversation, issue #17)
+            wait_until(lambda: probe.keys("{*") == [], timeout=ttl * 3 + 120, tick=sample,
                        what="every conversation expired after the stream ended")
             s.expired = len(idle.conversations) + len(active.conversations)  # observed: no key left
             sample()
@@ -1251,3 +1252,102 @@ def test_production_faults_eviction_deletes_zombie_tenants(local_stack: LocalSta
             fleet_numbers(s, fleet)
             fleet.stop_all()
             r.close()
+
+
+# --------------------------------------------------------------------------- 8. the store itself is wrong
+
+
+@pytest.mark.parametrize("fault", ["flushall", pytest.param("old_snapshot", marks=pytest.mark.slow)])
+def test_store_lost_mid_stream_is_held_then_rebuilt(kafka_bootstrap, topic_factory, tmp_path: Path, fault: str) -> None:
+    """Issue #17. A Redis of the scenario's own (FLUSHALL and restarts hit every key) is, while
+    traffic flows, emptied (`flushall`) or restarted from a snapshot taken earlier
+    (`old_snapshot`). Must hold: the workers notice, hold their batch and say why (/readyz);
+    0 turns are embedded on a silently reset (or rewound) memory; `evostream rebuild --into
+    NEW` (the real command) re-derives every conversation's state bit for bit equal to an
+    offline replay of the turns it read; the operator's switch (stop, rebuild again to catch
+    up, workers on NEW) ends with every turn embedded exactly as offline, nothing lost."""
+    import dataclasses
+
+    from tests.support.oracle import compute_expected, load_states
+    from tests.support.store_faults import bit_for_bit, own_redis, retained_turns, run_rebuild_cli
+
+    n, m = (10, 8) if SCALE.name == "short" else (40, 16)
+    with scenario(f"store_{fault}") as s, own_redis(tmp_path / "redis") as r:
+        traffic = generate_traffic(n, m, seed=SCALE.seed, prefix=f"st{fault[:3]}")
+        exp = expected_for(traffic)
+        penv = pipeline_env(topic_factory, kafka_bootstrap, r.url, partitions=PARTITIONS, extra=COMPACTING)
+        probe = RedisProbe(r.url, penv.namespace)
+        fleet = Fleet(penv, tmp_path)
+        producer = StreamingProducer(kafka_bootstrap, penv.turns_topic, traffic.records(), tags(traffic), rate=6.0)
+        total = len(traffic)
+        try:
+            for name in ("s0", "s1"):
+                fleet.start(name)
+            for w in fleet.workers.values():
+                w.wait_ready(SCALE.timeout)
+            producer.start()
+            wait_until(lambda: (probe.applied(last_seqs(traffic)) or 0) >= total // 5, timeout=SCALE.timeout,
+                       tick=fleet.poll, what="progress before the snapshot")
+            snap = r.snapshot("old") if fault == "old_snapshot" else None
+            wait_until(lambda: (probe.applied(last_seqs(traffic)) or 0) >= total // 2, timeout=SCALE.timeout,
+                       tick=fleet.poll, what="progress before the fault")
+            # --- the fault ---
+            if snap is None:
+                r.flushall()
+            else:
+                r.restart_from(snap)
+            s.outages += 1
+            s.outage_kinds.append(fault)
+
+            def lost() -> list[str]:
+                out = []
+                for w in fleet.alive_workers():
+                    with contextlib.suppress(OSError, ValueError):
+                        code, body = w.get("/readyz", timeout=2)
+                        if code == 503 and body.get("store") == "lost":
+                            out.append(w.name)
+                return out
+
+            held = wait_until(lost, timeout=SCALE.timeout, tick=fleet.poll, what="a worker reporting the store lost")
+            sleep_ticking(4.0, fleet.poll)  # traffic keeps coming; held workers must not embed it
+            held = sorted(set(held) | set(lost()))
+            before = read_outputs(kafka_bootstrap, penv.embeddings_topic, idle_ms=800)
+            early = compare(before, exp, tol=TOL, keys={k for k in before.embeddings if k in exp.embeddings})
+            reset = [k for k, evs in before.embeddings.items() for e in evs if e.memory.value != "continued" and k[1] > 0]
+            s.extra.update(fault=fault, held_workers=held, embedded_before_switch=before.count,
+                           embedded_on_reset_memory=len(early.vector_mismatches) + len(reset) + len(early.bad_records))
+
+            # --- the operator: rebuild into a namespace of its own while the workers hold ---
+            new_ns = penv.namespace + "rb"
+            rb = run_rebuild_cli(penv.env(), new_ns)
+            want = compute_expected(retained_turns(kafka_bootstrap, penv.turns_topic, rb["through"])).states
+            got = load_states(dataclasses.replace(penv, namespace=new_ns), want)
+            differ = bit_for_bit(got, want)
+            s.extra.update(rebuild_turns=rb["turns_applied"], rebuild_turns_per_s=rb["turns_per_s"],
+                           rebuild_progress_lines=rb["progress_lines"], rebuilt_states=len(want),
+                           rebuilt_states_bit_for_bit=len(want) - len(differ))
+            # --- the switch: stop, catch up, workers on the new namespace ---
+            fleet.stop_all()
+            rb2 = run_rebuild_cli(penv.env(), new_ns)
+            s.extra["catch_up_turns"] = rb2["turns_applied"]
+            penv = dataclasses.replace(penv, namespace=new_ns)
+            fleet.penv = penv
+            probe.close()
+            probe = RedisProbe(r.url, new_ns)
+            for name in ("s2", "s3"):
+                fleet.start(name)
+            drain_and_check(s, fleet, penv, traffic, exp, probe, producer, timeout=SCALE.timeout)
+            if s.extra["embedded_on_reset_memory"]:
+                s.problems.append(f"{s.extra['embedded_on_reset_memory']} turns embedded on a reset memory")
+            if differ:
+                s.problems.append(f"{len(differ)} rebuilt states differ from the offline replay: {dict(list(differ.items())[:3])}")
+            if not held:
+                s.problems.append("no worker noticed the fault")
+            s.ok = not s.problems
+            if not s.ok:
+                raise ScenarioFailed("; ".join(s.problems) + "\n" + fleet.logs(40))
+        finally:
+            fleet_numbers(s, fleet)
+            s.records = producer.sent.count
+            fleet.stop_all()
+            probe.close()

@@ -139,7 +139,7 @@ def test_processing_error_when_something_unexpected_breaks(monkeypatch: pytest.M
 
 
 PIPELINE_REASONS = [R.TURN_TOO_LONG, R.SEQ_GAP, R.PROCESSING_ERROR, R.CHECKPOINT_CORRUPT,
-                    R.FINGERPRINT_MISMATCH, R.TENANT_MISMATCH]
+                    R.FINGERPRINT_MISMATCH, R.TENANT_MISMATCH, R.LATE_TURN, R.CONFLICTING_DUPLICATE]
 
 
 @pytest.mark.parametrize("code", PIPELINE_REASONS)

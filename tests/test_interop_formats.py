@@ -153,7 +153,11 @@ def test_accepted_without_reading_is_counted(run) -> None:
     assert m.get('evostream_input_unread_messages_total{role="developer"}') == 1
     assert m.get("evostream_turns_without_text_total") == 1
     log = r.worker.log_path.read_text(errors="replace")
-    assert "channel_id" in log and "does not know" in log
+    # named by digest, never verbatim (issue #17: a name is producer input)
+    from stream.processing.input_shapes import InputShapes
+
+    assert InputShapes.name_digest("channel_id") in log and "does not know" in log
+    assert "channel_id" not in log
 
 
 def test_strict_mode_keeps_the_version_1_contract(run) -> None:

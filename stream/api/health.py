@@ -35,8 +35,11 @@ def ingestion(worker: Any) -> IngestionInfo:
     paused = bool(worker.pipeline.paused)
     broker = worker.broker.state.value
     partitions = sorted(worker.lag.assigned) if worker.ready else []
+    store, problem = worker.store_status()
     if worker.stopping:
         state = "stopping"
+    elif store in ("lost", "building", "full"):
+        state = f"store_{store}"  # issue #17: held, waiting for room or for an operator's decision
     elif not worker.broker.reachable:
         state = "broker_unreachable"
     elif paused:
@@ -50,7 +53,7 @@ def ingestion(worker: Any) -> IngestionInfo:
     else:
         state = "consuming"
     return IngestionInfo(healthy=state in ("consuming", "idle"), state=state, partitions=partitions, broker=broker,
-                         paused=paused, stopped_partitions=stopped)
+                         paused=paused, stopped_partitions=stopped, store=store, store_problem=problem)
 
 
 def install_ingestion_gauge(worker: Any) -> Gauge:
@@ -85,9 +88,12 @@ class OperatorEndpoints:
         w = self.worker
         store_ok = bool(w.store_ready) and await w.store.server.ping()
         ing = ingestion(w)
+        # a lost store, or one still being rebuilt, would answer queries from memories it no
+        # longer has (issue #17); a full one still answers reads, so it is said, not refused
+        wrong = ing.store in ("lost", "building")
         body: dict[str, Any] = {
-            "ready": store_ok and not w.stopping,
-            "store": "ok" if store_ok else ("unavailable" if w.store_ready else "starting"),
+            "ready": store_ok and not wrong and not w.stopping,
+            "store": ing.store if store_ok else ("unavailable" if w.store_ready else "starting"),
             "stopping": w.stopping,
             # the ingestion side, for people and scripts reading this body (not part of "ready"):
             # the flat keys as before issue #18, and the summary
@@ -95,8 +101,11 @@ class OperatorEndpoints:
             "stopped_partitions": ing.stopped_partitions, "ingestion": ing.model_dump(),
         }
         if not body["ready"]:
-            why = "shutting down" if w.stopping else ("Redis not checked yet" if not w.store_ready
-                                                      else "Redis does not answer")
+            why = ("shutting down" if w.stopping else "Redis not checked yet" if not w.store_ready
+                   else "Redis does not answer" if not store_ok
+                   else f"memory-state store {ing.store}: {ing.store_problem or 'see evostream store status'}")
+            if wrong and ing.store_problem:
+                body["store_problem"] = ing.store_problem
             raise ApiError(503, "not_ready", f"not ready: {why}", {"Retry-After": "1"}, detail=body)
         return web.json_response(body)
 

@@ -276,7 +276,11 @@ class IngestionInfo(_Body):
 
     healthy: bool = Field(description="consuming its partitions (or a member with none to own): broker reachable, "
                                       "not paused, no partition stopped, not in a rebalance")
-    state: Literal["consuming", "idle", "rebalancing", "paused", "broker_unreachable", "partition_stopped", "stopping"]
+    state: Literal["consuming", "idle", "rebalancing", "paused", "store_full", "store_lost", "store_building",
+                   "broker_unreachable", "partition_stopped", "stopping"]
+    store: str = Field("ok", description="the memory-state store as this worker sees it (issue #17): ok, starting, "
+                                         "unavailable, full, lost, building")
+    store_problem: str | None = Field(None, description="why the store is lost or building, when it is")
     partitions: list[int]
     broker: str
     paused: bool

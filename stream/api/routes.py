@@ -266,11 +266,15 @@ class QueryApi:
                             query_queue_max=s.query_queue_max, query_batch_max=s.query_batch_max)))
 
     async def health(self, request: web.Request) -> web.Response:
-        """200 when the worker can answer queries (its checkpoint store answers a ping), with
-        the ingestion side's state as detail (stream/api/health.py)."""
+        """200 when the worker can answer queries (its checkpoint store answers a ping, and it is
+        neither lost nor being rebuilt: issue #17), with the ingestion side's state as detail
+        (stream/api/health.py); a full store is said there (`store_full`), reads still work."""
         if not await self.worker.store.server.ping():
             raise unavailable("checkpoint store unavailable")
-        return _json_response(m.HealthResponse(ingestion=ingestion(self.worker)))
+        ing = ingestion(self.worker)
+        if ing.store in ("lost", "building"):
+            raise unavailable(f"memory-state store {ing.store}" + (f": {ing.store_problem}" if ing.store_problem else ""))
+        return _json_response(m.HealthResponse(ingestion=ing))
 
     async def models(self, request: web.Request) -> web.Response:
         """OpenAI's model list: the one model this worker serves."""

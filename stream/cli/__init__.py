@@ -22,6 +22,7 @@ import typer
 from stream.cli import core as _core  # noqa: F401 - registers the commands
 from stream.cli import cold_tier as _cold_tier  # noqa: F401 - registers the group
 from stream.cli import dead_letters as _dead_letters  # noqa: F401 - registers the group
+from stream.cli import rebuild as _rebuild  # noqa: F401 - registers `rebuild` and the `store` group (issue #17)
 from stream.cli import sink as _sink  # noqa: F401 - registers `sink` and `search` (issue #19)
 from stream.cli.base import STATE, app, build_command
 from stream.cli.errors import ExitCode, explain

@@ -8,8 +8,16 @@ Rules, per conversation, in record order (README "Wire format" documents them fo
   previous one) is a replay of an earlier generation: never applied to this one;
 * a turn published after a delete that restarts the seqs below the deleted ones opens the new
   generation (replays of the deleted turns sit before the delete, not after it);
-* a seq not newer than the last applied one is a duplicate: its event is re-emitted from the
-  outbox if it is still there (byte-identical), otherwise dropped and counted;
+* a turn after a quarantined one (its memory could not be read, on this worker or another)
+  waits behind it: dead-lettered with the same reason, never applied over the hole; replaying
+  the dead letters in order after the repair applies them (issue #17);
+* a seq not newer than the last applied one is checked against the conversation's ledger
+  (stream/state/keys.py; issue #17): the same messages again are a duplicate (its event is
+  re-emitted from the outbox if it is still there, byte-identical, otherwise dropped and
+  counted); other messages under an applied seq are dead-lettered `conflicting_duplicate`; a
+  seq that was skipped (applied over a gap) is dead-lettered `late_turn`. Memory is never
+  rewound to insert a turn: the dead letters keep their bytes. A generation
+  without a ledger (written before ledgers existed) counts them as duplicates, as before;
 * a turn over `max_turn_tokens` is dead-lettered `turn_too_long`;
 * a seq gap is applied with a warning (`GAP_POLICY=apply`) or dead-lettered `seq_gap`, at most
   `GAP_MAX_DEAD_LETTERS` per gap, after which the conversation continues without the missing
@@ -18,10 +26,12 @@ Rules, per conversation, in record order (README "Wire format" documents them fo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any
 
-from schemas.events import DeadLetterReason, MemoryOrigin
+from schemas.events import DeadLetterReason, MemoryOrigin, TurnEvent
 from stream.identity import ConversationRef
 from stream.processing.commit import BatchCommit
 from stream.processing.dead_letters import DeadLetterWriter, Rejection
@@ -34,6 +44,14 @@ from stream.state.records import MemoryProblem
 from workers.state import NO_SEQ
 
 log = logging.getLogger(__name__)
+
+
+def turn_digest(ev: TurnEvent) -> bytes:
+    """8 bytes identifying what the model reads of a turn (roles and texts, in order): a resend
+    with another timestamp or metadata is the same turn, an edited message is not."""
+    ti = ev.to_turn_input()
+    canon = json.dumps([[m.role, m.content] for m in ti.messages], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(canon.encode("utf-8", "surrogatepass"), digest_size=8).digest()
 
 
 class Admission:
@@ -53,10 +71,12 @@ class Admission:
         s, m = self.settings, self.metrics
         last_seq = {ref: v.seq for ref, v in views.items()}
         todo: list[Due] = []
+        ledgers: dict[ConversationRef, dict[int, bytes]] = {}  # read on demand (resent seqs only)
+        admitted: dict[tuple[ConversationRef, int], bytes] = {}  # this batch's turns, by digest
         for d in due:
             ev, ref = d.event, d.ref
             if ref in problems:
-                batch.send(self.dead_letter.quarantined(d, problems[ref], rep))
+                await self.quarantine(d, problems[ref], batch, rep)
                 continue
             view = views[ref]
             pos = (d.record.partition, d.record.offset)
@@ -74,7 +94,21 @@ class Admission:
                 view.restarted = True
                 view.state.seq = NO_SEQ
                 last_seq[ref] = NO_SEQ
+            if view.held is not None and ev.seq > view.held[0]:
+                self._held(d, view.held, batch, rep)
+                continue
             if ev.seq <= last_seq[ref]:
+                verdict = await self._resent(d, view, ledgers, admitted)
+                if verdict != "duplicate":
+                    late = verdict == "late"
+                    (m.late_turns if late else m.conflicting_turns).inc()
+                    batch.send(self.dead_letter(d.record, Rejection(
+                        reason_code=DeadLetterReason.LATE_TURN if late else DeadLetterReason.CONFLICTING_DUPLICATE,
+                        reason=(f"conversation {ref}: seq {ev.seq} was skipped (applied over a gap) and arrives after "
+                                f"seq {last_seq[ref]}; memory is not rewound to insert it" if late else
+                                f"conversation {ref}: seq {ev.seq} was applied with other messages; the applied "
+                                f"version stays in memory")), rep))
+                    continue
                 stored = view.outbox.get(ev.seq)
                 if stored is not None:
                     batch.resend(ref, ev.seq, stored)
@@ -96,8 +130,46 @@ class Admission:
                 if not await self._gap(d, last_seq[ref], batch, rep):
                     continue
             last_seq[ref] = ev.seq
+            admitted[(ref, ev.seq)] = turn_digest(ev)
             todo.append(d)
         return todo
+
+    async def _resent(self, d: Due, view: View, ledgers: dict[ConversationRef, dict[int, bytes]],
+                      admitted: dict[tuple[ConversationRef, int], bytes]) -> str:
+        """A seq not newer than the last applied one: "duplicate", "conflict" or "late"."""
+        ref, seq, mine = d.ref, d.event.seq, turn_digest(d.event)
+        if (ref, seq) in admitted:
+            return "duplicate" if admitted[(ref, seq)] == mine else "conflict"
+        if view.fresh:
+            return "duplicate"  # no live generation (expired, deleted): nothing recorded to compare with
+        if ref not in ledgers:
+            ledgers[ref] = await self.guard(lambda: self.store.ledger(ref), "ledger")
+        ledger = ledgers[ref]
+        if not ledger:
+            return "duplicate"  # a generation written before ledgers existed: unverifiable, as before
+        if seq in ledger:
+            return "duplicate" if ledger[seq] == mine else "conflict"
+        return "late"
+
+    def _held(self, d: Due, held: tuple[int, str], batch: BatchCommit, rep: BatchReport) -> None:
+        try:
+            code = DeadLetterReason(held[1])
+        except ValueError:
+            code = DeadLetterReason.CHECKPOINT_CORRUPT
+        self.metrics.held_turns.inc()
+        batch.send(self.dead_letter(d.record, Rejection(
+            reason_code=code,
+            reason=(f"conversation {d.ref}: held behind seq {held[0]}, which was dead-lettered ({held[1]}) because its "
+                    f"memory could not be read; after the repair replay the conversation's dead letters in order")),
+            rep))
+
+    async def quarantine(self, d: Due, problem: MemoryProblem, batch: BatchCommit, rep: BatchReport) -> None:
+        """Dead-letter a turn whose conversation's memory cannot be read here, and hold the
+        conversation behind it on every worker (stream/state/store.py `hold`)."""
+        batch.send(self.dead_letter.quarantined(d, problem, rep))
+        hold = getattr(self.store, "hold", None)
+        if hold is not None:
+            await self.guard(lambda: hold(d.ref, d.event.seq, problem.code.value), "hold")
 
     async def _gap(self, d: Due, last: int, batch: BatchCommit, rep: BatchReport) -> bool:
         """A turn after missing seqs: True to apply it anyway (after a warning)."""

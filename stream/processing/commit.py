@@ -12,6 +12,11 @@ will acknowledge. `BatchCommit` then writes them in this order, and only in this
 3. *clear the outbox*: drop the delivered events from Redis;
 4. *acknowledge*: only now are the input records acknowledged (their offsets commit later).
 
+The store's watermarks ("every record through offset o of partition p is reflected here",
+stream/state/epoch.py) ride in the checkpoint's round trip, or are written on their own
+before the acknowledgement when the batch's last store write was not a checkpoint (a delete)
+or it had none; a store found lost at that point holds the acknowledgement (issue #17).
+
 A worker killed anywhere replays its unacknowledged records. A replayed turn whose seq is not
 newer than the stored one is never applied again; if its event is still in the outbox it is
 re-emitted byte for byte, so every copy downstream is identical. A writer that lost its
@@ -78,6 +83,12 @@ class BatchCommit:
         self.rep = rep
         self.outputs: list[OutMessage] = []  # in the order they will be produced
         self.in_outbox: dict[ConversationRef, list[int]] = defaultdict(list)  # to clear once delivered
+        self.through: dict[tuple[str, int], int] = {}  # last offset per (topic, partition) of the batch
+        for r in records:
+            key = (r.topic, r.partition)
+            if r.offset > self.through.get(key, -1):
+                self.through[key] = r.offset
+        self.sealed = False  # the watermarks went out with the batch's last store write
 
     # --- gathering ---------------------------------------------------------------------------
     def send(self, message: OutMessage) -> None:
@@ -94,7 +105,8 @@ class BatchCommit:
         """Compare-and-set every conversation's state and outbox (one round trip, then the
         durability wait). The events of the commits that applied are queued for the emit."""
         t = time.perf_counter()
-        results = await self.guard(lambda: self.store.commit(commits), "commit")
+        results = await self.guard(lambda: self.store.commit(commits, through=self.through), "commit")
+        self.sealed = True
         self.rep.checkpoint_s += time.perf_counter() - t
         self.metrics.checkpoint_s.observe(time.perf_counter() - t)
         reached("after_checkpoint")
@@ -118,5 +130,16 @@ class BatchCommit:
             except StoreUnavailable as exc:  # harmless: the outbox entries expire with the state
                 log.warning("could not clear outbox after emit (%s); duplicates possible on replay", exc)
             reached("after_ack")
+        watch = getattr(self.store, "epoch", None)
+        if watch is not None and watch.active:
+            if not self.sealed:
+                await self.guard(lambda: self.store.advance(self.through), "watermark")
+            # a store found lost meanwhile (the periodic check) is not acknowledged into
+            await self.guard(self._trusted, "acknowledge")
         if acknowledge is not None:
             await acknowledge(self.records)
+        if watch is not None and watch.active:
+            watch.note_acked(self.through)
+
+    async def _trusted(self) -> None:
+        self.store.epoch.raise_if_lost()

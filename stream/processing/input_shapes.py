@@ -4,10 +4,16 @@ Accepting unknown fields and roles is only safe if it is visible: a producer tha
 field (`metdata`) must show up somewhere other than as silently missing data. Each inbound
 event is passed to `InputShapes.observe`, which counts unknown fields and messages of roles
 the model does not read, and logs the first occurrence of each unknown field name.
+
+Names are logged as a digest, never verbatim (issue #17): a name is producer input like any
+value, and a secret used as a key by mistake (a token pasted into the wrong place) would
+otherwise be written to the log. `name_digest(name)` gives the same 12 hex digits for a
+suspected name (`evostream` operators compare it with the log line), with the name's length.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 
@@ -56,15 +62,22 @@ class InputShapes:
         log.info("turn %s/%d has no user/assistant text (roles %s): acknowledged, not embedded",
                  event.conversation_id, event.seq, [m.role for m in event.messages])
 
+    @staticmethod
+    def name_digest(name: str) -> str:
+        """How an unknown field name appears in the log: 12 hex digits of its SHA-256."""
+        return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
     def _log_new(self, event: TurnEvent | ConversationDelete, names: tuple[str, ...]) -> None:
-        generic = {n.split("].", 1)[-1] if n.startswith("messages[") else n for n in names}
+        generic = {(n.split("].", 1)[-1], True) if n.startswith("messages[") else (n, False) for n in names}
         with self._lock:
-            new = sorted(n for n in generic if n not in self._seen)
+            new = sorted(g for g in generic if g[0] not in self._seen)
             if not new or len(self._seen) >= _MAX_NAMES_LOGGED:
                 return
-            self._seen.update(new)
-        log.warning("inbound %s events carry fields this version does not know: %s (accepted and kept; "
-                    "set EVOSTREAM_INPUT_STRICT=true to dead-letter them instead)", event.type, new)
+            self._seen.update(n for n, _ in new)
+        shown = [f"{'message.' if nested else ''}sha256:{self.name_digest(n)} ({len(n)} chars)" for n, nested in new]
+        log.warning("inbound %s events carry %d field name(s) this version does not know: %s (names are logged "
+                    "as SHA-256 prefixes, never verbatim; accepted and kept; set EVOSTREAM_INPUT_STRICT=true to "
+                    "dead-letter them instead)", event.type, len(new), ", ".join(shown))
 
 
 __all__ = ["InputShapes"]

@@ -34,7 +34,7 @@ from schemas.events import (
 from schemas.vectors import encode_vector
 from stream.identity import ConversationRef
 from stream.kafka.emitter import OutMessage
-from stream.processing.admission import Admission
+from stream.processing.admission import Admission, turn_digest
 from stream.processing.commit import BatchCommit, Emitter
 from stream.processing.dead_letters import DeadLetterWriter, Rejection
 from stream.processing.decode import decode_inbound
@@ -58,7 +58,8 @@ Acknowledge = Callable[[list[InboundRecord]], Awaitable[None]]
 
 class TurnPipeline:
     def __init__(self, engine: EvoEngine, store: MemoryStore, emitter: Emitter, settings: Settings,
-                 executor: Executor, metrics: Metrics | None = None, cache: StateCache | None = None):
+                 executor: Executor, metrics: Metrics | None = None, cache: StateCache | None = None,
+                 *, embed: bool = True):
         self.engine = engine
         self.store = store
         self.emitter = emitter
@@ -66,12 +67,20 @@ class TurnPipeline:
         self.metrics = metrics or Metrics()
         self.cache = cache if cache is not None else StateCache(settings.cache_max_bytes)
         self.input_shapes = InputShapes(self.metrics.registry)  # tolerant reader counters (issue #13)
-        self.guard = PauseOnOutage(store, self.metrics)
+        self.guard = PauseOnOutage(store, self.metrics, retry_max_s=settings.store_retry_backoff_max_s)
+        self.guard.on_new_store.append(self._forget_store)  # issue #17: a lost store was replaced
         self.views = ViewLoader(self.cache, store, self.guard, self.metrics)
         self.dead_letter = DeadLetterWriter(topic=settings.dead_letter_topic, worker=settings.worker_id,
                                             broker_limit=settings.kafka_max_message_bytes, metrics=self.metrics)
         self.admission = Admission(settings, engine.turn_tokens, store, self.guard, self.dead_letter, self.metrics)
-        self.step = ModelStep(engine, executor, self.views, self.dead_letter)
+        # embed=False (a rebuild, issue #17): memories only; no embedding is computed or written
+        self.step = ModelStep(engine, executor, self.views, self.dead_letter, embed=embed)
+
+    def _forget_store(self) -> None:
+        """After a lost store is trusted again (restored, rebuilt, or its loss accepted):
+        nothing this worker cached from before may be committed against it."""
+        self.cache.clear()
+        self.store.planner.counts = type(self.store.planner.counts)()
 
     @property
     def paused(self) -> bool:
@@ -178,7 +187,7 @@ class TurnPipeline:
                         else DeadLetterReason.CHECKPOINT_CORRUPT)
                 problem = MemoryProblem(ref, code, f"commit refused: {res.status.value}")
                 for d, _ in items:
-                    batch.send(self.dead_letter.quarantined(d, problem, rep))
+                    await self.admission.quarantine(d, problem, batch, rep)
             else:  # STALE: the view changed (another writer, a delete); our in-memory state is void
                 self.cache.discard(ref)
                 conflicted.add(ref)
@@ -192,13 +201,23 @@ class TurnPipeline:
         step_ms, load_ms = rep.step_s * 1000, rep.load_s * 1000
         outbox = {}
         for i, (d, o) in enumerate(items):
+            if o.embedding is None:  # embed=False: a rebuild writes memories only
+                continue
             origin = view.origin if i == 0 else MemoryOrigin.CONTINUED
+            if origin is MemoryOrigin.NEW and d.event.seq > 0 and self._loss_accepted():
+                origin = MemoryOrigin.RESET_BY_OPERATOR  # issue #17: its earlier turns may have been applied
             outbox[o.seq] = self._embedding_bytes(d, o, origin, view.gen, step_ms, load_ms)
         return TurnCommit(
             ref=ref, expected_seq=view.seq, expected_gen=view.gen, fresh=view.fresh, state=state,
             gen_start=(first.partition, first.offset) if view.fresh else None,
             deltas=[o.delta for _, o in items], outbox=outbox,
+            ledger={o.seq: turn_digest(d.event) for d, o in items},
             source=SourceOffset(topic=last.topic, partition=last.partition, offset=last.offset))
+
+    def _loss_accepted(self) -> bool:
+        """The store is an operator's fresh start after a loss (`evostream store accept-loss`)."""
+        known = getattr(getattr(self.store, "epoch", None), "known", None)
+        return known is not None and known.decision.value == "accept_loss"
 
     async def _delete(self, ev: ConversationDelete, ref: ConversationRef, rec: InboundRecord, batch: BatchCommit,
                       rep: BatchReport) -> None:
@@ -206,6 +225,7 @@ class TurnPipeline:
         writer that computed a turn before the delete can commit it afterwards. A replayed
         delete older than the conversation's live generation is ignored."""
         self.cache.discard(ref)
+        batch.sealed = False  # the watermarks must follow this write (commit.py)
         try:
             _existed, through = await self.guard(
                 lambda: self.store.delete(ref, at=(rec.partition, rec.offset)), "delete")

@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 
 
 class ModelStep:
-    def __init__(self, engine: EvoEngine, executor: Executor, views: ViewLoader, dead_letter: DeadLetterWriter) -> None:
+    def __init__(self, engine: EvoEngine, executor: Executor, views: ViewLoader, dead_letter: DeadLetterWriter,
+                 *, embed: bool = True) -> None:
         self.engine = engine
+        self.embed = embed
         self.executor = executor
         self.views = views
         self.dead_letter = dead_letter
@@ -40,7 +42,7 @@ class ModelStep:
         turns = [self._engine_turn(d) for d in todo]
         loop = asyncio.get_running_loop()
         try:
-            outs = await loop.run_in_executor(self.executor, self.engine.step, states, turns)
+            outs = await loop.run_in_executor(self.executor, self._step, states, turns)
             reached("in_step")
             return list(zip(todo, outs))
         except Exception:
@@ -56,7 +58,7 @@ class ModelStep:
                     reason="an earlier turn of this conversation in the same batch failed in the model step"), rep))
                 continue
             try:
-                o = await loop.run_in_executor(self.executor, self.engine.step, {tag: states[tag]}, [turn])
+                o = await loop.run_in_executor(self.executor, self._step, {tag: states[tag]}, [turn])
                 result.append((d, o[0]))
             except Exception as exc:  # noqa: BLE001 - reported with the record
                 log.exception("model step failed for %s seq %d", ref, turn.seq)
@@ -70,6 +72,9 @@ class ModelStep:
                 for o in done:
                     states[tag].apply(o.delta)
         return result
+
+    def _step(self, states: dict[str, ConversationState], turns: list[TurnInput]) -> list[TurnOutput]:
+        return self.engine.step(states, turns) if self.embed else self.engine.step(states, turns, embed=False)
 
     @staticmethod
     def _engine_turn(d: Due) -> TurnInput:

@@ -28,6 +28,7 @@ class View:
     gen_start: tuple[int, int] | None = None  # (partition, offset) where the live generation began
     deleted_at: tuple[int, int] | None = None  # (partition, offset) of the delete that ended it
     restarted: bool = False  # a turn published after the delete restarted the seqs
+    held: tuple[int, str] | None = None  # (seq, reason): a quarantined turn the later ones wait behind
 
 
 class ViewLoader:
@@ -61,7 +62,7 @@ class ViewLoader:
                     # events are emitted in the batch that commits them
                     views[ref] = View(got.state, got.gen, got.seq, got.origin, fresh=not got.live,
                                       outbox=got.outbox, gap_rejects=got.gap_rejects, gen_start=got.gen_start,
-                                      deleted_at=got.deleted_at)
+                                      deleted_at=got.deleted_at, held=got.held)
         return views, problems
 
     async def reload(self, states: dict[str, ConversationState], refs: set[ConversationRef]) -> None:

@@ -11,6 +11,7 @@ and its embedding are durable (stream/processing/commit.py). One agent instance
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import tempfile
@@ -22,7 +23,9 @@ from faust.types import TP
 
 from stream.api import register_api
 from stream.kafka.consumer import set_fetch_max_wait
+from stream.kafka.group_offsets import committed_offsets
 from stream.processing.records import InboundRecord
+from stream.state.availability import StoreUnavailable
 from stream.state.errors import UnsafeRedisConfig
 
 if TYPE_CHECKING:  # the worker builds the app; importing it here at run time would be a cycle
@@ -85,6 +88,8 @@ def build_app(worker: "Worker") -> faust.App:
             try:
                 # the batch's whole commit protocol, acknowledgement last (processing/commit.py)
                 await worker.pipeline.process(records, acknowledge)
+            except UnsafeRedisConfig as exc:  # issue #17: a store of another model or precision was adopted
+                refuse(exc)
             except Exception:  # noqa: BLE001 - see below
                 # Never let faust restart the agent past an unprocessed batch: the next
                 # turns of those conversations would be applied over a hole. Die instead;
@@ -124,6 +129,17 @@ def build_app(worker: "Worker") -> faust.App:
                  "" if len(parts) == 1 else "s", s.turns_topic, parts, s.web_host, s.web_port)
         worker.ready = True
 
+    @app.timer(interval=s.store_check_interval_s)
+    async def store_check() -> None:  # issue #17: an emptied or rolled-back store, also while idle
+        if not worker.store.epoch.opened or worker.stopping:
+            return
+        try:
+            await worker.store.epoch.check()
+        except StoreUnavailable:
+            pass  # the pipeline's outage pause handles an unreachable store
+        except UnsafeRedisConfig as exc:
+            refuse(exc)
+
     @app.timer(interval=2.0)
     async def lag_refresh() -> None:  # issue #11: the gauge moves while no batch arrives too
         await update_lag(worker, app)
@@ -139,13 +155,19 @@ def build_app(worker: "Worker") -> faust.App:
             await worker.store.server.check_credentials()
             await worker.store.server.wait_until_available()
             redis_cfg = await worker.store.server.check_server(allow_eviction=s.redis_allow_eviction)
+            await worker.store.prepare()
+            # issue #17: the store's identity against what the group acknowledged; another
+            # model's or precision's store refuses the worker (stream/state/epoch.py)
+            committed = await group_committed(worker)
+            while True:
+                try:
+                    await worker.store.open_identity(committed, adopt_dtype=s.store_dtype_join == "adopt")
+                    break
+                except StoreUnavailable as exc:  # gone again since the checks: wait, then retry
+                    log.warning("store identity not read (%s); waiting for Redis", exc)
+                    await worker.store.server.wait_until_available()
         except UnsafeRedisConfig as exc:
-            # One clear line and a distinct exit code (78, EX_CONFIG): a restart loop
-            # cannot fix a server setting.
-            log.critical("refusing to start: %s", exc)
-            logging.shutdown()
-            os._exit(78)
-        await worker.store.prepare()
+            refuse(exc)
         worker.store_ready = True
         log.info("checkpoint store ok: maxmemory-policy %s, appendonly %s, durability %s",
                  redis_cfg["maxmemory_policy"], "on" if redis_cfg["aof_enabled"] == "1" else "off",
@@ -159,6 +181,29 @@ def build_app(worker: "Worker") -> faust.App:
 
     worker.api = register_api(app, worker)  # all HTTP, probes and /metrics included: stream/api/ (#9, #21)
     return app
+
+
+def refuse(exc: BaseException) -> None:
+    """One clear line and a distinct exit code (78, EX_CONFIG): a restart loop cannot fix a
+    server setting, nor a store written by another model or precision."""
+    log.critical("refusing to start: %s", exc)
+    logging.shutdown()
+    os._exit(78)
+
+
+async def group_committed(worker: "Worker") -> dict[tuple[str, int], int]:
+    """The group's committed offsets on the turns topic, waiting for the broker if need be."""
+    s = worker.settings
+    delay = 0.5
+    while True:
+        try:
+            return await committed_offsets(s.kafka_bootstrap, s.group_id, s.turns_topic,
+                                           client_kwargs=worker.kafka_security.client_kwargs())
+        except Exception as exc:  # noqa: BLE001 - the broker away at start: the probe says so; retry
+            log.warning("could not read the group's committed offsets (%s: %s); retrying in %.1f s",
+                        type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, s.broker_retry_backoff_max_s)
 
 
 async def update_lag(worker: "Worker", app: faust.App) -> None:

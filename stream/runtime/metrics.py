@@ -63,6 +63,12 @@ class Metrics:
         # broker connectivity (issue #12)
         self.broker_connected = Gauge("evostream_broker_connected", "1 while the broker (metadata + group coordinator) answers this worker's probe, 0 while unreachable", registry=r)
         self.broker_unreachable = Counter("evostream_broker_unreachable_total", "times the broker became unreachable", registry=r)
+        # a store that is lost, and late or corrected turns (issue #17)
+        self.store_lost = Gauge("evostream_store_lost", "1 while the memory-state store cannot be trusted (emptied, replaced, behind what was acknowledged): the worker holds its batch", registry=r)
+        self.store_lost_total = Counter("evostream_store_losses_total", "times this worker found its memory-state store lost", registry=r)
+        self.late_turns = Counter("evostream_turns_late_total", "turns dead-lettered late_turn: a seq the conversation had skipped (a gap), arriving after later ones were applied", registry=r)
+        self.conflicting_turns = Counter("evostream_turns_conflicting_total", "turns dead-lettered conflicting_duplicate: an applied seq re-sent with other messages", registry=r)
+        self.held_turns = Counter("evostream_turns_held_total", "turns dead-lettered behind an earlier quarantined turn of their conversation (replay them in order after the repair)", registry=r)
         self.emit_retries = Counter("evostream_emit_retries_total", "produce rounds retried because the broker did not take every record", registry=r)
 
     def render(self) -> bytes:

@@ -73,6 +73,9 @@ class Worker:
                                     connect=ConnectConventions.from_settings(settings),  # issue #19
                                     on_too_large=self.oversize)
         self.pipeline = TurnPipeline(engine, self.store, self.emitter, settings, self.executor, self.metrics)
+        # issue #17: nothing is processed before the store's identity is checked (app.py start-up)
+        self.store.epoch.required = True
+        self.store.epoch.listeners.append(self._on_store_verdict)
         self.ready = False
         self.store_ready = False  # Redis checked (reachable, safe config, scripts loaded) at start
         engine.set_prefix_cache_hook(self._on_prefix_cache_event)  # issue #10 cache -> Prometheus
@@ -105,6 +108,24 @@ class Worker:
         cache = self.engine.prefix_cache
         if cache is not None:
             self.metrics.prefix_cache_bytes.set(cache.bytes)
+
+    # -- the store (issue #17) ----------------------------------------------------------------
+    def _on_store_verdict(self, was: str | None, kind: str | None, problem: str | None) -> None:
+        self.metrics.store_lost.set(1 if kind == "lost" else 0)
+        if kind == "lost" and was != "lost":
+            self.metrics.store_lost_total.inc()
+
+    def store_status(self) -> tuple[str, str | None]:
+        """(state, why) of the memory-state store for readiness and /health: ok, starting,
+        lost, building, full, unavailable."""
+        watch = self.store.epoch
+        if watch.kind is not None:
+            return watch.kind, watch.problem
+        if not self.store_ready or not watch.opened:
+            return "starting", None
+        if self.pipeline.paused:
+            return self.pipeline.guard.reason or "unavailable", None
+        return "ok", None
 
     # -- broker connectivity and shutdown (issue #12) --------------------------------------------
     def drop_model_caches(self) -> None:

@@ -69,6 +69,19 @@ def is_unavailable(exc: BaseException) -> bool:
     return False
 
 
+def is_full(exc: BaseException) -> bool:
+    """True if `exc` (or what it wraps) is Redis refusing writes at maxmemory (`OOM`): the
+    server answers, so waiting for it to answer is no wait; the caller must back off."""
+    while exc is not None:
+        if isinstance(exc, rex.OutOfMemoryError) or (
+                isinstance(exc, rex.ResponseError) and str(exc.args[0] if exc.args else "").startswith("OOM")):
+            return True
+        if "OutOfMemoryError" in str(exc) or "used memory > 'maxmemory'" in str(exc):
+            return True
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False
+
+
 @contextlib.contextmanager
 def unavailable_as(what: str) -> Iterator[None]:
     """Re-raise retryable Redis failures inside the block as `StoreUnavailable(what)`."""

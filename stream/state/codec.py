@@ -83,6 +83,7 @@ class StateCodec:
         kind = kind.decode() if isinstance(kind, bytes) else str(kind)
         gen, seq = int(gen), int(seq)
         marker = MarkerInfo.from_hash(pairs(mark_flat))
+        held = (marker.held_seq, marker.held_reason or "checkpoint_corrupt") if marker and marker.held_seq is not None else None
         if kind == "corrupt":
             raise MemoryCorrupt(
                 f"conversation {ref}: state keys without their meta (meta evicted or deleted by hand)")
@@ -95,14 +96,14 @@ class StateCodec:
             return Decoded(LoadedMemory(
                 ref=ref, state=self.empty(seq), seq=seq, gen=gen, origin=origin, outbox={}, source=None,
                 n_deltas=0, gap_rejects=marker.gap_rejects if marker else 0,
-                deleted_at=marker.deleted_at if marker and kind == "deleted" else None), chain_reusable=False)
+                deleted_at=marker.deleted_at if marker and kind == "deleted" else None, held=held), chain_reusable=False)
         meta = MemoryMeta.from_hash(pairs(meta_flat))
         state, written_in = self._rebuild(ref, meta, base, deltas)
         return Decoded(LoadedMemory(
             ref=ref, state=state, seq=meta.seq, gen=meta.gen, origin=MemoryOrigin.CONTINUED,
             outbox={int(k): v for k, v in pairs(outbox_flat).items()},
             source=meta.source, n_deltas=len(deltas), updated_at_ms=meta.updated_at_ms,
-            gap_rejects=marker.gap_rejects if marker else 0, gen_start=meta.gen_start,
+            gap_rejects=marker.gap_rejects if marker else 0, gen_start=meta.gen_start, held=held,
         ), chain_reusable=written_in == (self.storage_dtype or self.dtype))
 
     def _rebuild(self, ref: ConversationRef, meta: MemoryMeta, base: bytes,
@@ -126,6 +127,11 @@ class StateCodec:
             raise MemoryCorrupt(
                 f"conversation {ref}: rebuilt seq {state.seq} != stored seq {meta.seq} (deltas missing?)")
         widening = self.dtype == torch.float32 and state.dtype in (torch.bfloat16, torch.float16)  # exact
+        if (state.hidden_size, state.capacity) == (self.hidden_size, self.capacity) and not (
+                state.dtype in (self.dtype, self.storage_dtype) or widening):
+            raise MemoryCorrupt(
+                f"conversation {ref}: stored in {state.dtype}, this worker computes in {self.dtype} and may not "
+                f"read it (that would round it; a worker joins such a store only with EVOSTREAM_STORE_DTYPE_JOIN=adopt)")
         if (state.hidden_size, state.capacity) != (self.hidden_size, self.capacity) or not (
                 state.dtype in (self.dtype, self.storage_dtype) or widening):
             raise MemoryCorrupt(

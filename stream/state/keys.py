@@ -13,7 +13,11 @@ share state:
     <ns>:{<tag>}:deltas  list   StateDelta.to_bytes(), one per turn since the base
     <ns>:{<tag>}:outbox  hash   seq -> encoded embedding event (until acked)
     <ns>:{<tag>}:mark    hash   gen, seq, status (live | deleted | reset | cold), tenant, cid,
-                                at_ms, gap_rejects, del_p/del_o; TTL = state TTL + marker_ttl_s
+                                at_ms, gap_rejects, del_p/del_o, held_seq/held_reason (a turn
+                                quarantined: later ones wait behind it); TTL = state TTL + marker_ttl_s
+    <ns>:{<tag>}:ledger  string the generation's applied turns, 16 bytes each: seq (int64 LE) and
+                                8 bytes of BLAKE2b over the messages the model read (tells a late
+                                turn and a corrected resend from a plain duplicate, issue #17)
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ class ConversationKeys(NamedTuple):
     deltas: str
     outbox: str
     mark: str
+
+    @property
+    def ledger(self) -> str:
+        """Sixth key, derived (not a field: callers that build or unpack the five keys of the
+        state keep working); the scripts that need it get it as KEYS[6]."""
+        return self.meta[: -len("meta")] + "ledger"
+
+    def with_ledger(self) -> list[str]:
+        return [*self, self.ledger]
 
 
 def conversation_keys(namespace: str, ref: RefLike) -> ConversationKeys:

@@ -20,6 +20,24 @@ from stream.state.ttl import TtlPolicy
 from workers.state import NO_SEQ
 
 
+LEDGER_RECORD = 16
+"""Bytes per applied turn in a conversation's ledger: seq (int64 LE) + 8-byte digest."""
+
+
+def ledger_records(ledger: dict[int, bytes]) -> bytes:
+    return b"".join(int(seq).to_bytes(8, "little", signed=True) + bytes(d)[:8].ljust(8, b"\0")
+                    for seq, d in sorted(ledger.items()))
+
+
+def parse_ledger(raw: bytes | None) -> dict[int, bytes]:
+    """A ledger string as {seq: digest}; a torn tail (never written by the scripts) is ignored."""
+    raw = raw or b""
+    out: dict[int, bytes] = {}
+    for i in range(0, len(raw) - LEDGER_RECORD + 1, LEDGER_RECORD):
+        out[int.from_bytes(raw[i:i + 8], "little", signed=True)] = bytes(raw[i + 8:i + LEDGER_RECORD])
+    return out
+
+
 class DeltaCounts:
     """Bounded memory of "conversation c at seq s has n deltas since its base".
 
@@ -104,4 +122,5 @@ class CommitPlanner:
         args = [str(a).encode() for a in head] + payload
         for seq, event in sorted(c.outbox.items()):
             args += [str(int(seq)).encode(), bytes(event)]
+        args += [ledger_records(c.ledger), str(c.deltas[0].seq).encode()]
         return CommitPlan(c.ref, keys, args, compact)

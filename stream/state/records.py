@@ -71,6 +71,8 @@ class MarkerInfo(BaseModel):
     at_ms: int = 0
     gap_rejects: int = 0
     deleted_at: tuple[int, int] | None = None  # (partition, offset) of the delete record
+    held_seq: int | None = None  # a quarantined turn: later ones wait behind it (issue #17)
+    held_reason: str | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> "MarkerInfo | None":
@@ -80,7 +82,9 @@ class MarkerInfo(BaseModel):
         try:
             return cls(gen=int(h.get("gen", 0)), seq=int(h.get("seq", NO_SEQ)), status=h.get("status", "live"),
                        at_ms=int(h.get("at_ms", 0)), gap_rejects=int(h.get("gap_rejects", 0)),
-                       deleted_at=(int(h["del_p"]), int(h["del_o"])) if h.get("del_p") else None)
+                       deleted_at=(int(h["del_p"]), int(h["del_o"])) if h.get("del_p") else None,
+                       held_seq=int(h["held_seq"]) if h.get("held_seq") else None,
+                       held_reason=h.get("held_reason") or None)
         except ValueError:
             return None
 
@@ -123,6 +127,7 @@ class TurnCommit:
     expected_gen: int = 1  # generation of the view the writer started from
     fresh: bool = False  # the view had no live state (new, or after a delete/expiry/reset)
     gen_start: tuple[int, int] | None = None  # fresh: (partition, offset) of the generation's first record
+    ledger: dict[int, bytes] = field(default_factory=dict)  # seq -> 8-byte digest of the messages read
 
     @property
     def conversation_id(self) -> str:
@@ -183,6 +188,7 @@ class LoadedMemory:
     gap_rejects: int = 0
     gen_start: tuple[int, int] | None = None  # live: where this generation began in the partition
     deleted_at: tuple[int, int] | None = None  # after a delete: where the delete record was
+    held: tuple[int, str] | None = None  # (seq, reason): a quarantined turn later ones wait behind
 
     @property
     def conversation_id(self) -> str:

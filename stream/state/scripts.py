@@ -45,24 +45,28 @@ class ScriptRunner:
         self.commit = redis.register_script(lua("commit"))
         self.load = redis.register_script(lua("load"))
         self.end = redis.register_script(lua("end"))
+        self.hold = redis.register_script(lua("hold"))
 
     async def run(self, script: AsyncScript, calls: list[tuple[Sequence[str], Sequence[bytes]]],
-                  what: str, *, durable: bool = False) -> list[Any]:
-        """EVALSHA `script` once per call in ONE pipeline round trip.
+                  what: str, *, durable: bool = False,
+                  also: list[tuple[AsyncScript, Sequence[str], Sequence[Any]]] = ()) -> list[Any]:
+        """EVALSHA `script` once per call in ONE pipeline round trip; `also`: calls of other
+        scripts riding in the same pipeline after them (their replies are appended).
 
         redis-py's own script-in-pipeline support adds a SCRIPT EXISTS round trip to every
         execute; instead we send EVALSHA blind and, only for the calls answered NOSCRIPT (the
         server restarted or its script cache was flushed; those calls did not run), load the
         script and resend them. `durable`: end the pipeline with the durability wait."""
-        out: list[Any] = [None] * len(calls)
-        pending = list(range(len(calls)))
+        items = [(script, keys, args) for keys, args in calls] + list(also)
+        out: list[Any] = [None] * len(items)
+        pending = list(range(len(items)))
         tail = self.durability.tail() if durable else []
         for _ in range(3):
             with unavailable_as(f"{what} on {self.where}"):
                 pipe = self.redis.pipeline(transaction=False)
                 for i in pending:
-                    keys, args = calls[i]
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    sc, keys, args = items[i]
+                    pipe.evalsha(sc.sha, len(keys), *keys, *args)
                 for cmd in tail:
                     pipe.execute_command(*cmd)
                 replies = await pipe.execute(raise_on_error=False)
@@ -84,7 +88,8 @@ class ScriptRunner:
             log.warning("%s: script not in the server's cache (restart or SCRIPT FLUSH); "
                         "loading it and resending %d call(s)", self.where, len(missing))
             with unavailable_as(f"SCRIPT LOAD on {self.where}"):
-                script.sha = await self.redis.script_load(script.script)
+                for sc in {id(items[i][0]): items[i][0] for i in missing}.values():
+                    sc.sha = await self.redis.script_load(sc.script)
             pending = missing
         raise MemoryStateError(f"{what}: script kept disappearing from {self.where}")
 
@@ -92,5 +97,5 @@ class ScriptRunner:
         """Load the scripts into the server's cache up front (so the first batch does not
         pay, and log, a NOSCRIPT round trip)."""
         with unavailable_as(f"SCRIPT LOAD on {self.where}"):
-            for script in (self.commit, self.load, self.end):
+            for script in (self.commit, self.load, self.end, self.hold):
                 script.sha = await self.redis.script_load(script.script)

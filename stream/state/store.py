@@ -62,10 +62,11 @@ from stream.state import scripts
 from stream.state.availability import unavailable_as
 from stream.state.codec import StateCodec
 from stream.state.durability import DurabilityPolicy
+from stream.state.epoch import EpochInfo, EpochWatch, Position, StoreEpoch, StoreMismatch, new_identity
 from stream.state.errors import FingerprintMismatch, MemoryCorrupt, StaleDelete
 from stream.state.inspect import inspect
 from stream.state.keys import ConversationKeys, check_namespace, conversation_keys
-from stream.state.planner import CommitPlanner
+from stream.state.planner import CommitPlanner, parse_ledger
 from stream.state.records import CommitResult, CommitStatus, LoadedMemory, MemoryProblem, TurnCommit
 from stream.state.redis_client import RedisOptions, describe_url, make_redis
 from stream.state.server import ServerChecks
@@ -132,6 +133,12 @@ class MemoryStore:
         durable = DurabilityPolicy(Durability(durability), durability_replicas, durability_timeout_ms, self.where)
         self.scripts = scripts.ScriptRunner(self.redis, durable, self.where)
         self.server = ServerChecks(self.redis, durable, self.where, backoff)
+        # issue #17: the store's identity and watermarks (stream/state/epoch.py); inactive
+        # until a worker (or a rebuild) opens it
+        self.epoch = EpochWatch(StoreEpoch(self.redis, self.namespace, self.where), fingerprint=fingerprint,
+                                created_by=self.writer_id)
+        self.epoch.compat = self._join_check
+        self.adopt_dtype = False
 
     @property
     def fingerprint(self) -> str:
@@ -165,7 +172,13 @@ class MemoryStore:
         unique = [as_ref(r) for r in given]
         if not unique:
             return {}
+        self.epoch.raise_if_lost()
         replies = await self.scripts.run(self.scripts.load, [(self.keys(r), ()) for r in unique], "load")
+        # What was read is only believed from a store that is still the one we wrote, and not
+        # behind what was acknowledged (issue #17): "no memory" may be an emptied store, an
+        # older memory a restored snapshot. Read after the loads, so a fault before them is
+        # seen; one after them makes the commit's compare-and-set fail, and the re-read sees it.
+        await self.epoch.verify()
         cold = [i for i, r in enumerate(replies) if r[0] in (b"cold", "cold")]
         if cold and self.cold is not None:  # issue #14: bring idle conversations back, exactly
             await self.cold.thaw(self, [unique[i] for i in cold])
@@ -202,7 +215,7 @@ class MemoryStore:
         return await inspect(self, ref)
 
     # --- writes ------------------------------------------------------------------------------
-    async def commit(self, commits: list[TurnCommit]) -> list[CommitResult]:
+    async def commit(self, commits: list[TurnCommit], through: dict[Position, int] | None = None) -> list[CommitResult]:
         """Write a batch: per conversation atomic CAS on (gen, seq), all in one round trip,
         followed by the configured durability wait.
 
@@ -210,15 +223,21 @@ class MemoryStore:
         expectation is left untouched (status STALE, `stored_seq` tells where it is): the
         caller must drop its in-memory state and reload. Raises StoreUnavailable (nothing
         lost: retry the same batch after `server.wait_until_available`; commits that did land
-        are reported ALREADY_APPLIED on the retry)."""
+        are reported ALREADY_APPLIED on the retry). `through`: the batch's input positions,
+        whose watermarks ride in the same round trip (stream/state/epoch.py); StoreLost if
+        the store's identity is gone or another."""
         if not commits:
             return []
+        self.epoch.raise_if_lost()
         refs = [c.ref for c in commits]
         if len(set(refs)) != len(refs):
             raise ValueError("one commit per conversation per batch (merge its turns' deltas)")
         plans = [self.planner.plan(c, self.keys(c.ref)) for c in commits]
-        replies = await self.scripts.run(self.scripts.commit, [(p.keys, p.args) for p in plans], "commit",
-                                         durable=True)
+        wm = self.epoch.advance_call(through or {})
+        replies = await self.scripts.run(self.scripts.commit, [(p.keys.with_ledger(), p.args) for p in plans], "commit",
+                                         durable=True, also=[(self.epoch.epoch.advance_script, *wm)] if wm else [])
+        if wm:
+            self.epoch.advanced(replies.pop())
         results = []
         for plan, reply in zip(plans, replies):
             code, stored_seq, n_deltas, compacted, gen = (int(x) for x in reply)
@@ -254,7 +273,7 @@ class MemoryStore:
                 (ref.tenant or "").encode(), ref.conversation_id.encode(),
                 str(at[0]).encode() if at else b"", str(at[1] if at else 0).encode()]
         existed, last_seq, _gen = (await self.scripts.run(
-            self.scripts.end, [(self.keys(ref), args)], status, durable=True))[0]
+            self.scripts.end, [(self.keys(ref).with_ledger(), args)], status, durable=True))[0]
         existed = int(existed)
         if existed >= 0 and self.cold is not None:  # issue #14: a cold copy must not outlive a delete/reset
             existed = int(await self.cold.discard(ref)) or existed
@@ -291,10 +310,71 @@ class MemoryStore:
             n, *_ = await pipe.execute()
         return int(n)
 
+    async def advance(self, through: dict[Position, int]) -> None:
+        """Move the watermarks to `through` (a batch that committed nothing after its last
+        write); with the durability wait, like a commit. StoreLost if the identity is gone."""
+        wm = self.epoch.advance_call(through)
+        if wm:
+            (reply,) = await self.scripts.run(self.epoch.epoch.advance_script, [wm], "watermark", durable=True)
+            self.epoch.advanced(reply)
+
+    # --- identity (issue #17) ------------------------------------------------------------------
+    def storage_dtype_name(self) -> str:
+        return str(self.codec.storage_dtype or self.codec.dtype).removeprefix("torch.")
+
+    async def open_identity(self, committed: dict[Position, int] | None, *, adopt_dtype: bool = False) -> EpochInfo | None:
+        """Worker start: join this namespace's store, or create its identity for a new
+        deployment (stream/state/epoch.py). StoreMismatch (exit 78) for a store of another
+        model, or of another state precision unless `adopt_dtype`."""
+        self.adopt_dtype = adopt_dtype
+        return await self.epoch.open(committed, create=lambda: new_identity(
+            fingerprint=self.fingerprint, dtype=self.storage_dtype_name(), created_by=self.writer_id))
+
+    def _join_check(self, info: EpochInfo) -> None:
+        """May this worker write to the store `info` describes? Adopts its state dtype when told."""
+        ns = self.namespace
+        if info.fingerprint and info.fingerprint != self.fingerprint:
+            raise StoreMismatch(
+                f"namespace {ns!r} holds memories of model fingerprint {info.fingerprint}, this worker runs "
+                f"{self.fingerprint}: continuing them with another model would be silently wrong. A model change is "
+                f"a blue-green rebuild: `evostream rebuild --into NEW` with the new model, then EVOSTREAM_REDIS_NAMESPACE=NEW")
+        if info.scope != "all":
+            raise StoreMismatch(f"namespace {ns!r} holds a partial rebuild ({info.scope}): workers cannot serve from it")
+        mine = self.storage_dtype_name()
+        if info.dtype and info.dtype != mine:
+            if not self.adopt_dtype:
+                raise StoreMismatch(
+                    f"namespace {ns!r} stores states in {info.dtype}, this worker in {mine}: set "
+                    f"EVOSTREAM_STORE_DTYPE_JOIN=adopt to read and write them in {info.dtype} (bfloat16 -> float32 is "
+                    f"exact; float32 -> bfloat16 rounds every loaded state), or rebuild into a new namespace")
+            stored = getattr(torch, info.dtype)
+            self.codec.storage_dtype = None if stored == self.codec.dtype else stored
+            log.warning("joining namespace %r in its state dtype %s (this worker computes in %s)", ns, info.dtype,
+                        str(self.codec.dtype).removeprefix("torch."))
+
+    async def ledger(self, ref: RefLike) -> dict[int, bytes]:
+        """The applied turns of the conversation's live generation, seq -> digest of the
+        messages the model read (stream/state/keys.py); {} when none are recorded."""
+        with unavailable_as(f"ledger on {self.where}"):
+            return parse_ledger(await self.redis.get(self.keys(ref).ledger))
+
+    async def hold(self, ref: RefLike, seq: int, reason: str) -> int:
+        """Record that turn `seq` was quarantined: every worker dead-letters the later turns
+        behind it until it is applied (a replay after the repair) or the conversation is
+        reset. Returns the seq held from now (the lowest)."""
+        ref = as_ref(ref)
+        args = [str(int(seq)).encode(), reason.encode(), (ref.tenant or "").encode(), ref.conversation_id.encode(),
+                str(self.ttl.marker_ms(tenant=ref.tenant)).encode()]
+        (held,) = await self.scripts.run(self.scripts.hold, [([self.keys(ref).mark], args)], "hold")
+        return int(held)
+
     # --- lifetime ----------------------------------------------------------------------------
     async def prepare(self) -> None:
         """Load the scripts into the server's cache up front (no NOSCRIPT round trip later)."""
         await self.scripts.load_all()
+        with unavailable_as(f"SCRIPT LOAD on {self.where}"):
+            for sc in (self.epoch.epoch.advance_script, self.epoch.epoch.create_script):
+                sc.sha = await self.redis.script_load(sc.script)
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -1,10 +1,12 @@
 -- Commit one conversation's turns: compare-and-set on (gen, seq), then the deltas (or a new
 -- base), the outbox events, the meta and the marker, atomically.
--- KEYS: meta, base, deltas, outbox, mark.
+-- KEYS: meta, base, deltas, outbox, mark, ledger.
 -- ARGV: expected_gen, expected_seq, new_seq, fp, writer, digest, mode ("d" append | "c" compact),
 --       ttl_ms (0 = persist), src_topic ("" = none), src_partition, src_offset,
 --       n_payload, n_outbox, mark_ttl_ms (0 = persist), tenant ("" = default), cid,
---       gen_start_partition ("" = unknown), gen_start_offset, payload..., outbox (seq, event)...
+--       gen_start_partition ("" = unknown), gen_start_offset, payload..., outbox (seq, event)...,
+--       ledger records (16 bytes per turn: seq, messages digest; "" = none), first delta seq
+--       ("" = not given).
 -- Reply: {status, stored_seq, n_deltas, compacted, gen}; status codes in stream/state/scripts.py.
 local meta, base, deltas, outbox, mark = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local exp_gen, expected, new_seq = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
@@ -34,8 +36,18 @@ elseif gen ~= exp_gen or stored ~= expected then
   return {0, stored, 0, 0, gen}
 end
 
+local tail = 19 + n_payload + 2 * n_outbox
+local first = ARGV[tail + 1]
+local held = redis.call('HGET', mark, 'held_seq')
+if kind == 'live' and held and first and first ~= '' and tonumber(first) > tonumber(held) then
+  -- a quarantined turn waits (stream/state/lua/hold.lua): never commit past it; the writer
+  -- re-reads, sees the hold and dead-letters its turns behind it
+  return {0, stored, redis.call('LLEN', deltas), 0, gen}
+end
+local ledger = KEYS[6]
 if kind ~= 'live' then
   redis.call('DEL', outbox)  -- a previous generation's undelivered events never leak into this one
+  if ledger then redis.call('DEL', ledger) end  -- nor its applied turns
 end
 local i = 19
 local compacted = 0
@@ -64,6 +76,11 @@ end
 for j = i, i + 2 * n_outbox - 1, 2 do
   redis.call('HSET', outbox, ARGV[j], ARGV[j + 1])
 end
+local records = ARGV[tail]
+if ledger and records and records ~= '' then
+  redis.call('APPEND', ledger, records)
+  if ttl_ms > 0 then redis.call('PEXPIRE', ledger, ttl_ms) else redis.call('PERSIST', ledger) end
+end
 
 local n = redis.call('LLEN', deltas)
 local t = redis.call('TIME')
@@ -84,5 +101,9 @@ for k = 1, 4 do
 end
 redis.call('HSET', mark, 'gen', gen, 'seq', new_seq, 'status', 'live', 'tenant', ARGV[15], 'cid', ARGV[16],
            'at_ms', now_ms, 'gap_rejects', 0)
+if held and (kind ~= 'live' or tonumber(new_seq) >= tonumber(held)) then
+  -- the quarantined turn is applied now (or a new generation began): nothing waits any more
+  redis.call('HDEL', mark, 'held_seq', 'held_reason')
+end
 if mark_ttl_ms > 0 then redis.call('PEXPIRE', mark, mark_ttl_ms) else redis.call('PERSIST', mark) end
 return {1, tonumber(new_seq), n, compacted, gen}

@@ -1,6 +1,6 @@
 -- End a conversation's memory (delete, or an operator's reset): drop its state keys and leave
 -- a marker (gen, last seq, status) that refuses every commit computed before it.
--- KEYS: meta, base, deltas, outbox, mark. ARGV: status, mark_ttl_ms (0 = persist), tenant, cid,
+-- KEYS: meta, base, deltas, outbox, mark (, ledger). ARGV: status, mark_ttl_ms (0 = persist), tenant, cid,
 -- partition ("" = unknown) and offset of the delete record.
 -- Reply: {existed (0|1, or -1: a replayed delete older than the live generation, ignored), last_seq, gen}
 local kind, gen, seq = view(KEYS[1], KEYS[2], KEYS[3], KEYS[5])
@@ -11,6 +11,7 @@ if kind == 'live' and ARGV[5] ~= '' then
   end
 end
 local existed = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+if KEYS[6] then redis.call('DEL', KEYS[6]) end
 local mark_gen = gen
 if kind ~= 'live' and kind ~= 'corrupt' then mark_gen = gen - 1 end
 if kind == 'corrupt' then
@@ -22,6 +23,7 @@ local t = redis.call('TIME')
 local now_ms = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
 redis.call('HSET', KEYS[5], 'gen', mark_gen, 'seq', seq, 'status', ARGV[1], 'tenant', ARGV[3],
            'cid', ARGV[4], 'at_ms', now_ms, 'gap_rejects', 0)
+redis.call('HDEL', KEYS[5], 'held_seq', 'held_reason')  -- the repair (or the delete) ends a quarantine
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[5], 'del_p', ARGV[5], 'del_o', ARGV[6])
 else
