@@ -268,3 +268,18 @@ def test_every_setting_is_explained_in_settings_help() -> None:
         assert var in setting_variables(), entry
         default, _, meaning = rest.partition(". ")
         assert meaning.strip(), f"{var} has no explanation in `evostream settings --help`"
+
+
+def test_devtools_commands_say_they_need_a_checkout_when_devtools_is_absent() -> None:
+    """`evostream demo`/`stack` from an installed wheel (no devtools/): one `error:` line with
+    the usage exit code, not a ModuleNotFoundError traceback (issue #21)."""
+    import pytest
+
+    from stream.cli.core import _devtool
+    from stream.cli.errors import CliError, ExitCode
+
+    with pytest.raises(CliError, match="source checkout") as err:
+        _devtool("devtools.not_shipped_in_the_wheel", "main", "stack")
+    assert err.value.code == ExitCode.USAGE
+    # present in a checkout: the real entry point comes back
+    assert callable(_devtool("devtools.localstack", "main", "stack"))

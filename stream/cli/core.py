@@ -238,14 +238,33 @@ def _worker_topics(s: Any) -> None:
         raise TopicsMissing(missing, s.kafka_bootstrap)
 
 
+def _devtool(module: str, name: str, command: str):
+    """`demo` and `stack` drive the local tooling in devtools/, which a source checkout has
+    and the wheel does not ship (issue #21: it is not part of the data path). Imported here,
+    on use, so that every other command works from an installed package; from a checkout run
+    outside its root, the checkout is found from this file's location."""
+    import importlib
+
+    root = Path(__file__).resolve().parents[2]
+    if (root / "devtools" / "__init__.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] == "devtools":
+            raise CliError(f"`evostream {command}` runs from a source checkout (devtools/ is not part of the "
+                           "installed package): git clone the repository and run it there (`make demo`)",
+                           ExitCode.USAGE) from None
+        raise
+
+
 @app.command()
 def demo(conversations: Optional[int] = typer.Option(None, "--conversations", min=1,
                                                      help="use only the first N sample conversations"),
          keep_running: bool = typer.Option(False, "--keep-running",
                                            help="leave the stack and the worker up afterwards")) -> None:
     """Local broker + Redis + tiny model + the sample conversations, end to end."""
-    from devtools.demo import run_demo
-
+    run_demo = _devtool("devtools.demo", "run_demo", "demo")
     rc = run_demo(conversations=conversations, keep_running=keep_running)
     if rc:
         raise typer.Exit(rc)
@@ -412,8 +431,7 @@ def stack(action: StackAction = typer.Argument(..., help="start, stop, status, o
           ) -> None:
     """Start/stop the local broker + Redis (the ones the demo and the tests use). A stack start
     is a clean slate: the broker keeps nothing across a stop, and neither does Redis."""
-    from devtools.localstack import main as stack_main
-
+    stack_main = _devtool("devtools.localstack", "main", "stack")
     rc = stack_main([action.value] + (["--run-dir", str(run_dir)] if run_dir else [])
                     + (["--export"] if export else []) + (["--postgres"] if postgres else []))
     if rc:
