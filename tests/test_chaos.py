@@ -1304,7 +1304,8 @@ def test_store_lost_mid_stream_is_held_then_rebuilt(kafka_bootstrap, topic_facto
                 for w in fleet.alive_workers():
                     with contextlib.suppress(OSError, ValueError):
                         code, body = w.get("/readyz", timeout=2)
-                        if code == 503 and body.get("store") == "lost":
+                        # a 503 is an error body; the readiness state is its `detail`
+                        if code == 503 and body.get("detail", {}).get("store") == "lost":
                             out.append(w.name)
                 return out
 

@@ -17,9 +17,13 @@ representation generation, incrementally:
   next turn, and that turn's own embedding, compute only their own tokens; a miss computes the
   queue too, as without the cache.
 
-Both caches change how much is computed, never the numbers (tests/test_prefix_cache.py,
-tests/test_query_cache.py); both are off unless configured (the worker turns them on from its
-settings, stream/cli/core.py), so an `EvoEngine` built in code is the plain path the parity tests pin.
+Both caches change how much is computed; the numbers agree within float rounding, not bit for
+bit (attention summed over a cached prefix plus the new tokens adds in another order than one
+pass over all of them: about 2e-6 on the tiny checkpoint; tests/test_prefix_cache.py,
+tests/test_query_cache.py bound it). Both are off unless configured (the worker turns them on
+from its settings, stream/cli/core.py), so an `EvoEngine` built in code is the plain path the
+parity tests pin, and `evostream rebuild` (exact mode) turns them off to equal an offline
+replay bit for bit.
 """
 
 from __future__ import annotations

@@ -75,6 +75,10 @@ def rebuild_cmd(
         from datetime import timezone
 
         from_time = from_time.replace(tzinfo=timezone.utc)
+    if not batched:
+        # exact means bit for bit the offline replay: the caches agree with it only within float
+        # rounding (workers/engine.py), and a one-turn-at-a-time pass gains little from them
+        s = s.model_copy(update={"prefix_cache_max_bytes": 0, "query_cache_max_bytes": 0})
     engine = load_engine_with_progress(s)
     try:
         rep = _kafka_call(s, lambda: asyncio.run(run_rebuild(
