@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chaos_report_text import FINDINGS, LIMITS, ORDER, TITLES, WHAT  # noqa: E402
 
-SLOW_SCENARIOS = ("broker_pause", "broker_partition")  # marked slow in tests/test_chaos.py
+SLOW_SCENARIOS = ("broker_pause", "broker_partition", "store_old_snapshot")  # marked slow in tests/test_chaos.py
 
 
 def load(path: Path) -> list[dict]:
@@ -144,8 +144,17 @@ def ledger(r: dict) -> dict:
         out.setdefault(field, _num(r.get(field, 0)))
     out["kills_by_point"] = _words(r.get("kills_by_point") or {})
     out["outage_kinds"] = _words(r.get("outage_kinds") or [])
-    out["details"] = {k: (_num(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else _words(v))
-                      for k, v in x.items() if k != "fleet_events"}
+    details: dict = {}
+    for k, v in x.items():
+        if k == "fleet_events":
+            continue
+        # a sub-ledger (e.g. the sink's) keeps its numbers as numbers, one field each
+        parts = v.items() if isinstance(v, dict) and v and all(isinstance(y, (int, float)) for y in v.values()) \
+            else [(None, v)]
+        for kk, vv in parts:
+            key = k if kk is None else f"{k}_{kk}"
+            details[key] = _num(vv) if isinstance(vv, (int, float)) and not isinstance(vv, bool) else _words(vv)
+    out["details"] = details
     out["fleet_events"] = list(x.get("fleet_events") or [])
     return out
 
@@ -214,6 +223,11 @@ def scenario_rows(f: Marks, name: str, r: dict) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if name == "kill9":
         rows += [("  by crash window", f(f"{p}.kills_by_point"))]
+        rows += det("sink_rows", "pgvector sink: rows in the table at the end (`evostream sink`, SIGKILLed and restarted)")
+        rows += det("sink_kills", "pgvector sink: SIGKILLs")
+        rows += det("sink_missing", "pgvector sink: rows missing vs an independent read of the topic")
+        rows += det("sink_extra", "pgvector sink: rows extra (duplicates, resurrected deletes)")
+        rows += det("sink_vector_differs", "pgvector sink: rows whose vector differs from the topic's")
         rows += det("restarts", "restarts") + det("streamed_during_kills", "turns published while the kills went on")
         rows += det("kills_not_done", "planned kills not done (stream ended first)")
     if name == "rebalance_zombie":
@@ -239,6 +253,16 @@ def scenario_rows(f: Marks, name: str, r: dict) -> list[tuple[str, str]]:
     if name == "hostile_input":
         rows += det("valid_generated_turns", "valid generated turns processed")
         rows += det("valid_generated_deletes", "valid generated deletes processed")
+    if name.startswith("store_"):
+        rows += det("held_workers", "workers that held and reported the store lost (`/readyz` 503)")
+        rows += det("embedded_before_switch", "turns embedded before the fault and the switch")
+        rows += det("embedded_on_reset_memory", "turns embedded on a reset or rewound memory")
+        rows += det("rebuild_turns", "turns applied by `evostream rebuild --into NEW`")
+        rows += det("rebuild_turns_per_s", "rebuild rate (turns/s, this machine, while the workers held)")
+        rows += det("rebuild_progress_lines", "rebuild progress lines with an ETA")
+        rows += det("rebuilt_states", "rebuilt conversation states")
+        rows += det("rebuilt_states_bit_for_bit", "... equal to the offline replay bit for bit")
+        rows += det("catch_up_turns", "turns applied by the catch-up rebuild after the old workers stopped")
     if name == "memory_ttl":
         rows += det("cache_budget_bytes", "state cache budget (bytes)")
         rows += det("peak_cache_bytes", "peak `evostream_state_cache_bytes` (system gauge, bytes)", ".0f")

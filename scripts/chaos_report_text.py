@@ -5,7 +5,7 @@ figure of a run lives here: every number of a run comes from its ledger."""
 from __future__ import annotations
 
 ORDER = ["kill9", "rebalance_zombie", "redis_outage", "hostile_input", "memory_ttl", "broker_pause",
-         "broker_partition", "production_faults"]
+         "broker_partition", "production_faults", "store_flushall", "store_old_snapshot"]
 
 TITLES = {
     "kill9": "1. Kill -9 at random moments and in every crash window",
@@ -16,9 +16,27 @@ TITLES = {
     "broker_pause": "6. Broker frozen past the session timeout",
     "broker_partition": "7. One worker partitioned from the broker",
     "production_faults": "8. Evicted keys, deletes racing a zombie, two tenants with one id",
+    "store_flushall": "9. Redis emptied mid-stream, memories rebuilt from the turns topic",
+    "store_old_snapshot": "10. Redis restarted from an old snapshot, memories rebuilt from the turns topic",
 }
 
+_STORE = (
+    "Two workers stream conversations into a Redis of the scenario's own (so that the fault "
+    "touches nothing else of the suite). Half-way through, the store {fault}. The workers must "
+    "notice (the store's identity key and their own watermarks, `stream/state/epoch.py`), hold "
+    "their batch unacknowledged and say why (`/readyz` 503, `\"store\": \"lost\"`); traffic keeps "
+    "coming and no turn may be embedded on a memory the store forgot (`embedded_on_reset_memory` "
+    "counts any that were, or that differ from the offline replay). The operator then runs the "
+    "real command, `evostream rebuild --into NEW`, while the workers hold: every rebuilt state must "
+    "equal an offline replay of the retained turns bit for bit (`torch.equal`, no tolerance). Then "
+    "the switch: the old workers stop, the rebuild runs again to catch up, and new workers start "
+    "on NEW and finish the stream; every turn must end embedded exactly as offline.")
+
 WHAT = {
+    "store_flushall": _STORE.format(fault="is emptied with `FLUSHALL` (a lost volume, an empty replica promoted)"),
+    "store_old_snapshot": _STORE.format(
+        fault="is restarted from an RDB snapshot taken earlier in the run (a restore from backup): "
+              "its memories are behind the turns the workers applied"),
     "production_faults": (
         "Two tenants stream conversations with the SAME ids and different content through two "
         "workers. Mid-stream one checkpoint key (base, deltas or meta, in turn) of some "
@@ -37,7 +55,10 @@ WHAT = {
         "(`devtools/faults.py`, `EVOSTREAM_FAULT_POINT`) right after the model step, between the "
         "Redis checkpoint and the emit, between the emit and the outbox ack, and between the ack "
         "and the offset commit. Each killed worker is restarted. Checkpoints compact every 3 turns "
-        "so that replays also cross full-state compactions."),
+        "so that replays also cross full-state compactions. Meanwhile `evostream sink` indexes the "
+        "embeddings topic into the bundled PostgreSQL (pgvector); it is SIGKILLed once mid-stream "
+        "and restarted, and at the end its table must equal an independent read of the topic: no "
+        "row missing, none extra, every vector equal."),
     "rebalance_zombie": (
         "Workers join and leave mid-stream (1 -> 3 -> 2 per round, the oldest member leaving "
         "gracefully). In every round the newest worker is armed to freeze itself with SIGSTOP "
