@@ -61,13 +61,10 @@ async def _measure(url: str, durability: Durability, batches: int) -> list[float
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    """The host's CPU model, as every results file names it (workers/precision.py)."""
+    from workers.precision import cpu_facts
+
+    return cpu_facts().model
 
 
 def main() -> None:

@@ -66,13 +66,10 @@ class RebuildBench(BaseModel):
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+    """The host's CPU model, as every results file names it (workers/precision.py)."""
+    from workers.precision import cpu_facts
+
+    return cpu_facts().model
 
 
 def live(stack: LocalStack, penv: PipelineEnv, total: int, log_dir: Path) -> Side:

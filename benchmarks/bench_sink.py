@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import platform
 import tempfile
 import time
 from datetime import datetime, timedelta, timezone
@@ -88,11 +86,10 @@ class SinkBench(BaseModel):
 
 
 def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
-    return f"{platform.processor() or 'unknown CPU'}, {os.cpu_count()} CPUs"
+    """The host's CPU model, as every results file names it (workers/precision.py)."""
+    from workers.precision import cpu_facts
+
+    return f"{cpu_facts().model}, {os.cpu_count()} CPUs"
 
 
 def pct(xs: list[float], q: float) -> float:

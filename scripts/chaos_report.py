@@ -212,6 +212,26 @@ def _q(name: str) -> str:
     return f'"{name}"' if "." in name else name
 
 
+DETAIL_ROWS: dict[str, list[tuple[str, str]]] = {  # scenario (or prefix_) -> (details key, label)
+    "kill9": [
+        ("sink_rows", "pgvector sink: rows in the table at the end (`evostream sink`, SIGKILLed and restarted)"),
+        ("sink_kills", "pgvector sink: SIGKILLs"),
+        ("sink_missing", "pgvector sink: rows missing vs an independent read of the topic"),
+        ("sink_extra", "pgvector sink: rows extra (duplicates, resurrected deletes)"),
+        ("sink_vector_differs", "pgvector sink: rows whose vector differs from the topic's")],
+    "store_": [
+        ("held_workers", "workers that held and reported the store lost (`/readyz` 503)"),
+        ("embedded_before_switch", "turns embedded before the fault and the switch"),
+        ("embedded_on_reset_memory", "turns embedded on a reset or rewound memory"),
+        ("rebuild_turns", "turns applied by `evostream rebuild --into NEW`"),
+        ("rebuild_turns_per_s", "rebuild rate (turns/s, this machine, while the workers held)"),
+        ("rebuild_progress_lines", "rebuild progress lines with an ETA"),
+        ("rebuilt_states", "rebuilt conversation states"),
+        ("rebuilt_states_bit_for_bit", "... equal to the offline replay bit for bit"),
+        ("catch_up_turns", "turns applied by the catch-up rebuild after the old workers stopped")],
+}
+
+
 def scenario_rows(f: Marks, name: str, r: dict) -> list[tuple[str, str]]:
     """Scenario-specific rows (on top of the ledger): numbers from the scenario's details."""
     p = f"scenarios.{name}"
@@ -223,11 +243,6 @@ def scenario_rows(f: Marks, name: str, r: dict) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if name == "kill9":
         rows += [("  by crash window", f(f"{p}.kills_by_point"))]
-        rows += det("sink_rows", "pgvector sink: rows in the table at the end (`evostream sink`, SIGKILLed and restarted)")
-        rows += det("sink_kills", "pgvector sink: SIGKILLs")
-        rows += det("sink_missing", "pgvector sink: rows missing vs an independent read of the topic")
-        rows += det("sink_extra", "pgvector sink: rows extra (duplicates, resurrected deletes)")
-        rows += det("sink_vector_differs", "pgvector sink: rows whose vector differs from the topic's")
         rows += det("restarts", "restarts") + det("streamed_during_kills", "turns published while the kills went on")
         rows += det("kills_not_done", "planned kills not done (stream ended first)")
     if name == "rebalance_zombie":
@@ -253,16 +268,9 @@ def scenario_rows(f: Marks, name: str, r: dict) -> list[tuple[str, str]]:
     if name == "hostile_input":
         rows += det("valid_generated_turns", "valid generated turns processed")
         rows += det("valid_generated_deletes", "valid generated deletes processed")
-    if name.startswith("store_"):
-        rows += det("held_workers", "workers that held and reported the store lost (`/readyz` 503)")
-        rows += det("embedded_before_switch", "turns embedded before the fault and the switch")
-        rows += det("embedded_on_reset_memory", "turns embedded on a reset or rewound memory")
-        rows += det("rebuild_turns", "turns applied by `evostream rebuild --into NEW`")
-        rows += det("rebuild_turns_per_s", "rebuild rate (turns/s, this machine, while the workers held)")
-        rows += det("rebuild_progress_lines", "rebuild progress lines with an ETA")
-        rows += det("rebuilt_states", "rebuilt conversation states")
-        rows += det("rebuilt_states_bit_for_bit", "... equal to the offline replay bit for bit")
-        rows += det("catch_up_turns", "turns applied by the catch-up rebuild after the old workers stopped")
+    for prefix, pairs in DETAIL_ROWS.items():
+        if name == prefix or (prefix.endswith("_") and name.startswith(prefix)):
+            rows += [row for key, label in pairs for row in det(key, label)]
     if name == "memory_ttl":
         rows += det("cache_budget_bytes", "state cache budget (bytes)")
         rows += det("peak_cache_bytes", "peak `evostream_state_cache_bytes` (system gauge, bytes)", ".0f")

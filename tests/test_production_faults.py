@@ -23,18 +23,11 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from schemas.events import (
-    ConversationDeleted,
-    DeadLetterEvent,
-    DeadLetterReason,
-    EmbeddingEvent,
-    MemoryOrigin,
-)
+from schemas.events import DeadLetterReason, EmbeddingEvent, MemoryOrigin
 from schemas.turns import ChatMessage, TurnInput
 from schemas.vectors import decode_vector
 from stream.state.errors import UnsafeRedisConfig
 from stream.state.store import MemoryStore
-from stream.kafka.emitter import OutMessage
 from stream.identity import ConversationRef
 from stream.runtime.metrics import Metrics
 from stream.processing.pipeline import TurnPipeline
@@ -45,31 +38,7 @@ from tests.support.oracle import TOL, compute_expected, offline_engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TURNS, EMB, DLT = "turns", "embeddings", "dead-letters"
-
-
-class RecordingEmitter:
-    """Stands in for the broker: keeps what the pipeline emits, in order."""
-
-    def __init__(self) -> None:
-        self.sent: list[OutMessage] = []
-
-    async def send_all(self, messages: list[OutMessage]) -> None:
-        self.sent.extend(messages)
-
-    def embeddings(self) -> list[EmbeddingEvent]:
-        return [EmbeddingEvent.model_validate_json(m.value) for m in self.sent
-                if m.topic == EMB and b'"type":"embedding"' in m.value]
-
-    def tombstones(self) -> list[ConversationDeleted]:
-        return [ConversationDeleted.model_validate_json(m.value) for m in self.sent
-                if m.topic == EMB and b'"conversation_deleted"' in m.value]
-
-    def dead_letters(self) -> list[DeadLetterEvent]:
-        return [DeadLetterEvent.model_validate_json(m.value) for m in self.sent if m.topic == DLT]
-
-    def clear(self) -> None:
-        self.sent.clear()
+from tests.support.pipeline_harness import DLT, EMB, TURNS, RecordingEmitter  # noqa: E402
 
 
 def text(cid: str, seq: int) -> tuple[str, str]:

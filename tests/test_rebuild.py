@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -58,6 +57,19 @@ class Stop(Exception):
     pass
 
 
+
+async def _acknowledge(bootstrap: str, group: str, topic: str, offset: int) -> None:
+    """Commit `offset` of partition 0 for `group`, as the workers' consumer group would."""
+    from aiokafka.structs import OffsetAndMetadata
+
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await c.start()
+    try:
+        c.assign([TopicPartition(topic, 0)])
+        await c.commit({TopicPartition(topic, 0): OffsetAndMetadata(offset, "")})
+    finally:
+        await c.stop()
+
 def test_rebuild_is_bit_for_bit_an_offline_replay_and_resumes_after_an_interruption(
         kafka_bootstrap: str, redis_url: str, topic_factory) -> None:
     topic = topic_factory(3)
@@ -78,7 +90,12 @@ def test_rebuild_is_bit_for_bit_an_offline_replay_and_resumes_after_an_interrupt
         with pytest.raises(Stop):
             await first.run()
         await first.close()
-        done_before = first.store.epoch.known  # noqa: F841 - (the identity stays "building")
+        # interrupted: the namespace says "building", so no worker serves from it meanwhile
+        r0 = redis.Redis.from_url(redis_url)
+        try:
+            assert r0.hget(f"{ns}:epoch", "status") == b"building"
+        finally:
+            r0.close()
         second = Rebuild(s, engine, into=ns, through="end", batch_records=7, progress=lines.append, progress_every_s=0)
         try:
             rep = await second.run()
@@ -149,17 +166,6 @@ def test_rebuild_stops_at_what_the_group_acknowledged_and_from_a_time(kafka_boot
     produced = produce(kafka_bootstrap, topic, [_turn("c", i, f"turn {i}") for i in range(6)])
     s = settings_for(kafka_bootstrap, redis_url, topic)
 
-    async def commit(offset: int) -> None:
-        c = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=s.group_id, enable_auto_commit=False)
-        await c.start()
-        try:
-            from aiokafka.structs import OffsetAndMetadata
-
-            c.assign([TopicPartition(topic, 0)])
-            await c.commit({TopicPartition(topic, 0): OffsetAndMetadata(offset, "")})
-        finally:
-            await c.stop()
-
     async def go(**kw) -> tuple:
         ns = f"rc{uuid.uuid4().hex[:8]}"
         rb = Rebuild(s, offline_engine(), into=ns, **kw)
@@ -170,7 +176,7 @@ def test_rebuild_stops_at_what_the_group_acknowledged_and_from_a_time(kafka_boot
             await rb.close()
         return rep, got
 
-    asyncio.run(commit(produced[4].offset))  # the group acknowledged turns 0..3
+    asyncio.run(_acknowledge(kafka_bootstrap, s.group_id, topic, produced[4].offset))  # turns 0..3 acknowledged
     rep, got = asyncio.run(go())
     assert got is not None and got.seq == 3 and rep.through == {"0": produced[3].offset}, rep
     # from a time: only what was published from then on (here: everything, published just now)
@@ -200,18 +206,8 @@ def test_operator_commands(kafka_bootstrap: str, redis_url: str, topic_factory, 
     rc, out = cli("store", "status")
     assert rc == 0 and json.loads(out)["verdict"] == "new", out
 
-    async def acknowledge(offset: int) -> None:  # the group acknowledged; the store has no identity
-        from aiokafka.structs import OffsetAndMetadata
-
-        c = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
-        await c.start()
-        try:
-            c.assign([TopicPartition(topic, 0)])
-            await c.commit({TopicPartition(topic, 0): OffsetAndMetadata(offset, "")})
-        finally:
-            await c.stop()
-
-    asyncio.run(acknowledge(produced[2].offset))
+    # the group acknowledged; the store has no identity
+    asyncio.run(_acknowledge(kafka_bootstrap, group, topic, produced[2].offset))
     rc, out = cli("store", "status")
     assert rc == 1 and json.loads(out)["verdict"] == "lost" and "emptied" in json.loads(out)["problem"], out
     assert cli("store", "accept-loss")[0] == 2  # not without --yes

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.events import DeadLetterEvent, EmbeddingEvent
+from schemas.events import ConversationDeleted, DeadLetterEvent, EmbeddingEvent
 from schemas.turns import ChatMessage, TurnInput
 from stream.kafka.emitter import OutMessage
 from stream.processing.pipeline import TurnPipeline
@@ -43,6 +43,10 @@ class RecordingEmitter:
     def embeddings(self) -> list[EmbeddingEvent]:
         return [EmbeddingEvent.model_validate_json(m.value) for m in self.sent
                 if m.topic == EMB and b'"type":"embedding"' in m.value]
+
+    def tombstones(self) -> list[ConversationDeleted]:
+        return [ConversationDeleted.model_validate_json(m.value) for m in self.sent
+                if m.topic == EMB and b'"conversation_deleted"' in m.value]
 
     def dead_letters(self) -> list[DeadLetterEvent]:
         return [DeadLetterEvent.model_validate_json(m.value) for m in self.sent if m.topic == DLT]
