@@ -11,11 +11,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -73,10 +75,20 @@ def test_ctrl_c_during_produce_says_what_was_sent(kafka_bootstrap: str, topic_fa
     src = _conversation_file(tmp_path / "convs.jsonl", 40, 10)  # 400 records, interleaved: ~10 s at 40/s
     proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "produce", str(src), "--topic", topic,
                              "--rate", "40"], cwd=REPO, env=_env(EVOSTREAM_KAFKA_BOOTSTRAP=kafka_bootstrap),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    time.sleep(5)  # produce starts (~1-3 s), then sends ~40 records a second
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    # Ctrl-C once records are moving (the start takes 1-3 s idle, far longer on a loaded CI
+    # machine: a fixed sleep sometimes fired after the last record)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")),
+                              daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while not re.search(rb"\b[1-9]\d*/400\b", b"".join(chunks)) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    err = b"".join(chunks).decode(errors="replace")
     assert proc.returncode == int(ExitCode.INTERRUPTED), (proc.returncode, err)
     assert "Traceback" not in err, err
     m = re.search(r"interrupted: (\d+) of 400 records delivered to (\S+);", err)
@@ -180,3 +192,35 @@ def test_stack_start_with_postgres_after_a_stack_without_it(tmp_path: Path) -> N
     stack = LocalStack(tmp_path, with_postgres=True)
     assert stack.postgres is not None
     assert LocalStack(tmp_path).postgres is None  # not asked for, not saved: none
+
+
+def test_ctrl_c_while_the_producer_starts_is_not_swallowed(tmp_path: Path, monkeypatch) -> None:
+    """A cancel that lands in the Kafka client's start (its connection retries catch it, so
+    nothing raises) still ends the produce as interrupted, with nothing sent. Our logic alone:
+    the client's start is stood in for by one that swallows the cancel, as aiokafka's can."""
+    import asyncio
+
+    from stream.clients import produce_stream as ps
+
+    class Stopped:
+        async def stop(self) -> None:
+            pass
+
+    async def swallowing_start(*a, **kw):
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            pass  # the swallow
+        return Stopped()
+
+    monkeypatch.setattr(ps, "start_producer", swallowing_start)
+    src = _conversation_file(tmp_path / "c.jsonl", 2, 2)
+
+    async def main():
+        task = asyncio.create_task(ps.produce_stream(src, bootstrap="unused:1", topic="t", progress=False))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        return await task
+
+    r = asyncio.run(main())
+    assert r.interrupted and r.sent == 0 and r.delivered == 0, r

@@ -145,8 +145,13 @@ async def produce_stream(path: Path, *, bootstrap: str, topic: str, rate: float 
             delivered += 1
             bar.delivered(delivered)
 
-    interrupted = False
+    # A Ctrl-C while the producer was starting can be swallowed by the client's connection
+    # retries (the task is marked cancelling but nothing raised): it still means stop.
+    task = asyncio.current_task()
+    interrupted = bool(task is not None and task.cancelling())
     try:
+        if interrupted:
+            return ProduceResult(sent=0, delivered=0, total=total, interrupted=True)
         with open(path, "rb") as fh:
             in_flight: deque[asyncio.Future] = deque()
             t0 = time.monotonic()
