@@ -139,3 +139,36 @@ def test_freezers_split_by_shard_and_a_quarantined_shard_keeps_its_conversations
             cold.close()
 
     asyncio.run(go())
+
+
+def test_a_conversation_idle_exactly_idle_s_is_frozen(redis_url: str, tmp_path: Path, monkeypatch) -> None:
+    """`freeze --idle-s N` freezes what has been idle for at least N seconds. With N = 0 the
+    conversation committed a moment ago qualifies even when the freeze starts within the same
+    millisecond as that commit (Redis stamps `updated_at_ms` by its own TIME): the strict
+    comparison left it in Redis, one in 24 now and then under a full test run."""
+    import redis as redis_sync
+
+    from stream.state import cold_tier
+
+    async def go() -> None:
+        cold = ColdTier(tmp_path / "cold", shards=2)
+        ns = f"ce{os.getpid()}{id(cold) % 10000}"
+        store = MemoryStore(redis_url, fingerprint="t", hidden_size=8, capacity=32, dtype=torch.float32,
+                            namespace=ns, cold=cold)
+        ref = ConversationRef("acme", "same-ms")
+        try:
+            await _seed(store, [ref], turns=1)
+            r = redis_sync.Redis.from_url(redis_url)
+            try:
+                stamp = int(r.hget(store.keys(ref).meta, "updated_at_ms"))
+            finally:
+                r.close()
+            # the freeze's clock reads exactly the commit's millisecond
+            monkeypatch.setattr(cold_tier.time, "time", lambda: (stamp + 0.5) / 1000)
+            rep = await cold.freeze_idle(store, 0)
+            assert rep.frozen == 1 and cold.count() == 1, rep
+        finally:
+            monkeypatch.undo()
+            await store.close()
+
+    asyncio.run(go())

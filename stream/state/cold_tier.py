@@ -286,7 +286,9 @@ class ColdTier:
         for _, k in items:
             pipe.hget(k.meta, "updated_at_ms")
         stamps = await pipe.execute()
-        idle = [it for it, ts in zip(items, stamps) if ts is not None and int(ts) < cutoff_ms]
+        # idle for at least idle_s: a stamp equal to the cutoff counts (idle_s=0 means everything,
+        # including what committed within the freeze's own millisecond)
+        idle = [it for it, ts in zip(items, stamps) if ts is not None and int(ts) <= cutoff_ms]
         if room is not None:
             idle = idle[:room]
         return await self._freeze_keys(store, idle)
