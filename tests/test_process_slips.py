@@ -224,3 +224,40 @@ def test_ctrl_c_while_the_producer_starts_is_not_swallowed(tmp_path: Path, monke
 
     r = asyncio.run(main())
     assert r.interrupted and r.sent == 0 and r.delivered == 0, r
+
+
+def test_ctrl_c_swallowed_by_a_send_still_stops_the_produce(tmp_path: Path, monkeypatch) -> None:
+    """The same swallow inside `send` (the client waiting for metadata or buffer room):
+    found when the Ctrl-C test, now interrupting mid-stream, still saw the produce run to its
+    end and exit 0 under a full test run. The produce stops at the next record and says so."""
+    import asyncio
+
+    from stream.clients import produce_stream as ps
+
+    class SwallowingProducer:
+        async def send(self, topic, value, key=None):
+            try:
+                await asyncio.sleep(0.005)
+            except asyncio.CancelledError:
+                pass  # the swallow
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+
+        async def stop(self) -> None:
+            pass
+
+    async def start(*a, **kw):
+        return SwallowingProducer()
+
+    monkeypatch.setattr(ps, "start_producer", start)
+    src = _conversation_file(tmp_path / "c.jsonl", 40, 10)  # 400 records, ~2 s unthrottled here
+
+    async def main():
+        task = asyncio.create_task(ps.produce_stream(src, bootstrap="unused:1", topic="t", progress=False))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        return await task
+
+    r = asyncio.run(main())
+    assert r.interrupted and 0 < r.sent < 400 and r.delivered == r.sent, r

@@ -145,10 +145,15 @@ async def produce_stream(path: Path, *, bootstrap: str, topic: str, rate: float 
             delivered += 1
             bar.delivered(delivered)
 
-    # A Ctrl-C while the producer was starting can be swallowed by the client's connection
-    # retries (the task is marked cancelling but nothing raised): it still means stop.
+    # A Ctrl-C can land inside the Kafka client (its start's connection retries, a send waiting
+    # for metadata or buffer room), which catches the cancel: nothing raises, but the task stays
+    # marked as cancelling. That still means stop, so it is checked after every await.
     task = asyncio.current_task()
-    interrupted = bool(task is not None and task.cancelling())
+
+    def cancel_requested() -> bool:
+        return bool(task is not None and task.cancelling())
+
+    interrupted = cancel_requested()
     try:
         if interrupted:
             return ProduceResult(sent=0, delivered=0, total=total, interrupted=True)
@@ -167,13 +172,18 @@ async def produce_stream(path: Path, *, bootstrap: str, topic: str, rate: float 
                         delay = t0 + sent / rate - time.monotonic()
                         if delay > 0:
                             await asyncio.sleep(delay)
+                    if cancel_requested():
+                        interrupted = True
+                        break
                 while in_flight:
                     await in_flight.popleft()
+                interrupted = interrupted or cancel_requested()
             except asyncio.CancelledError:
                 interrupted = True  # Ctrl-C: the flush below decides what was delivered
     finally:
         try:
             await prod.stop()  # sends and waits for what is in flight
+            await asyncio.sleep(0)  # the delivery callbacks of the last futures run: `delivered` is final
         finally:
             bar.close()
     return ProduceResult(sent=sent, delivered=delivered, total=total, interrupted=interrupted)
