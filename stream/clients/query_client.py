@@ -156,11 +156,17 @@ def query_worker(url: str, conversation_id: str, text: str, k: int = 5, timeout:
     empty-memory vector (`applied_seq` -1) instead of an error. (`k` is kept for callers of
     the older API; the worker does not search.)"""
     endpoint = query_url(url)
-    req = urllib.request.Request(endpoint, data=_request_body(conversation_id, text, tenant, unknown_conversation),
-                                 method="POST", headers=_headers(api_key))
+    status, raw = _post(endpoint, _request_body(conversation_id, text, tenant, unknown_conversation), api_key, timeout)
+    return _parse_response(endpoint, status, raw, conversation_id)
+
+
+def _post(endpoint: str, body: bytes, api_key: str | None, timeout: float) -> tuple[int, bytes]:
+    """POST `body`; (status, raw body) of a 2xx. An HTTP error answer becomes the worker's own
+    message (`_http_error`), no answer at all `_unreachable`."""
+    req = urllib.request.Request(endpoint, data=body, method="POST", headers=_headers(api_key))
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
+            return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         try:
             raw = exc.read()
@@ -171,7 +177,6 @@ def query_worker(url: str, conversation_id: str, text: str, k: int = 5, timeout:
         raise _unreachable(endpoint, exc.reason) from None
     except (OSError, TimeoutError) as exc:  # timeouts while reading, resets
         raise _unreachable(endpoint, exc) from None
-    return _parse_response(endpoint, status, raw, conversation_id)
 
 
 async def query_worker_async(url: str, conversation_id: str, text: str, k: int = 5, timeout: float = 30, *,
@@ -220,21 +225,7 @@ def query_vector(url: str, text: str, conversation_id: str | None = None, *, ten
     from stream.api.models import EmbeddingsResponse
 
     endpoint = query_url(url)
-    body = _request_body(conversation_id, text, tenant, "memoryless")
-    req = urllib.request.Request(endpoint, data=body, method="POST", headers=_headers(api_key))
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        try:
-            raw = exc.read()
-        except OSError:
-            raw = b""
-        raise _http_error(endpoint, exc.code, raw) from None
-    except urllib.error.URLError as exc:
-        raise _unreachable(endpoint, exc.reason) from None
-    except (OSError, TimeoutError) as exc:
-        raise _unreachable(endpoint, exc) from None
+    status, raw = _post(endpoint, _request_body(conversation_id, text, tenant, "memoryless"), api_key, timeout)
     try:
         r = EmbeddingsResponse.model_validate_json(raw)
         if len(r.data) != 1 or not isinstance(r.data[0].embedding, str):
