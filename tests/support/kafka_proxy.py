@@ -27,12 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from devtools.localstack import HOST, TansuBroker, free_ports
+from tests.support.loop_proxy import LoopProxy
 
 MODES = ("pass", "cut", "blackhole", "slow", "drop_produce")
 PRODUCE_API_KEY = 0
@@ -84,56 +84,20 @@ class _Conn:
                     w.transport.abort()
 
 
-class KafkaProxy:
+class KafkaProxy(LoopProxy):
     """Forward 127.0.0.1:`port` to `upstream_port`, with faults per client process."""
 
+    name = "kafka-proxy"
+
     def __init__(self, upstream_port: int, port: int | None = None, *, delay_s: float = 0.5):
-        self.upstream_port = upstream_port
-        self.port = port or free_ports(1)[0]
+        super().__init__(upstream_port, port)
         self.delay_s = delay_s
         self.mode = "pass"
         self.rules: dict[int, str] = {}     # pid -> mode
         self.watched: set[int] = set()      # pids whose connections we attribute
-        self.conns: set[_Conn] = set()
         self.accepted = 0
         self.refused = 0
         self.dropped_produce = 0
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.AbstractServer | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, name="kafka-proxy", daemon=True)
-
-    # -- lifecycle ------------------------------------------------------------------------
-    def start(self) -> KafkaProxy:
-        self._thread.start()
-        self._call(self._start())
-        return self
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, HOST, self.port, reuse_address=True)
-
-    def close(self) -> None:
-        if not self._thread.is_alive():
-            return
-        with contextlib.suppress(Exception):
-            self._call(self._close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-    async def _close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for c in list(self.conns):
-            c.close()
-        self.conns.clear()
-
-    def __enter__(self) -> KafkaProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _call(self, coro, timeout: float = 10.0):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     @property
     def address(self) -> str:

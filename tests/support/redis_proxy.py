@@ -23,7 +23,8 @@ import threading
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from devtools.localstack import HOST, free_ports
+from devtools.localstack import HOST
+from tests.support.loop_proxy import LoopProxy
 
 HELD_BY_DEFAULT = frozenset({b"WAITAOF", b"WAIT"})
 
@@ -107,14 +108,15 @@ class _Conn:
                     w.transport.abort()
 
 
-class RedisProxy:
+class RedisProxy(LoopProxy):
     """Forward 127.0.0.1:`port` to the Redis on `upstream_port`; `hold()` delays the replies to
     the commands in `held_commands` (default WAITAOF and WAIT) until `release()`."""
 
+    name = "redis-proxy"
+
     def __init__(self, upstream_port: int, port: int | None = None, *,
                  held_commands: frozenset[bytes] = HELD_BY_DEFAULT) -> None:
-        self.upstream_port = upstream_port
-        self.port = port or free_ports(1)[0]
+        super().__init__(upstream_port, port)
         self.held_commands = frozenset(c.upper() for c in held_commands)
         self.commands: Counter[str] = Counter()   # command name -> times sent through the proxy
         self.held_replies = 0                      # replies that waited for release()
@@ -122,37 +124,18 @@ class RedisProxy:
         self._holding = False
         self._released: asyncio.Event | None = None
         self._held_event = threading.Event()       # set while at least one reply is held
-        self.conns: set[_Conn] = set()
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.AbstractServer | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, name="redis-proxy", daemon=True)
 
-    # -- lifecycle ------------------------------------------------------------------------
-    def start(self) -> RedisProxy:
-        self._thread.start()
-        self._call(self._start())
-        return self
-
+    # -- lifecycle (the rest in LoopProxy) --------------------------------------------------
     async def _start(self) -> None:
         self._released = asyncio.Event()
         self._released.set()
-        self._server = await asyncio.start_server(self._handle, HOST, self.port, reuse_address=True)
+        await super()._start()
 
-    def close(self) -> None:
-        if not self._thread.is_alive():
-            return
-        with contextlib.suppress(Exception):
-            self.release()
-            self._call(self._close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+    def _before_close(self) -> None:
+        self.release()
 
     async def _close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for c in list(self.conns):
-            c.close()
-        self.conns.clear()
+        await super()._close()
         # let the connection handlers see their closed sockets and finish (no task is left
         # pending when the loop stops)
         me = asyncio.current_task()
@@ -160,15 +143,6 @@ class RedisProxy:
         for t in rest:
             t.cancel()
         await asyncio.gather(*rest, return_exceptions=True)
-
-    def __enter__(self) -> RedisProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _call(self, coro, timeout: float = 10.0):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     @property
     def url(self) -> str:
