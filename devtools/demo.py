@@ -73,6 +73,20 @@ def _show(path: Path) -> str:
         return str(path)
 
 
+
+def _stop_group(p: subprocess.Popen | None) -> None:
+    """SIGTERM the process group of `p` (its shutdown drains and commits), SIGKILL after 20 s."""
+    if p is None or p.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGTERM)
+    try:
+        p.wait(20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(10)
+
 def _tail(path: Path, n: int = 25) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()[-n:]
@@ -343,17 +357,7 @@ class _Run:
 
     def stop_sink(self) -> None:
         p, self.sink = self.sink, None
-        if p is None:
-            return
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
+        _stop_group(p)
 
     def _check_worker(self) -> None:
         if self.worker is not None and self.worker.poll() is not None:
@@ -364,15 +368,7 @@ class _Run:
         w, self.worker = self.worker, None
         if w is None:
             return
-        if w.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(w.pid, signal.SIGTERM)
-            try:
-                w.wait(20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(w.pid, signal.SIGKILL)
-                w.wait(10)
+        _stop_group(w)
         self.worker_pid_file.unlink(missing_ok=True)
 
     # -- 5./6. produce, wait ---------------------------------------------------------------------
